@@ -1,0 +1,1 @@
+//! Guest communicators (SSH, WinRM). Filled by the linux-build and windows issues.

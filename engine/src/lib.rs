@@ -1,0 +1,5 @@
+//! kiln's engine: reads Azure VM Image Builder templates exactly as Azure does, validates them with
+//! located diagnostics, and (in later modules) plans and runs builds.
+#![warn(missing_docs)]
+
+pub mod json;

@@ -1,0 +1,1 @@
+//! Disk images: qemu-img, overlays, VHD export, catalog. Never starts a VM.
