@@ -2,4 +2,7 @@
 //! located diagnostics, and (in later modules) plans and runs builds.
 #![warn(missing_docs)]
 
+pub mod arm;
+pub mod diag;
 pub mod json;
+pub mod template;

@@ -1,1 +1,31 @@
-fn main() {}
+//! The `kiln` command line. Thin: parses arguments, calls the engine, renders its results.
+//! Logs and diagnostics go to stderr, data (JSON, normalized templates) to stdout.
+//!
+//! Exit codes: 0 success / valid; 1 the input is invalid or the build failed; 2 usage or I/O
+//! error (bad flags, unreadable files).
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Build Azure VM Image Builder templates locally with QEMU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check image templates as Azure would, and report every problem with its location.
+    Validate(cli::validate::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Validate(a) => cli::validate::run(a),
+    };
+    ExitCode::from(code)
+}

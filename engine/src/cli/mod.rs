@@ -1,0 +1,4 @@
+//! Subcommands of the `kiln` binary.
+
+pub mod output;
+pub mod validate;
