@@ -525,7 +525,10 @@ impl Walker {
                 for (k, v) in m {
                     let kp = path.key(&k.name);
                     self.spans.insert(kp.as_str().to_string(), k.span);
-                    if let Some(ph) = find_placeholder(&k.name) {
+                    if self.unresolved.contains(&(k.span.start, k.span.end)) {
+                        // An identity ID from an ARM expression that could not be evaluated.
+                        self.unresolved_paths.insert(kp.as_str().to_string());
+                    } else if let Some(ph) = find_placeholder(&k.name) {
                         self.push(
                             Diagnostic::error("UnresolvedPlaceholder", kp.as_str(), Some(k.span), format!(
                                 "the identity ID still holds the documentation placeholder `{ph}`"

@@ -205,7 +205,9 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
         let (resources, diags) = arm::evaluate_image_templates(&root, &opts.parameters, &opts.arm);
         for d in diags {
             let sev_err = true;
-            let mut dd = Diagnostic::error(d.code, "", Some(d.span), d.message).with_fix(d.fix);
+            // kiln reports "no image template here" under one code, whatever the form.
+            let code = if d.code == "NoImageTemplate" { "NotATemplate" } else { d.code };
+            let mut dd = Diagnostic::error(code, "", Some(d.span), d.message).with_fix(d.fix);
             if !sev_err {
                 dd.severity = crate::diag::Severity::Warning;
             }

@@ -206,8 +206,8 @@ impl Rules<'_> {
             _ => {}
         }
         for i in ids {
-            if find_placeholder(i).is_none() && !is_identity_id(i) {
-                let ip = p.key("userAssignedIdentities").key(i);
+            let ip = p.key("userAssignedIdentities").key(i);
+            if !self.skip(&ip) && find_placeholder(i).is_none() && !is_identity_id(i) {
                 self.err(
                     "BadResourceId",
                     &ip,
