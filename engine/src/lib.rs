@@ -4,5 +4,6 @@
 
 pub mod arm;
 pub mod diag;
+pub mod home;
 pub mod json;
 pub mod template;

@@ -20,12 +20,16 @@ struct Cli {
 enum Command {
     /// Check image templates as Azure would, and report every problem with its location.
     Validate(cli::validate::Args),
+    /// The local PlatformImage catalog: import disks, list them.
+    #[command(subcommand)]
+    Image(cli::image::Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Validate(a) => cli::validate::run(a),
+        Command::Image(c) => cli::image::run(c),
     };
     ExitCode::from(code)
 }

@@ -116,3 +116,38 @@ fn spec_examples_validate() {
         }
     }
 }
+
+#[test]
+fn image_import_and_list_use_kiln_home() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-home-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let disk = dir.join("d.raw");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(8 << 20)).expect("disk");
+    let home = dir.join("home");
+    for v in ["1.0.9", "1.0.10"] {
+        let out = kiln()
+            .env("KILN_HOME", &home)
+            .args(["image", "import", "--publisher", "Kiln", "--offer", "tiny", "--sku", "gen2", "--hyper-v-generation", "V2", "--version", v])
+            .arg(&disk)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = kiln().env("KILN_HOME", &home).args(["image", "list", "--output", "json"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let urns: Vec<&str> = v.as_array().expect("array").iter().filter_map(|e| e["urn"].as_str()).collect();
+    assert_eq!(urns, ["Kiln:tiny:gen2:1.0.9", "Kiln:tiny:gen2:1.0.10"], "numeric version order");
+    assert_eq!(v[0]["meta"]["hyperVGeneration"], "V2");
+    // Catalog images are immutable.
+    let out = kiln()
+        .env("KILN_HOME", &home)
+        .args(["image", "import", "--publisher", "kiln", "--offer", "tiny", "--sku", "gen2", "--version", "1.0.9"])
+        .arg(&disk)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,4 +1,5 @@
 //! Subcommands of the `kiln` binary.
 
+pub mod image;
 pub mod output;
 pub mod validate;
