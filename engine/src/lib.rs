@@ -3,7 +3,9 @@
 #![warn(missing_docs)]
 
 pub mod arm;
+pub mod build;
 pub mod diag;
 pub mod home;
 pub mod json;
 pub mod template;
+pub mod vm;

@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Check image templates as Azure would, and report every problem with its location.
     Validate(cli::validate::Args),
+    /// Build a template: boot the source, customize, generalize, export a fixed VHD.
+    Build(cli::build::Args),
     /// The local PlatformImage catalog: import disks, list them.
     #[command(subcommand)]
     Image(cli::image::Command),
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Validate(a) => cli::validate::run(a),
         Command::Image(c) => cli::image::run(c),
+        Command::Build(a) => cli::build::run(a),
     };
     ExitCode::from(code)
 }

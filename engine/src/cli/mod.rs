@@ -1,5 +1,6 @@
 //! Subcommands of the `kiln` binary.
 
+pub mod build;
 pub mod image;
 pub mod output;
 pub mod validate;

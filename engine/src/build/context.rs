@@ -1,0 +1,124 @@
+//! The typed build context every step reads and writes: no string-keyed state bag.
+
+use super::events::{Reporter, SubState};
+use super::runner::Outcome;
+use super::sizes::VmShape;
+use crate::template::{ApiVersion, ImageTemplate};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Which accelerator the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM when it really runs a guest, else TCG with a loud warning.
+    Auto,
+    /// KVM or fail.
+    Kvm,
+    /// TCG (software emulation).
+    Tcg,
+}
+
+/// Options of one build (from the CLI).
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// kiln's state directory.
+    pub kiln_home: PathBuf,
+    /// The resource group the template lives in (names the staging directory).
+    pub resource_group: String,
+    /// The subscription for ARM-shaped IDs.
+    pub subscription_id: String,
+    /// The accelerator.
+    pub accel: AccelChoice,
+    /// Keep the VM running after a failure and say how to reach it.
+    pub keep_vm_on_error: bool,
+    /// How long to wait for SSH (AIB: 20 minutes).
+    pub ssh_timeout: Duration,
+    /// Extra VM sizes.
+    pub vm_sizes: BTreeMap<String, VmShape>,
+    /// Overrides the template's buildTimeoutInMinutes (tests), in seconds.
+    pub timeout_override: Option<Duration>,
+}
+
+/// A resolved source image.
+#[derive(Debug, Clone)]
+pub struct ResolvedSource {
+    /// The disk to put the overlay on (never modified).
+    pub disk: PathBuf,
+    /// Its format for qemu.
+    pub format: kiln_images::DiskFormat,
+    /// V1 (BIOS) or V2 (UEFI).
+    pub generation: kiln_images::catalog::HyperVGeneration,
+    /// `exactVersion` to record.
+    pub exact_version: Option<String>,
+    /// The admin user the image expects (the build user is `packer` regardless).
+    pub virtual_size: u64,
+}
+
+/// A customizer artifact fetched on the host.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// Local path.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, lower-case hex.
+    pub sha256: String,
+}
+
+/// An exported VHD.
+#[derive(Debug, Clone)]
+pub struct ExportedVhd {
+    /// The distributor's runOutputName.
+    pub run_output_name: String,
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+/// Everything the steps share.
+pub struct BuildCx {
+    /// The template, typed and defaulted.
+    pub template: ImageTemplate,
+    /// Its API version.
+    pub api_version: ApiVersion,
+    /// The template's name.
+    pub template_name: String,
+    /// The directory relative URIs resolve against.
+    pub template_dir: PathBuf,
+    /// Options.
+    pub options: BuildOptions,
+    /// The run's id.
+    pub run_id: String,
+    /// The run's directory (AIB's staging resource group).
+    pub run_dir: PathBuf,
+    /// Events out.
+    pub events: Reporter,
+    /// The whole build's deadline.
+    pub deadline: Instant,
+    /// The deadline in minutes, for messages.
+    pub timeout_minutes: u64,
+    /// AIB's current runSubState.
+    pub sub_state: SubState,
+    /// The step running now.
+    pub current_step: String,
+    /// How the run ended (set before cleanups run).
+    pub outcome: Option<Outcome>,
+    /// The source, once resolved.
+    pub source: Option<ResolvedSource>,
+    /// The overlay the VM boots from.
+    pub overlay: Option<PathBuf>,
+    /// Artifacts by URI.
+    pub artifacts: BTreeMap<String, Artifact>,
+    /// The ephemeral key pair.
+    pub keys: Option<kiln_agents::KeyPair>,
+    /// The provisioning seed image.
+    pub seed: Option<PathBuf>,
+    /// The build VM.
+    pub vm: Option<crate::vm::Vm>,
+    /// The guest connection.
+    pub guest: Option<Box<dyn kiln_agents::Communicator>>,
+    /// Exported VHDs.
+    pub exports: Vec<ExportedVhd>,
+    /// runOutputs recorded.
+    pub run_outputs: Vec<serde_json::Value>,
+}

@@ -1,0 +1,87 @@
+//! The runner: a build is a flat list of typed steps. A step's cleanup is registered the moment
+//! it starts, and cleanups run in reverse order whatever happened (success, failure, timeout,
+//! cancellation), like Packer's multistep — but the steps share a typed [`BuildCx`] instead of a
+//! string-keyed state bag, and cancellation is a token.
+
+use super::context::BuildCx;
+use super::events::{Event, SubState};
+use super::BuildError;
+use async_trait::async_trait;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How the run ended, as cleanups see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step succeeded.
+    Succeeded,
+    /// A step failed (or the deadline passed).
+    Failed,
+    /// The user cancelled.
+    Canceled,
+}
+
+/// One step of a build.
+#[async_trait]
+pub trait Step: Send {
+    /// Its name in events and logs, e.g. `Customize: Shell "setup"`.
+    fn name(&self) -> String;
+    /// The AIB sub-state it belongs to.
+    fn phase(&self) -> SubState;
+    /// Does the work.
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError>;
+    /// Undoes or releases what `run` set up. Called (in reverse order) for every step whose `run`
+    /// started, even when it failed half-way.
+    async fn cleanup(&mut self, _cx: &mut BuildCx, _outcome: Outcome) {}
+}
+
+/// Runs `steps` in order under the context's deadline and cancel token. Returns the first error.
+pub async fn run_steps(steps: Vec<Box<dyn Step>>, cx: &mut BuildCx, cancel: &CancellationToken) -> Result<(), BuildError> {
+    let mut started: Vec<Box<dyn Step>> = Vec::new();
+    let mut result = Ok(());
+    let mut phase: Option<SubState> = None;
+    for (index, mut step) in steps.into_iter().enumerate() {
+        if cancel.is_cancelled() {
+            result = Err(BuildError::Canceled);
+            break;
+        }
+        if phase != Some(step.phase()) {
+            phase = Some(step.phase());
+            cx.sub_state = step.phase();
+            cx.events.emit(Event::Phase { sub_state: step.phase() });
+        }
+        let name = step.name();
+        cx.events.emit(Event::StepStarted { index, step: name.clone() });
+        cx.current_step = name.clone();
+        let t0 = Instant::now();
+        let deadline = cx.deadline;
+        let timeout_minutes = cx.timeout_minutes;
+        let r = tokio::select! {
+            r = step.run(cx) => r,
+            _ = cancel.cancelled() => Err(BuildError::Canceled),
+            _ = tokio::time::sleep_until(deadline.into()) => Err(BuildError::Timeout { minutes: timeout_minutes }),
+        };
+        cx.events.emit(Event::StepFinished {
+            index,
+            step: name.clone(),
+            ok: r.is_ok(),
+            seconds: t0.elapsed().as_secs_f64(),
+            error: r.as_ref().err().map(|e| e.to_string()),
+        });
+        started.push(step);
+        if let Err(e) = r {
+            result = Err(e);
+            break;
+        }
+    }
+    let outcome = match &result {
+        Ok(()) => Outcome::Succeeded,
+        Err(BuildError::Canceled) => Outcome::Canceled,
+        Err(_) => Outcome::Failed,
+    };
+    cx.outcome = Some(outcome);
+    for mut step in started.into_iter().rev() {
+        step.cleanup(cx, outcome).await;
+    }
+    result
+}

@@ -1,0 +1,421 @@
+//! The steps of a Linux build, in order (see [`plan`]): resolve the source, prepare the disk,
+//! fetch artifacts (checksums verified before boot), provisioning media, start the VM, connect,
+//! customizers, deprovision, shut down, export, record.
+
+use super::context::{Artifact, BuildCx, ExportedVhd, ResolvedSource};
+use super::events::{Event, OutStream, SubState};
+use super::fetch::{self, FetchContext, FetchRequest};
+use super::runner::{Outcome, Step};
+use super::{seed, BuildError};
+use crate::template::model::{Customizer, Distributor, Source};
+use async_trait::async_trait;
+use kiln_images::catalog::Catalog;
+use kiln_images::export::{export_fixed_vhd, ExportRequest};
+use kiln_images::{DiskFormat, ImageTool, QemuImg};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const GIB: u64 = 1 << 30;
+/// AIB's advice for big File customizer payloads.
+const FILE_WARN_BYTES: u64 = 20 * 1024 * 1024;
+/// The build user, as on AIB's build VM.
+pub const BUILD_USER: &str = "packer";
+
+/// Plans the steps for `cx.template`. Unsupported features fail here, before anything boots.
+pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
+    let p = &cx.template.properties;
+    if !matches!(p.source, Source::PlatformImage { .. }) {
+        return Err(BuildError::Template(
+            "only PlatformImage sources (the local catalog: `kiln image import`) are supported so far; ManagedImage and SharedImageVersion sources come with the local image store".into(),
+        ));
+    }
+    for d in &p.distribute {
+        if !matches!(d, Distributor::Vhd { .. }) {
+            return Err(BuildError::Template(format!(
+                "distributor `{}` ({}) is not supported yet: kiln exports VHD distributors; ManagedImage and SharedImage come with the local image store and gallery",
+                d.run_output_name(),
+                match d {
+                    Distributor::ManagedImage { .. } => "ManagedImage",
+                    Distributor::SharedImage { .. } => "SharedImage",
+                    Distributor::Vhd { .. } => "VHD",
+                }
+            )));
+        }
+    }
+    for c in &p.customize {
+        if !matches!(c, Customizer::Shell { .. } | Customizer::File { .. }) {
+            return Err(BuildError::Template(format!(
+                "customizer type {} needs a Windows build (WinRM), which is not supported yet",
+                c.kind()
+            )));
+        }
+    }
+    if p.validate.as_ref().is_some_and(|v| !v.in_vm_validations.is_empty() || v.source_validation_only) {
+        return Err(BuildError::Template("the validate phase (inVMValidations, sourceValidationOnly) is not supported yet".into()));
+    }
+    let mut steps: Vec<Box<dyn Step>> = vec![
+        Box::new(ResolveSource),
+        Box::new(PrepareDisk),
+        Box::new(FetchArtifacts),
+        Box::new(ProvisioningMedia),
+        Box::new(crate::build::steps_vm::StartVm),
+        Box::new(crate::build::steps_vm::Connect),
+    ];
+    for (i, c) in p.customize.iter().enumerate() {
+        steps.push(Box::new(crate::build::steps_vm::Customize { index: i, customizer: c.clone() }));
+    }
+    steps.push(Box::new(crate::build::steps_vm::Deprovision));
+    steps.push(Box::new(crate::build::steps_vm::Shutdown));
+    steps.push(Box::new(Export));
+    steps.push(Box::new(Record));
+    Ok(steps)
+}
+
+/// Resolves `source` through the local catalog.
+pub struct ResolveSource;
+
+#[async_trait]
+impl Step for ResolveSource {
+    fn name(&self) -> String {
+        "Resolve source".into()
+    }
+    fn phase(&self) -> SubState {
+        SubState::Building
+    }
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let Source::PlatformImage { publisher, offer, sku, version, .. } = &cx.template.properties.source else {
+            return Err(BuildError::Source("unsupported source type".into()));
+        };
+        let catalog = Catalog::in_kiln_home(&cx.options.kiln_home);
+        let r = catalog.resolve(publisher, offer, sku, version).map_err(|e| BuildError::Source(e.to_string()))?;
+        cx.events.info(format!(
+            "source {publisher}:{offer}:{sku}:{version} → {} ({:?}, {} MiB) at {}",
+            r.exact_version,
+            r.entry.meta.hyper_v_generation,
+            r.entry.meta.virtual_size >> 20,
+            r.entry.disk.display()
+        ));
+        cx.source = Some(ResolvedSource {
+            disk: r.entry.disk.clone(),
+            format: DiskFormat::Qcow2,
+            generation: r.entry.meta.hyper_v_generation,
+            exact_version: Some(r.exact_version),
+            virtual_size: r.entry.meta.virtual_size,
+        });
+        Ok(())
+    }
+}
+
+/// A qcow2 overlay on the source (copy-on-write: the source is never touched), grown to
+/// `osDiskSizeGB` when that is larger.
+pub struct PrepareDisk;
+
+#[async_trait]
+impl Step for PrepareDisk {
+    fn name(&self) -> String {
+        "Prepare disk".into()
+    }
+    fn phase(&self) -> SubState {
+        SubState::Building
+    }
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let src = cx.source.clone().ok_or_else(|| BuildError::Source("no source resolved".into()))?;
+        let want = u64::from(cx.template.properties.vm_profile.os_disk_size_gb) * GIB;
+        let size = if want == 0 || want == src.virtual_size {
+            None
+        } else if want < src.virtual_size {
+            return Err(BuildError::Disk {
+                what: "vmProfile.osDiskSizeGB".into(),
+                detail: format!(
+                    "{} GB ({want} bytes) is smaller than the source image's {} bytes ({:.2} GiB); disks can only grow",
+                    want / GIB,
+                    src.virtual_size,
+                    src.virtual_size as f64 / GIB as f64
+                ),
+            });
+        } else {
+            Some(want)
+        };
+        let overlay = cx.run_dir.join("os.qcow2");
+        let tool = QemuImg::new();
+        let o = overlay.clone();
+        tokio::task::spawn_blocking(move || tool.create_overlay(&src.disk, src.format, &o, size))
+            .await
+            .map_err(|e| BuildError::Vm(e.to_string()))?
+            .map_err(|e| BuildError::Disk { what: "creating the overlay".into(), detail: e.to_string() })?;
+        if let Some(s) = size {
+            cx.events.info(format!("OS disk grown to {} GiB (copy-on-write overlay)", s / GIB));
+        }
+        cx.overlay = Some(overlay);
+        Ok(())
+    }
+    async fn cleanup(&mut self, cx: &mut BuildCx, outcome: Outcome) {
+        // After success the overlay has been exported; after a failure it stays for inspection.
+        if outcome == Outcome::Succeeded {
+            if let Some(o) = cx.overlay.take() {
+                let _ = std::fs::remove_file(o);
+            }
+        }
+    }
+}
+
+fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
+    let mut reqs = Vec::new();
+    for (i, c) in cx.template.properties.customize.iter().enumerate() {
+        let label = |kind: &str, name: &Option<String>| {
+            format!("properties.customize[{i}] ({kind}{})", name.as_ref().map(|n| format!(" \"{n}\"")).unwrap_or_default())
+        };
+        match c {
+            Customizer::Shell { name, script_uri: Some(u), sha256_checksum, .. } => reqs.push(FetchRequest {
+                uri: u.clone(),
+                expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
+                label: label("Shell", name),
+            }),
+            Customizer::File { name, source_uri, sha256_checksum, .. } => reqs.push(FetchRequest {
+                uri: source_uri.clone(),
+                expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
+                label: label("File", name),
+            }),
+            _ => {}
+        }
+    }
+    reqs
+}
+
+/// Fetches every scriptUri/sourceUri once and verifies every checksum — before the VM boots, so a
+/// bad checksum means nothing ran.
+pub struct FetchArtifacts;
+
+#[async_trait]
+impl Step for FetchArtifacts {
+    fn name(&self) -> String {
+        "Fetch artifacts".into()
+    }
+    fn phase(&self) -> SubState {
+        SubState::Building
+    }
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let reqs = artifact_requests(cx);
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let dest = cx.run_dir.join("artifacts");
+        std::fs::create_dir_all(&dest).map_err(BuildError::io(format!("creating {}", dest.display())))?;
+        let fctx = FetchContext { template_dir: cx.template_dir.clone(), dest_dir: dest, timeout: Duration::from_secs(300), max_bytes: 8 * GIB };
+        let fetched = fetch::fetch_all(&reqs, &fctx).await?;
+        for f in fetched {
+            let verified = reqs.iter().any(|r| r.uri == f.uri && r.expected_sha256.is_some());
+            cx.events.info(format!("fetched {} ({} bytes, sha256 {}{})", f.uri, f.size, f.sha256, if verified { ", verified" } else { ", no checksum given" }));
+            cx.artifacts.insert(f.uri.clone(), Artifact { path: f.path, size: f.size, sha256: f.sha256 });
+        }
+        for c in &cx.template.properties.customize {
+            if let Customizer::File { source_uri, destination, .. } = c {
+                if let Some(a) = cx.artifacts.get(source_uri) {
+                    if a.size > FILE_WARN_BYTES {
+                        cx.events.warn(format!(
+                            "File {source_uri} → {destination} is {} MB; AIB advises: \"The file customizer is only suitable for small file downloads, < 20MB. For larger file downloads, use a script or inline command\"",
+                            a.size / 1_000_000
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fresh ed25519 key for this build and a NoCloud seed that gives it to the build user.
+pub struct ProvisioningMedia;
+
+#[async_trait]
+impl Step for ProvisioningMedia {
+    fn name(&self) -> String {
+        "Provisioning media".into()
+    }
+    fn phase(&self) -> SubState {
+        SubState::Building
+    }
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let keys = kiln_agents::generate_ed25519(&format!("kiln-build-{}", cx.run_id)).map_err(|e| BuildError::Vm(e.to_string()))?;
+        let key_path = cx.run_dir.join("id_ed25519");
+        kiln_agents::write_private_key(&keys.private, &key_path).map_err(|e| BuildError::Vm(e.to_string()))?;
+        let seed_path = cx.run_dir.join("seed.img");
+        let cfg = seed::SeedConfig {
+            instance_id: format!("kiln-{}", cx.run_id),
+            hostname: "aibvm".into(),
+            user: BUILD_USER.into(),
+            ssh_public_key: keys.public_line.clone(),
+            extra_user_data: None,
+        };
+        seed::write_nocloud_vfat(&seed_path, &cfg).map_err(|e| BuildError::Vm(format!("writing the NoCloud seed: {e}")))?;
+        cx.keys = Some(keys);
+        cx.seed = Some(seed_path);
+        Ok(())
+    }
+    async fn cleanup(&mut self, cx: &mut BuildCx, _outcome: Outcome) {
+        // The key never outlives the build; the seed holds only the public key.
+        let _ = std::fs::remove_file(cx.run_dir.join("id_ed25519"));
+        if let Some(s) = cx.seed.take() {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// Where a VHD distributor writes: its `uri` (a local path or file:// URI, 2022-07-01+), else the
+/// run's directory (AIB's staging storage account).
+pub fn vhd_destination(cx: &BuildCx, run_output_name: &str, uri: Option<&str>) -> Result<PathBuf, BuildError> {
+    match uri.filter(|u| !u.is_empty()) {
+        None => Ok(cx.run_dir.join(format!("{run_output_name}.vhd"))),
+        Some(u) => {
+            let path = if let Some(p) = u.strip_prefix("file://") {
+                PathBuf::from(p)
+            } else if u.contains("://") {
+                return Err(BuildError::Template(format!(
+                    "VHD uri `{u}`: kiln writes VHDs to local paths (a path or file:// URI); upload to Azure Storage afterwards, e.g. with `az storage blob upload`"
+                )));
+            } else {
+                let p = Path::new(u);
+                if p.is_absolute() { p.to_path_buf() } else { cx.template_dir.join(p) }
+            };
+            Ok(if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("vhd")) { path } else { path.join(format!("{run_output_name}.vhd")) })
+        }
+    }
+}
+
+/// Exports the disk once to a fixed VHD per VHD distributor (footer verified, atomic).
+pub struct Export;
+
+#[async_trait]
+impl Step for Export {
+    fn name(&self) -> String {
+        "Export VHD".into()
+    }
+    fn phase(&self) -> SubState {
+        SubState::Distributing
+    }
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let overlay = cx.overlay.clone().ok_or_else(|| BuildError::Disk { what: "export".into(), detail: "no disk".into() })?;
+        let mut first: Option<PathBuf> = None;
+        let targets: Vec<(String, Option<String>)> = cx
+            .template
+            .properties
+            .distribute
+            .iter()
+            .filter_map(|d| match d {
+                Distributor::Vhd { run_output_name, uri, .. } => Some((run_output_name.clone(), uri.clone())),
+                _ => None,
+            })
+            .collect();
+        for (name, uri) in targets {
+            let dest = vhd_destination(cx, &name, uri.as_deref())?;
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(BuildError::io(format!("creating {}", parent.display())))?;
+            }
+            match &first {
+                None => {
+                    let req = ExportRequest { source: overlay.clone(), source_format: DiskFormat::Qcow2, dest: dest.clone(), overwrite: false };
+                    let events = cx.events.clone();
+                    let what = format!("export {name}");
+                    let report = tokio::task::spawn_blocking(move || {
+                        let tool = QemuImg::new();
+                        export_fixed_vhd(&tool, &req, &mut |p| events.emit(Event::Progress { what: what.clone(), done: p.done, total: p.total }))
+                    })
+                    .await
+                    .map_err(|e| BuildError::Vm(e.to_string()))?
+                    .map_err(|e| BuildError::Disk { what: format!("exporting {}", dest.display()), detail: e.to_string() })?;
+                    cx.events.info(format!(
+                        "exported {} : fixed VHD, {} MiB, {} MiB written, footer verified, {:.1}s",
+                        report.path.display(),
+                        report.virtual_size >> 20,
+                        report.allocated_bytes >> 20,
+                        report.elapsed.as_secs_f64()
+                    ));
+                    first = Some(dest.clone());
+                }
+                Some(src) => {
+                    // One conversion; further VHD distributors get a copy of the verified file.
+                    let tmp = dest.with_extension("vhd.partial");
+                    std::fs::copy(src, &tmp).map_err(BuildError::io(format!("copying {} to {}", src.display(), tmp.display())))?;
+                    kiln_images::vhd::verify_fixed(&tmp).map_err(|e| BuildError::Disk { what: format!("verifying {}", tmp.display()), detail: e.to_string() })?;
+                    std::fs::rename(&tmp, &dest).map_err(BuildError::io(format!("publishing {}", dest.display())))?;
+                }
+            }
+            cx.exports.push(ExportedVhd { run_output_name: name, path: dest });
+        }
+        Ok(())
+    }
+}
+
+/// Records each distributor's runOutput, in Azure's shape.
+pub struct Record;
+
+/// The runOutput resource of a VHD distributor.
+pub fn vhd_run_output(subscription: &str, rg: &str, template: &str, name: &str, path: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("/subscriptions/{subscription}/resourceGroups/{rg}/providers/Microsoft.VirtualMachineImages/imageTemplates/{template}/runOutputs/{name}"),
+        "name": name,
+        "type": "Microsoft.VirtualMachineImages/imageTemplates/runOutputs",
+        "properties": {
+            "artifactUri": format!("file://{}", path.display()),
+            "provisioningState": "Succeeded"
+        }
+    })
+}
+
+#[async_trait]
+impl Step for Record {
+    fn name(&self) -> String {
+        "Record runOutputs".into()
+    }
+    fn phase(&self) -> SubState {
+        SubState::Distributing
+    }
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        for e in cx.exports.clone() {
+            let ro = vhd_run_output(&cx.options.subscription_id, &cx.options.resource_group, &cx.template_name, &e.run_output_name, &e.path);
+            cx.events.emit(Event::RunOutput { run_output: ro.clone() });
+            cx.run_outputs.push(ro);
+        }
+        let list = serde_json::json!({ "value": cx.run_outputs });
+        let path = cx.run_dir.join("runOutputs.json");
+        let tmp = cx.run_dir.join("runOutputs.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap_or_default()).map_err(BuildError::io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(BuildError::io(format!("writing {}", path.display())))?;
+        Ok(())
+    }
+}
+
+/// Turns a chunk stream into line events (keeps partial lines until their newline).
+pub struct LineSplitter {
+    step: String,
+    buf: [Vec<u8>; 2],
+}
+
+impl LineSplitter {
+    /// For `step`.
+    pub fn new(step: String) -> LineSplitter {
+        LineSplitter { step, buf: [Vec::new(), Vec::new()] }
+    }
+
+    /// Feeds a chunk; emits complete lines.
+    pub fn feed(&mut self, cx_events: &super::events::Reporter, stream: OutStream, data: &[u8]) {
+        let i = usize::from(stream == OutStream::Stderr);
+        self.buf[i].extend_from_slice(data);
+        while let Some(pos) = self.buf[i].iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf[i].drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).trim_end_matches('\r').to_string();
+            cx_events.emit(Event::Output { step: self.step.clone(), stream, line: text });
+        }
+    }
+
+    /// Emits what is left.
+    pub fn finish(&mut self, cx_events: &super::events::Reporter) {
+        for (i, stream) in [(0, OutStream::Stdout), (1, OutStream::Stderr)] {
+            if !self.buf[i].is_empty() {
+                let text = String::from_utf8_lossy(&self.buf[i]).to_string();
+                self.buf[i].clear();
+                cx_events.emit(Event::Output { step: self.step.clone(), stream, line: text });
+            }
+        }
+    }
+}

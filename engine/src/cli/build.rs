@@ -1,0 +1,243 @@
+//! `kiln build`: one command from an AIB template to a fixed VHD and its runOutput.
+
+use super::output::{color_stderr, Format, EXIT_INVALID, EXIT_OK, EXIT_USAGE};
+use super::validate::load_options;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln_engine::build::context::{AccelChoice, BuildOptions};
+use kiln_engine::build::events::{Event, Listener};
+use kiln_engine::build::{run_build, sizes, BuildRequest};
+use kiln_engine::template;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `kiln build`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The template (bare, REST body, ARM deployment).
+    pub template: PathBuf,
+    /// An ARM parameters file.
+    #[arg(long)]
+    pub parameters: Option<PathBuf>,
+    /// An ARM parameter, NAME=VALUE (repeatable).
+    #[arg(short = 'p', long = "parameter", value_name = "NAME=VALUE")]
+    pub parameter: Vec<String>,
+    /// The API version for REST bodies.
+    #[arg(long)]
+    pub api_version: Option<String>,
+    /// The template's name (default: its `name`, else the file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The resource group (names the staging directory `IT_<rg>_<template>_<id>`).
+    #[arg(long, short = 'g', default_value = "kiln")]
+    pub resource_group: String,
+    /// Output: human (progress on stderr, runOutput JSON on stdout) or json (events as JSON lines).
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Format,
+    /// On failure, keep the build VM running and print how to reach it.
+    #[arg(long)]
+    pub keep_vm_on_error: bool,
+    /// Accelerator: auto (KVM if it really runs a guest, else TCG with a warning), kvm, tcg.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+    /// A JSON file of extra VM sizes: {"Standard_X": {"vcpus": 2, "memoryMiB": 4096}}.
+    #[arg(long)]
+    pub vm_size_map: Option<PathBuf>,
+    /// How long to wait for SSH, in seconds (AIB: 1200).
+    #[arg(long, default_value_t = 1200)]
+    pub ssh_timeout: u64,
+    /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
+    #[arg(long, hide = true)]
+    pub timeout_seconds: Option<u64>,
+}
+
+fn render_human(pb: &ProgressBar, e: &Event, color: bool) {
+    let (y, d, r) = if color { ("\x1b[33;1m", "\x1b[2m", "\x1b[0m") } else { ("", "", "") };
+    match e {
+        Event::RunStarted { run_id, template, run_dir } => pb.println(format!("==> kiln: building {template} (run {run_id})\n    logs: {run_dir}")),
+        Event::Phase { sub_state } => pb.set_prefix(format!("{sub_state:?}")),
+        Event::StepStarted { step, .. } => {
+            pb.set_message(step.clone());
+            pb.println(format!("==> {step}"));
+        }
+        Event::StepFinished { ok: false, error: Some(err), step, .. } => pb.println(format!("==> {step}: FAILED: {err}")),
+        Event::StepFinished { .. } => {}
+        Event::Output { line, .. } => pb.println(format!("    {d}{line}{r}")),
+        Event::Info { message } => pb.println(format!("    {message}")),
+        Event::Warning { message } => pb.println(format!("{y}WARNING{r}: {message}")),
+        Event::Progress { what, done, total } if *total > 0 => pb.set_message(format!("{what} {}%", done * 100 / total)),
+        Event::Progress { .. } | Event::RunOutput { .. } => {}
+        Event::RunFinished { run_state, seconds, message } => {
+            pb.println(format!("==> run {run_state} in {seconds:.1}s{}", if message.is_empty() { String::new() } else { format!(": {message}") }))
+        }
+    }
+}
+
+/// Runs `kiln build`.
+pub fn run(a: Args) -> u8 {
+    let opts = match load_options(a.parameters.as_ref(), &a.parameter, a.api_version.clone(), &a.resource_group, "local") {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let bytes = match std::fs::read(&a.template) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", a.template.display());
+            return EXIT_USAGE;
+        }
+    };
+    let doc = template::load(&a.template.display().to_string(), &bytes, &opts);
+    let color = color_stderr();
+    if !doc.is_valid() {
+        for d in doc.all_diagnostics() {
+            eprintln!("{}", doc.source.render(d, color));
+        }
+        eprintln!("{}: invalid template; nothing was built", doc.source.name);
+        return EXIT_INVALID;
+    }
+    let t = match doc.templates.as_slice() {
+        [t] => t,
+        ts => match a.name.as_ref().and_then(|n| ts.iter().find(|t| t.name.as_deref() == Some(n))) {
+            Some(t) => t,
+            None => {
+                eprintln!("error: the file holds {} image templates; pick one with --name", ts.len());
+                return EXIT_USAGE;
+            }
+        },
+    };
+    let Some(model) = t.model.clone() else {
+        eprintln!("error: internal: a valid template without a model");
+        return EXIT_INVALID;
+    };
+    let name = a
+        .name
+        .clone()
+        .or_else(|| t.name.clone())
+        .unwrap_or_else(|| a.template.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "template".into()));
+    let mut vm_sizes = std::collections::BTreeMap::new();
+    if let Some(p) = &a.vm_size_map {
+        match std::fs::read(p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<std::collections::BTreeMap<String, sizes::VmShape>>(&b).map_err(|e| e.to_string())) {
+            Ok(m) => vm_sizes = m,
+            Err(e) => {
+                eprintln!("error: --vm-size-map {}: {e}", p.display());
+                return EXIT_USAGE;
+            }
+        }
+    }
+    let template_dir = a.template.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| PathBuf::from("."));
+    let template_dir = std::fs::canonicalize(&template_dir).unwrap_or(template_dir);
+    let options = BuildOptions {
+        kiln_home: kiln_engine::home::kiln_home(),
+        resource_group: a.resource_group.clone(),
+        subscription_id: opts.arm.subscription_id.clone(),
+        accel: match a.accel.as_str() {
+            "kvm" => AccelChoice::Kvm,
+            "tcg" => AccelChoice::Tcg,
+            _ => AccelChoice::Auto,
+        },
+        keep_vm_on_error: a.keep_vm_on_error,
+        ssh_timeout: Duration::from_secs(a.ssh_timeout),
+        vm_sizes,
+        timeout_override: a.timeout_seconds.map(Duration::from_secs),
+    };
+    let req = BuildRequest { template: model, api_version: t.api_version, name, template_dir, options };
+
+    let json = a.output == Format::Json;
+    let pb = ProgressBar::new_spinner();
+    if json || !std::io::stderr().is_terminal() {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    } else {
+        pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix:.bold} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+        pb.enable_steady_tick(Duration::from_millis(120));
+    }
+    let hidden = pb.is_hidden();
+    let pb2 = pb.clone();
+    let listener: Listener = Arc::new(move |e: &Event| {
+        if json {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+        } else if hidden {
+            // No terminal (CI, pipes): plain lines on stderr, no bars.
+            eprint!("{}", plain(e, color));
+        } else {
+            render_human(&pb2, e, color);
+        }
+    });
+
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let cancel = CancellationToken::new();
+    let result = rt.block_on(async {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\n==> Ctrl-C: canceling the build (cleaning up; press Ctrl-C again to force)");
+                c.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("==> forced exit");
+                    std::process::exit(130);
+                }
+            }
+        });
+        run_build(req, Some(listener), cancel.clone()).await
+    });
+    pb.finish_and_clear();
+    match result {
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_INVALID
+        }
+        Ok(r) => {
+            if !json {
+                for ro in &r.run_outputs {
+                    println!("{}", serde_json::to_string_pretty(ro).unwrap_or_default());
+                }
+            } else {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "result", "runId": r.run_id, "runState": r.run_state, "runDir": r.run_dir, "runOutputs": r.run_outputs, "error": r.error.as_ref().map(|e| e.to_string())})
+                );
+            }
+            if r.run_state == "Succeeded" {
+                EXIT_OK
+            } else {
+                if !json {
+                    eprintln!("build {}: {}\n    logs kept in {}", r.run_state, r.error.map(|e| e.to_string()).unwrap_or_default(), r.run_dir.display());
+                }
+                if r.run_state == "Canceled" {
+                    130
+                } else {
+                    EXIT_INVALID
+                }
+            }
+        }
+    }
+}
+
+/// One event as plain text lines (no terminal).
+fn plain(e: &Event, color: bool) -> String {
+    let mut out = String::new();
+    let (y, r) = if color { ("\x1b[33;1m", "\x1b[0m") } else { ("", "") };
+    match e {
+        Event::RunStarted { run_id, template, run_dir } => out.push_str(&format!("==> kiln: building {template} (run {run_id})\n    logs: {run_dir}\n")),
+        Event::StepStarted { step, .. } => out.push_str(&format!("==> {step}\n")),
+        Event::StepFinished { ok: false, error: Some(err), step, .. } => out.push_str(&format!("==> {step}: FAILED: {err}\n")),
+        Event::Output { line, .. } => out.push_str(&format!("    {line}\n")),
+        Event::Info { message } => out.push_str(&format!("    {message}\n")),
+        Event::Warning { message } => out.push_str(&format!("{y}WARNING{r}: {message}\n")),
+        Event::RunFinished { run_state, seconds, message } => {
+            out.push_str(&format!("==> run {run_state} in {seconds:.1}s{}\n", if message.is_empty() { String::new() } else { format!(": {message}") }))
+        }
+        _ => {}
+    }
+    out
+}

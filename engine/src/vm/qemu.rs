@@ -1,0 +1,571 @@
+//! What a VM is made of ([`VmSpec`]), the QEMU command line for it ([`argv`], a pure
+//! function), and where QEMU and the UEFI firmware live on the host.
+
+use super::accel::Accel;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// The serial console log in the run directory (QEMU appends to it).
+pub const CONSOLE_LOG: &str = "console.log";
+/// QEMU's standard error in the run directory (appended to by every start).
+pub const QEMU_STDERR: &str = "qemu.stderr";
+/// The build's own copy of the UEFI variable store, in the run directory.
+pub const UEFI_VARS: &str = "OVMF_VARS.fd";
+
+/// The Debian package that provides `qemu-system-x86_64`.
+pub const QEMU_PACKAGE: &str = "qemu-system-x86";
+/// The Debian package that provides `qemu-img`.
+pub const QEMU_IMG_PACKAGE: &str = "qemu-utils";
+/// The Debian package that provides the OVMF UEFI firmware.
+pub const OVMF_PACKAGE: &str = "ovmf";
+
+/// The firmware, which also fixes the machine type: Hyper-V generation 1 VMs boot BIOS on
+/// a PC (`-machine pc`), generation 2 boot UEFI on a Q35 (`-machine q35`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS on `-machine pc` (Hyper-V Gen1).
+    Bios,
+    /// OVMF on `-machine q35` (Hyper-V Gen2).
+    Uefi {
+        /// the firmware code, mapped read-only (e.g. `/usr/share/OVMF/OVMF_CODE_4M.fd`)
+        code: PathBuf,
+        /// the pristine variable store; each build boots its own copy ([`UEFI_VARS`])
+        vars_template: PathBuf,
+    },
+}
+
+impl Firmware {
+    /// UEFI with the firmware [`find_ovmf`] finds.
+    pub fn uefi() -> Result<Firmware, Missing> {
+        let ovmf = find_ovmf()?;
+        Ok(Firmware::Uefi {
+            code: ovmf.code,
+            vars_template: ovmf.vars,
+        })
+    }
+}
+
+/// Everything needed to start one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// A label for messages, process listings (`-name`) and thread names.
+    pub name: String,
+    /// Where `console.log`, `qemu.stderr` and the UEFI variables go; created if missing.
+    pub run_dir: PathBuf,
+    /// The OS disk: a qcow2 overlay kiln made for this build (attached as virtio-blk, boot
+    /// disk).
+    pub disk: PathBuf,
+    /// BIOS or UEFI (and with it the machine type).
+    pub firmware: Firmware,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// KVM or TCG; see [`super::choose_accel`].
+    pub accel: Accel,
+    /// A raw image (NoCloud seed, ovf-env or unattend media) attached read-only as a second
+    /// virtio disk.
+    pub seed_disk: Option<PathBuf>,
+    /// More `-netdev user` options appended verbatim (e.g. `guestfwd=...`), each already
+    /// in QEMU's `key=value` form with commas in values doubled.
+    pub extra_netdev_options: Vec<String>,
+    /// `-smbios` arguments, each verbatim (e.g. `type=1,serial=ds=nocloud`).
+    pub smbios: Vec<String>,
+    /// The VM's SMBIOS UUID (`-uuid`).
+    pub uuid: Option<String>,
+    /// The host port forwarded to the guest's port 22; `None` picks a free one.
+    pub ssh_port: Option<u16>,
+    /// The QEMU binary; `None` uses [`find_qemu`].
+    pub qemu: Option<PathBuf>,
+}
+
+impl VmSpec {
+    /// A spec with 2 vCPUs, 2 GiB, no seed, no extras, a free SSH port and QEMU from
+    /// `PATH`.
+    pub fn new(
+        name: impl Into<String>,
+        run_dir: impl Into<PathBuf>,
+        disk: impl Into<PathBuf>,
+        firmware: Firmware,
+        accel: Accel,
+    ) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            run_dir: run_dir.into(),
+            disk: disk.into(),
+            firmware,
+            cpus: 2,
+            memory_mib: 2048,
+            accel,
+            seed_disk: None,
+            extra_netdev_options: Vec::new(),
+            smbios: Vec::new(),
+            uuid: None,
+            ssh_port: None,
+            qemu: None,
+        }
+    }
+
+    /// `run_dir/console.log`
+    pub fn console_path(&self) -> PathBuf {
+        self.run_dir.join(CONSOLE_LOG)
+    }
+
+    /// `run_dir/qemu.stderr`
+    pub fn stderr_path(&self) -> PathBuf {
+        self.run_dir.join(QEMU_STDERR)
+    }
+
+    /// `run_dir/OVMF_VARS.fd` (used with UEFI only)
+    pub fn uefi_vars_path(&self) -> PathBuf {
+        self.run_dir.join(UEFI_VARS)
+    }
+}
+
+/// What is decided at launch time rather than in the spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// the host port forwarded to the guest's SSH port
+    pub ssh_port: u16,
+    /// the descriptor number of QEMU's end of the QMP socket pair (inherited by QEMU)
+    pub qmp_fd: i32,
+}
+
+/// The QEMU arguments (without the program name) for `spec`. Pure: touches no files.
+///
+/// Notes on the shape:
+/// - `-nodefaults -no-user-config -display none`: only the devices listed here exist.
+/// - The serial console goes to a file chardev (`append=on`, so a second boot in the same
+///   run directory keeps the first one's log); QMP runs on an inherited, already
+///   connected socket (`-chardev socket,fd=N`), so there is no socket path (nothing to
+///   outgrow the 108-byte `sun_path` limit, nothing to poll for, nothing stale).
+/// - The NIC has no option ROM (`romfile=`): no iPXE, faster firmware, no PXE attempts.
+/// - Paths inside `key=value` options have commas doubled, QEMU's escape.
+/// - No `-no-reboot`: guests reboot during builds (Windows updates, kernel updates);
+///   the RESET events are counted instead.
+pub fn argv(spec: &VmSpec, launch: &Launch) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |parts: &[&OsStr]| {
+        let mut s = OsString::new();
+        for p in parts {
+            s.push(p);
+        }
+        a.push(s);
+    };
+    let s = |x: &str| OsString::from(x);
+
+    push(&[s("-name").as_os_str()]);
+    push(&[s("guest=").as_os_str(), &escape(OsStr::new(&spec.name))]);
+    let (machine, cpu) = (
+        match spec.firmware {
+            Firmware::Bios => "pc",
+            Firmware::Uefi { .. } => "q35",
+        },
+        match spec.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        },
+    );
+    for arg in [
+        "-machine",
+        machine,
+        "-accel",
+        spec.accel.as_str(),
+        "-cpu",
+        cpu,
+        "-smp",
+        &spec.cpus.to_string(),
+        "-m",
+        &spec.memory_mib.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ] {
+        push(&[s(arg).as_os_str()]);
+    }
+    if let Some(uuid) = &spec.uuid {
+        push(&[s("-uuid").as_os_str()]);
+        push(&[s(uuid).as_os_str()]);
+    }
+    for entry in &spec.smbios {
+        push(&[s("-smbios").as_os_str()]);
+        push(&[s(entry).as_os_str()]);
+    }
+    if let Firmware::Uefi { code, .. } = &spec.firmware {
+        push(&[s("-drive").as_os_str()]);
+        push(&[
+            s("if=pflash,format=raw,unit=0,readonly=on,file=").as_os_str(),
+            &escape(code.as_os_str()),
+        ]);
+        push(&[s("-drive").as_os_str()]);
+        push(&[
+            s("if=pflash,format=raw,unit=1,file=").as_os_str(),
+            &escape(spec.uefi_vars_path().as_os_str()),
+        ]);
+    }
+    push(&[s("-drive").as_os_str()]);
+    push(&[
+        s("file=").as_os_str(),
+        &escape(spec.disk.as_os_str()),
+        s(",format=qcow2,if=none,id=os,discard=unmap").as_os_str(),
+    ]);
+    push(&[s("-device").as_os_str()]);
+    push(&[s("virtio-blk-pci,drive=os,bootindex=0").as_os_str()]);
+    if let Some(seed) = &spec.seed_disk {
+        push(&[s("-drive").as_os_str()]);
+        push(&[
+            s("file=").as_os_str(),
+            &escape(seed.as_os_str()),
+            s(",format=raw,if=none,id=seed,readonly=on").as_os_str(),
+        ]);
+        push(&[s("-device").as_os_str()]);
+        push(&[s("virtio-blk-pci,drive=seed").as_os_str()]);
+    }
+    let mut netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:22", launch.ssh_port);
+    for opt in &spec.extra_netdev_options {
+        netdev.push(',');
+        netdev.push_str(opt);
+    }
+    for arg in [
+        "-netdev",
+        &netdev,
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=",
+        "-device",
+        "virtio-rng-pci",
+    ] {
+        push(&[s(arg).as_os_str()]);
+    }
+    push(&[s("-chardev").as_os_str()]);
+    push(&[
+        s("file,id=console,append=on,path=").as_os_str(),
+        &escape(spec.console_path().as_os_str()),
+    ]);
+    for arg in ["-serial", "chardev:console"] {
+        push(&[s(arg).as_os_str()]);
+    }
+    for arg in [
+        "-chardev",
+        &format!("socket,id=qmp,fd={}", launch.qmp_fd),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ] {
+        push(&[s(arg).as_os_str()]);
+    }
+    a
+}
+
+/// Doubles commas, QEMU's escape for a value inside a `key=value,...` option.
+pub fn escape(value: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// A host program or file kiln needs is not installed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} not found (looked in {searched}); install the Debian package `{package}`: apt-get install {package}")]
+pub struct Missing {
+    /// what is missing, e.g. `qemu-system-x86_64`
+    pub what: String,
+    /// where kiln looked
+    pub searched: String,
+    /// the Debian package that provides it
+    pub package: &'static str,
+}
+
+/// `qemu-system-x86_64` on `PATH` (or `/usr/libexec/qemu-kvm`, its name on RHEL).
+pub fn find_qemu() -> Result<PathBuf, Missing> {
+    find_program(
+        "qemu-system-x86_64",
+        &["/usr/libexec/qemu-kvm"],
+        QEMU_PACKAGE,
+    )
+}
+
+/// `qemu-img` on `PATH`.
+pub fn find_qemu_img() -> Result<PathBuf, Missing> {
+    find_program("qemu-img", &[], QEMU_IMG_PACKAGE)
+}
+
+fn find_program(name: &str, fallbacks: &[&str], package: &'static str) -> Result<PathBuf, Missing> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    for dir in &dirs {
+        let p = dir.join(name);
+        if is_executable(&p) {
+            return Ok(p);
+        }
+    }
+    for f in fallbacks {
+        if is_executable(Path::new(f)) {
+            return Ok(PathBuf::from(f));
+        }
+    }
+    let mut searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    searched.extend(fallbacks.iter().map(|f| f.to_string()));
+    Err(Missing {
+        what: name.to_string(),
+        searched: format!("PATH: {}", searched.join(":")),
+        package,
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A matching pair of OVMF files: code and the variable-store template of the same size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ovmf {
+    /// the firmware code
+    pub code: PathBuf,
+    /// the pristine variable store
+    pub vars: PathBuf,
+}
+
+/// Where distributions install OVMF (code, vars), in order of preference: the 4 MiB
+/// builds first (Debian ≥ 12 and Ubuntu ≥ 22.04 ship both; new ones only 4M).
+/// Secure-boot variants (`.secboot`, `.ms`) are not used: they need SMM and enrolled
+/// keys.
+pub const OVMF_CANDIDATES: &[(&str, &str)] = &[
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
+    (
+        "/usr/share/edk2/x64/OVMF_CODE.4m.fd",
+        "/usr/share/edk2/x64/OVMF_VARS.4m.fd",
+    ),
+    (
+        "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+        "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+    ),
+    (
+        "/usr/share/edk2-ovmf/x64/OVMF_CODE.fd",
+        "/usr/share/edk2-ovmf/x64/OVMF_VARS.fd",
+    ),
+    (
+        "/usr/share/qemu/ovmf-x86_64-code.bin",
+        "/usr/share/qemu/ovmf-x86_64-vars.bin",
+    ),
+];
+
+/// The first complete pair of [`OVMF_CANDIDATES`].
+pub fn find_ovmf() -> Result<Ovmf, Missing> {
+    find_ovmf_in(OVMF_CANDIDATES, |p| p.is_file())
+}
+
+/// The first pair in `candidates` whose two files both exist.
+pub fn find_ovmf_in(
+    candidates: &[(&str, &str)],
+    exists: impl Fn(&Path) -> bool,
+) -> Result<Ovmf, Missing> {
+    for (code, vars) in candidates {
+        if exists(Path::new(code)) && exists(Path::new(vars)) {
+            return Ok(Ovmf {
+                code: code.into(),
+                vars: vars.into(),
+            });
+        }
+    }
+    Err(Missing {
+        what: "the OVMF UEFI firmware (needed for Hyper-V generation 2 images)".into(),
+        searched: candidates
+            .iter()
+            .map(|(c, _)| *c)
+            .collect::<Vec<_>>()
+            .join(", "),
+        package: OVMF_PACKAGE,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(firmware: Firmware, accel: Accel) -> VmSpec {
+        VmSpec::new(
+            "build-1",
+            "/run/kiln/b1",
+            "/run/kiln/b1/os.qcow2",
+            firmware,
+            accel,
+        )
+    }
+
+    fn uefi() -> Firmware {
+        Firmware::Uefi {
+            code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            vars_template: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
+        }
+    }
+
+    const LAUNCH: Launch = Launch {
+        ssh_port: 40022,
+        qmp_fd: 7,
+    };
+
+    fn line(spec: &VmSpec) -> String {
+        argv(spec, &LAUNCH)
+            .iter()
+            .map(|a| a.to_str().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// (what, spec, the exact command line)
+    #[test]
+    fn argv_table() {
+        let common_tail = "-drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap \
+             -device virtio-blk-pci,drive=os,bootindex=0 \
+             -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=n0,romfile= -device virtio-rng-pci \
+             -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
+             -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control";
+        let cases: Vec<(&str, VmSpec, String)> = vec![
+            (
+                "BIOS under TCG",
+                spec(Firmware::Bios, Accel::Tcg),
+                format!(
+                    "-name guest=build-1 -machine pc -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none {common_tail}"
+                ),
+            ),
+            (
+                "BIOS under KVM",
+                spec(Firmware::Bios, Accel::Kvm),
+                format!(
+                    "-name guest=build-1 -machine pc -accel kvm -cpu host -smp 2 -m 2048 -nodefaults -no-user-config -display none {common_tail}"
+                ),
+            ),
+            (
+                "UEFI: q35, read-only code, the build's own vars copy",
+                spec(uefi(), Accel::Tcg),
+                format!(
+                    "-name guest=build-1 -machine q35 -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
+                     -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+                     -drive if=pflash,format=raw,unit=1,file=/run/kiln/b1/OVMF_VARS.fd {common_tail}"
+                ),
+            ),
+            (
+                "seed, smbios, uuid, netdev extras, size",
+                VmSpec {
+                    seed_disk: Some("/run/kiln/b1/seed.img".into()),
+                    smbios: vec!["type=1,serial=ds=nocloud".into(), "type=11,value=kiln".into()],
+                    uuid: Some("6f1c8a52-6a4e-4c1b-9d0e-2f3a4b5c6d7e".into()),
+                    extra_netdev_options: vec!["guestfwd=tcp:10.0.2.100:80-cmd:true".into()],
+                    cpus: 1,
+                    memory_mib: 3584,
+                    ..spec(Firmware::Bios, Accel::Tcg)
+                },
+                "-name guest=build-1 -machine pc -accel tcg -cpu max -smp 1 -m 3584 -nodefaults -no-user-config -display none \
+                 -uuid 6f1c8a52-6a4e-4c1b-9d0e-2f3a4b5c6d7e -smbios type=1,serial=ds=nocloud -smbios type=11,value=kiln \
+                 -drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap \
+                 -device virtio-blk-pci,drive=os,bootindex=0 \
+                 -drive file=/run/kiln/b1/seed.img,format=raw,if=none,id=seed,readonly=on -device virtio-blk-pci,drive=seed \
+                 -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22,guestfwd=tcp:10.0.2.100:80-cmd:true \
+                 -device virtio-net-pci,netdev=n0,romfile= -device virtio-rng-pci \
+                 -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
+                 -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
+                    .to_string(),
+            ),
+            (
+                "commas in names and paths are doubled",
+                VmSpec {
+                    name: "a,b".into(),
+                    run_dir: "/tmp/x,y".into(),
+                    disk: "/tmp/x,y/os.qcow2".into(),
+                    seed_disk: Some("/s,eed".into()),
+                    ..spec(uefi(), Accel::Tcg)
+                },
+                "-name guest=a,,b -machine q35 -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
+                 -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+                 -drive if=pflash,format=raw,unit=1,file=/tmp/x,,y/OVMF_VARS.fd \
+                 -drive file=/tmp/x,,y/os.qcow2,format=qcow2,if=none,id=os,discard=unmap -device virtio-blk-pci,drive=os,bootindex=0 \
+                 -drive file=/s,,eed,format=raw,if=none,id=seed,readonly=on -device virtio-blk-pci,drive=seed \
+                 -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=n0,romfile= -device virtio-rng-pci \
+                 -chardev file,id=console,append=on,path=/tmp/x,,y/console.log -serial chardev:console \
+                 -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
+                    .to_string(),
+            ),
+        ];
+        for (what, spec, want) in cases {
+            let want: Vec<&str> = want.split_whitespace().collect();
+            assert_eq!(line(&spec).split(' ').collect::<Vec<_>>(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn argv_keeps_non_utf8_paths_and_spaces_as_one_argument() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = spec(Firmware::Bios, Accel::Tcg);
+        s.disk = PathBuf::from(OsStr::from_bytes(b"/tmp/with space/\xff.qcow2"));
+        let a = argv(&s, &LAUNCH);
+        let i = a
+            .iter()
+            .position(|x| x.as_bytes().starts_with(b"file=/tmp/with space/"))
+            .expect("the disk argument");
+        assert_eq!(
+            a[i].as_bytes(),
+            b"file=/tmp/with space/\xff.qcow2,format=qcow2,if=none,id=os,discard=unmap"
+        );
+    }
+
+    #[test]
+    fn ovmf_pairs_must_be_complete() {
+        let cands = [("/a/CODE_4M", "/a/VARS_4M"), ("/a/CODE", "/a/VARS")];
+        let have = |files: &'static [&'static str]| {
+            move |p: &Path| files.iter().any(|f| Path::new(f) == p)
+        };
+        assert_eq!(
+            find_ovmf_in(
+                &cands,
+                have(&["/a/CODE_4M", "/a/VARS_4M", "/a/CODE", "/a/VARS"])
+            )
+            .unwrap()
+            .code,
+            PathBuf::from("/a/CODE_4M")
+        );
+        // a 4M code without its 4M vars must not be paired with the 2M vars
+        assert_eq!(
+            find_ovmf_in(&cands, have(&["/a/CODE_4M", "/a/CODE", "/a/VARS"])).unwrap(),
+            Ovmf {
+                code: "/a/CODE".into(),
+                vars: "/a/VARS".into()
+            }
+        );
+        let err = find_ovmf_in(&cands, have(&["/a/CODE_4M"])).unwrap_err();
+        assert_eq!(err.package, "ovmf");
+        assert!(err.to_string().contains("apt-get install ovmf"), "{err}");
+    }
+
+    #[test]
+    fn missing_programs_name_the_package() {
+        let err =
+            find_program("kiln-no-such-program", &["/nonexistent/x"], QEMU_PACKAGE).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("kiln-no-such-program not found (looked in PATH: "),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with(
+                "install the Debian package `qemu-system-x86`: apt-get install qemu-system-x86"
+            ),
+            "{msg}"
+        );
+    }
+}
