@@ -117,6 +117,8 @@ pub struct BuildCx {
     pub vm: Option<crate::vm::Vm>,
     /// The guest connection.
     pub guest: Option<Box<dyn kiln_agents::Communicator>>,
+    /// Guest reboots (QMP RESET events) already handled by reconnecting.
+    pub resets_seen: u64,
     /// Exported VHDs.
     pub exports: Vec<ExportedVhd>,
     /// runOutputs recorded.

@@ -159,6 +159,7 @@ pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: Ca
         seed: None,
         vm: None,
         guest: None,
+        resets_seen: 0,
         exports: Vec::new(),
         run_outputs: Vec::new(),
     };

@@ -183,43 +183,105 @@ impl Step for Connect {
     }
 }
 
-/// Runs `script` as the build user under `/bin/sh -e`, streaming output, surviving a reboot.
-async fn run_script(cx: &mut BuildCx, step: &str, script: &str, as_root: bool) -> Result<(), BuildError> {
-    let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
-    let path = format!("/tmp/kiln-script-{}.sh", std::process::id() ^ (script.len() as u32));
-    let mut body = script.as_bytes();
-    guest
-        .upload(&mut body, script.len() as u64, &path, 0o755)
-        .await
-        .map_err(|e| BuildError::Step { step: step.into(), message: e.to_string() })?;
-    let cmd = if as_root { format!("sudo -n /bin/sh -e {path}; rc=$?; rm -f {path}; exit $rc") } else { format!("/bin/sh -e {path}; rc=$?; rm -f {path}; exit $rc") };
-    let events = cx.events.clone();
-    let mut lines = LineSplitter::new(step.to_string());
-    let reboots_before = cx.vm.as_ref().map(|v| v.reboot_count()).unwrap_or(0);
-    let result = {
-        let mut sink = |s: Stream, d: &[u8]| lines.feed(&events, if s == Stream::Stdout { OutStream::Stdout } else { OutStream::Stderr }, d);
-        guest.exec(&cmd, ExecOptions::default(), &mut sink).await
+/// After a guest reboot (a RESET since the last one handled), waits for the guest and
+/// reconnects. `lost`: the connection is known to be gone, so a reboot must follow.
+async fn recover_after_reboot(cx: &mut BuildCx, step: &str, lost: bool) -> Result<bool, BuildError> {
+    let v = cx.vm.as_ref().ok_or_else(|| BuildError::Vm("no VM".into()))?;
+    let rebooted = if lost {
+        wait_reset_since(v, cx.resets_seen, Duration::from_secs(60)).await
+    } else {
+        v.reboot_count() > cx.resets_seen
     };
-    lines.finish(&events);
-    match result {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(BuildError::Step { step: step.into(), message: format!("the script ended with {}", o.status) }),
-        Err(kiln_agents::CommError::ConnectionLost { .. }) => {
-            // A reboot (AIB's only way to reboot Linux is a Shell step): it counts as the step's
-            // success once the VM is seen resetting, and the next step reconnects.
-            let v = cx.vm.as_ref().ok_or_else(|| BuildError::Vm("no VM".into()))?;
-            let rebooted = wait_reset_since(v, reboots_before, Duration::from_secs(60)).await;
-            if !rebooted {
-                return Err(BuildError::Step { step: step.into(), message: "the connection to the build VM was lost and the VM did not reboot".into() });
-            }
-            cx.events.info("the guest rebooted; reconnecting");
-            let interrupt = interrupt_for(cx);
-            let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
-            guest.reconnect(interrupt).await.map_err(|e| BuildError::Connect(format!("reconnecting after the reboot: {e}")))?;
-            Ok(())
+    if !rebooted {
+        if lost {
+            return Err(BuildError::Step { step: step.into(), message: "the connection to the build VM was lost and the VM did not reboot".into() });
         }
-        Err(e) => Err(BuildError::Step { step: step.into(), message: e.to_string() }),
+        return Ok(false);
     }
+    cx.resets_seen = v.reboot_count();
+    cx.events.info("the guest rebooted; reconnecting");
+    let interrupt = interrupt_for(cx);
+    let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
+    let rep = guest.reconnect(interrupt).await.map_err(|e| BuildError::Connect(format!("reconnecting after the reboot: {e}")))?;
+    cx.events.info(format!("reconnected after {:.1}s", rep.wait().as_secs_f64()));
+    Ok(true)
+}
+
+fn lost(e: &kiln_agents::CommError) -> bool {
+    matches!(e, kiln_agents::CommError::ConnectionLost { .. })
+}
+
+/// Uploads `local` to `dest`, reconnecting once if the guest rebooted in between.
+async fn upload(cx: &mut BuildCx, step: &str, data: &[u8], dest: &str, mode: u32) -> Result<kiln_agents::UploadOutcome, BuildError> {
+    recover_after_reboot(cx, step, false).await?;
+    for attempt in 0..2 {
+        let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
+        let mut body = data;
+        match guest.upload(&mut body, data.len() as u64, dest, mode).await {
+            Ok(o) => return Ok(o),
+            Err(e) if lost(&e) && attempt == 0 => {
+                recover_after_reboot(cx, step, true).await?;
+            }
+            Err(e) => return Err(BuildError::Step { step: step.into(), message: e.to_string() }),
+        }
+    }
+    Err(BuildError::Step { step: step.into(), message: format!("uploading {dest} failed twice") })
+}
+
+/// Printed on stderr by the runner before the script starts (and filtered out of the output):
+/// tells a reboot *during* the script from a connection that died before it ran.
+const STARTED_MARKER: &[u8] = b"__kiln_step_started__\n";
+
+/// Runs `script` under `/bin/sh -e` (as root with `as_root`), streaming output. A reboot during
+/// the script (AIB's only way to reboot Linux) counts as the step's success; the next step
+/// reconnects. A connection lost before the script started (a reboot from the previous step
+/// still in progress) reconnects and runs the script.
+async fn run_script(cx: &mut BuildCx, step: &str, script: &str, as_root: bool) -> Result<(), BuildError> {
+    let path = format!("/tmp/kiln-script-{}-{}.sh", cx.run_id, step.bytes().map(u32::from).sum::<u32>());
+    let sudo = if as_root { "sudo -n " } else { "" };
+    let cmd = format!("printf '__kiln_step_started__\\n' >&2; {sudo}/bin/sh -e {path}; rc=$?; rm -f {path}; exit $rc");
+    for attempt in 0..2 {
+        upload(cx, step, script.as_bytes(), &path, 0o755).await?;
+        let events = cx.events.clone();
+        let mut lines = LineSplitter::new(step.to_string());
+        let mut started = false;
+        let mut pending: Vec<u8> = Vec::new();
+        let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
+        let result = {
+            let mut sink = |s: Stream, d: &[u8]| {
+                if s == Stream::Stderr && !started {
+                    pending.extend_from_slice(d);
+                    if let Some(pos) = pending.windows(STARTED_MARKER.len()).position(|w| w == STARTED_MARKER) {
+                        started = true;
+                        let mut rest = pending[..pos].to_vec();
+                        rest.extend_from_slice(&pending[pos + STARTED_MARKER.len()..]);
+                        pending.clear();
+                        lines.feed(&events, OutStream::Stderr, &rest);
+                    }
+                    return;
+                }
+                lines.feed(&events, if s == Stream::Stdout { OutStream::Stdout } else { OutStream::Stderr }, d)
+            };
+            guest.exec(&cmd, ExecOptions::default(), &mut sink).await
+        };
+        if !pending.is_empty() {
+            lines.feed(&events, OutStream::Stderr, &pending);
+        }
+        lines.finish(&events);
+        match result {
+            Ok(o) if o.status.success() => return Ok(()),
+            Ok(o) => return Err(BuildError::Step { step: step.into(), message: format!("the script ended with {}", o.status) }),
+            Err(e) if lost(&e) && started => {
+                recover_after_reboot(cx, step, true).await?;
+                return Ok(());
+            }
+            Err(e) if lost(&e) && attempt == 0 => {
+                recover_after_reboot(cx, step, true).await?;
+            }
+            Err(e) => return Err(BuildError::Step { step: step.into(), message: e.to_string() }),
+        }
+    }
+    Err(BuildError::Step { step: step.into(), message: "the connection was lost twice before the script could start".into() })
 }
 
 /// One customizer.
@@ -256,8 +318,8 @@ impl Step for Customize {
             }
             Customizer::File { source_uri, destination, .. } => {
                 let a = cx.artifacts.get(source_uri).cloned().ok_or_else(|| BuildError::Step { step: step.clone(), message: format!("{source_uri} was not fetched") })?;
-                let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
-                let up = guest.upload_file(&a.path, destination, 0o644).await.map_err(|e| BuildError::Step { step: step.clone(), message: e.to_string() })?;
+                let data = std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
+                let up = upload(cx, &step, &data, destination, 0o644).await?;
                 cx.events.info(format!("uploaded {} bytes to {destination} in {:.2}s", up.bytes, up.duration.as_secs_f64()));
                 Ok(())
             }
@@ -281,6 +343,7 @@ impl Step for Deprovision {
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let step = self.name();
+        recover_after_reboot(cx, &step, false).await?;
         let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
         let (o, _) = guest
             .exec_collect(&format!("test -f {DEPROVISION_OVERRIDE}"), ExecOptions::default())
