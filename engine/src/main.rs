@@ -22,6 +22,12 @@ enum Command {
     Validate(cli::validate::Args),
     /// Build a template: boot the source, customize, generalize, export a fixed VHD.
     Build(cli::build::Args),
+    /// Check the host: QEMU, qemu-img, OVMF, disk space, and whether KVM really runs a guest.
+    Doctor {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: cli::output::Format,
+    },
     /// The local PlatformImage catalog: import disks, list them.
     #[command(subcommand)]
     Image(cli::image::Command),
@@ -33,6 +39,7 @@ fn main() -> ExitCode {
         Command::Validate(a) => cli::validate::run(a),
         Command::Image(c) => cli::image::run(c),
         Command::Build(a) => cli::build::run(a),
+        Command::Doctor { output } => cli::doctor::run(output),
     };
     ExitCode::from(code)
 }

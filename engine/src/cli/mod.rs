@@ -1,6 +1,7 @@
 //! Subcommands of the `kiln` binary.
 
 pub mod build;
+pub mod doctor;
 pub mod image;
 pub mod output;
 pub mod validate;
