@@ -74,17 +74,14 @@ impl Step for StartVm {
             AccelChoice::Kvm => vm::AccelRequest::Kvm,
             AccelChoice::Tcg => vm::AccelRequest::Tcg,
         };
-        let (accel, warning) = tokio::task::spawn_blocking(move || vm::choose_accel(request))
-            .await
-            .map_err(|e| BuildError::Vm(e.to_string()))?
-            .map_err(|e| BuildError::Vm(e.to_string()))?;
+        let (accel, warning) = vm::choose_accel(request).await.map_err(|e| BuildError::Vm(e.to_string()))?;
         if let Some(w) = warning {
             cx.events.warn(w.to_string());
         }
         if accel == vm::Accel::Tcg {
             cx.events.warn("the build VM runs under TCG (software emulation): expect it to be 10-50x slower than with KVM");
         }
-        let firmware = if gen2 { vm::Firmware::uefi().map_err(|e| BuildError::Vm(e.to_string()))? } else { vm::Firmware::Bios };
+        let firmware = if gen2 { vm::Firmware::uefi_default().map_err(|e| BuildError::Vm(e.to_string()))? } else { vm::Firmware::Bios };
         let overlay = cx.overlay.clone().ok_or_else(|| BuildError::Vm("no disk".into()))?;
         let spec = vm::VmSpec {
             name: format!("{}-{}", cx.template_name, cx.run_id),
@@ -100,6 +97,8 @@ impl Step for StartVm {
             uuid: None,
             ssh_port: None,
             qemu: None,
+            // QEMU dies with kiln; --keep-vm-on-error keeps kiln waiting instead.
+            detachable: false,
         };
         cx.events.info(format!(
             "{size_name}: {} vCPU, {} MiB, {} ({}), accelerator {accel:?}",
@@ -135,7 +134,7 @@ impl Step for StartVm {
         }
         // Whatever happened, QEMU does not outlive the build.
         let timeouts = vm::ShutdownTimeouts { guest: Duration::from_secs(1), acpi: Duration::from_secs(5), ..Default::default() };
-        match v.shutdown_ladder(None, &timeouts).await {
+        match v.shutdown_ladder(None, timeouts).await {
             Ok(r) if outcome != Outcome::Succeeded && r.rung != vm::ShutdownRung::AlreadyExited => cx.events.info(format!("build VM stopped: {}", r.rung)),
             Ok(_) => {}
             Err(e) => cx.events.warn(format!("stopping the build VM: {e}")),
@@ -160,7 +159,7 @@ impl Step for Connect {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], v.ssh_port()));
         let mut config = ConnectConfig::new(addr, BUILD_USER, keys.private.clone());
         config.timeout = cx.options.ssh_timeout;
-        let started = v.started();
+        let started = v.started_at();
         let interrupt = interrupt_for(cx);
         let guest = SshCommunicator::connect(config, interrupt).await.map_err(|e| {
             let tail = cx.vm.as_ref().map(|v| v.console_tail(15)).unwrap_or_default();
@@ -388,7 +387,7 @@ impl Step for Shutdown {
             fut
         });
         let timeouts = vm::ShutdownTimeouts { guest: Duration::from_secs(120), acpi: Duration::from_secs(60), ..Default::default() };
-        let report = v.shutdown_ladder(guest_cmd, &timeouts).await.map_err(|e| BuildError::Vm(e.to_string()))?;
+        let report = v.shutdown_ladder(guest_cmd, timeouts).await.map_err(|e| BuildError::Vm(e.to_string()))?;
         let rung = report.rung;
         cx.vm = Some(v);
         cx.events.info(format!("build VM stopped: {rung}"));

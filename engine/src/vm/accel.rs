@@ -8,7 +8,7 @@
 //! boot sector that writes to `isa-debug-exit`, and requires QEMU to exit with the status
 //! that write produces, all within a deadline. A probe that hangs is killed.
 
-use super::process::ChildProc;
+use super::process::{ChildProc, Tie};
 use super::qemu::{escape, find_qemu};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -102,6 +102,12 @@ pub struct KvmUnusable {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AccelWarning(pub String);
 
+impl From<AccelWarning> for String {
+    fn from(w: AccelWarning) -> String {
+        w.0
+    }
+}
+
 impl std::fmt::Display for AccelWarning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -109,8 +115,33 @@ impl std::fmt::Display for AccelWarning {
 }
 
 /// Picks the accelerator for `requested`, probing KVM once per process (see
-/// [`kvm_probe_cached`]). Blocks for up to [`KVM_PROBE_DEADLINE`] the first time.
-pub fn choose_accel(requested: AccelRequest) -> Result<(Accel, Option<AccelWarning>), KvmUnusable> {
+/// [`kvm_probe_cached`]; the first probe runs on a blocking thread, up to
+/// [`KVM_PROBE_DEADLINE`]). `Auto` falls back to TCG with a warning for the user;
+/// `Kvm` fails when KVM is unusable.
+pub async fn choose_accel(
+    requested: AccelRequest,
+) -> Result<(Accel, Option<AccelWarning>), KvmUnusable> {
+    if requested == AccelRequest::Tcg {
+        return Ok((Accel::Tcg, None));
+    }
+    let probe = match tokio::task::spawn_blocking(|| kvm_probe_cached().clone()).await {
+        Ok(p) => p,
+        Err(e) => AccelProbe {
+            accel: Accel::Kvm,
+            usable: false,
+            detail: format!("the KVM probe failed: {e}"),
+            fix: None,
+            elapsed: Duration::ZERO,
+        },
+    };
+    choose_accel_with(requested, || probe)
+}
+
+/// [`choose_accel`] for synchronous callers (blocks up to [`KVM_PROBE_DEADLINE`] the
+/// first time).
+pub fn choose_accel_blocking(
+    requested: AccelRequest,
+) -> Result<(Accel, Option<AccelWarning>), KvmUnusable> {
     choose_accel_with(requested, || kvm_probe_cached().clone())
 }
 
@@ -342,7 +373,7 @@ fn run_probe(accel: Accel, deadline: Duration, start: Instant) -> (bool, String,
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = match ChildProc::spawn(cmd, None, "kiln-accel-probe") {
+    let mut child = match ChildProc::spawn(cmd, None, Tie::DiesWithKiln, "kiln-accel-probe") {
         Ok(c) => c,
         Err(e) => return (false, format!("cannot start {}: {e}", qemu.display()), None),
     };

@@ -104,7 +104,7 @@ pub(crate) enum Found {
 
 impl Scanner {
     /// Reads the new bytes and looks for `pattern` and a kernel panic. A panic wins over
-    /// the pattern only when it comes first.
+    /// the pattern when it comes first (or is what the pattern matched).
     pub(crate) fn scan(&mut self, pattern: &str) -> io::Result<Option<Found>> {
         let new = self.console.read_from(self.pos, 16 << 20)?;
         self.pos += new.len() as u64;
@@ -112,7 +112,7 @@ impl Scanner {
         let hit = find(&self.window, pattern.as_bytes());
         let panic = find(&self.window, KERNEL_PANIC.as_bytes());
         let found = match (hit, panic) {
-            (Some(h), Some(p)) if p < h => Some(Found::Panic(line_at(&self.window, p))),
+            (Some(h), Some(p)) if p <= h => Some(Found::Panic(line_at(&self.window, p))),
             (Some(_), _) => Some(Found::Pattern),
             (None, Some(p)) => Some(Found::Panic(line_at(&self.window, p))),
             (None, None) => None,
@@ -125,6 +125,18 @@ impl Scanner {
         };
         self.window.drain(..cut);
         Ok(found)
+    }
+}
+
+impl Scanner {
+    /// Reads the new bytes and returns the kernel panic line, if one appeared.
+    pub(crate) fn scan_panic(&mut self) -> io::Result<Option<String>> {
+        Ok(match self.scan(KERNEL_PANIC)? {
+            Some(Found::Panic(line)) => Some(line),
+            // (a match of the panic marker itself is reported as `Panic`)
+            Some(Found::Pattern) => Some(KERNEL_PANIC.to_string()),
+            None => None,
+        })
     }
 }
 
@@ -241,6 +253,20 @@ mod tests {
         }
         assert_eq!(s.scan("never").unwrap(), None);
         assert!(s.window.len() < 100, "window kept {} bytes", s.window.len());
+    }
+
+    #[test]
+    fn scan_panic_returns_the_line() {
+        let t = tmp("scanpanic2");
+        let c = Console::new(t.0.clone(), 0);
+        let mut s = c.scanner();
+        append(&t.0, b"ok\n[ 2.5] Kernel pan");
+        assert_eq!(s.scan_panic().unwrap(), None);
+        append(&t.0, b"ic - not syncing: oops\n");
+        assert_eq!(
+            s.scan_panic().unwrap().as_deref(),
+            Some("[ 2.5] Kernel panic - not syncing: oops")
+        );
     }
 
     #[test]

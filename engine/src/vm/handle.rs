@@ -3,7 +3,7 @@
 use super::accel::Accel;
 use super::console::{Console, Found};
 use super::port::PortReservation;
-use super::process::ChildProc;
+use super::process::{ChildProc, Tie};
 use super::qemu::{argv, find_qemu, Firmware, Launch, VmSpec};
 use super::qmp::{EventKind, Qmp, QmpError, QmpEvent};
 use super::shutdown::{
@@ -34,7 +34,8 @@ const ERROR_TAIL_LINES: usize = 40;
 /// What the VM has been through, from its QMP events.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmStatus {
-    /// RESET events seen (guest reboots, and resets kiln requested)
+    /// RESET events seen (guest reboots, and resets kiln requested); one reboot of a
+    /// BIOS guest is two (SeaBIOS resets again on a warm reset)
     pub resets: u64,
     /// POWERDOWN events seen (ACPI power-button presses delivered)
     pub powerdowns: u64,
@@ -103,6 +104,7 @@ pub struct Vm {
     status: watch::Receiver<VmStatus>,
     tracker: JoinHandle<()>,
     started: Instant,
+    detachable: bool,
     proc: ChildProc,
 }
 
@@ -160,6 +162,11 @@ impl Vm {
         let stderr_path = spec.stderr_path();
         let console_start = file_len(&console_path);
 
+        let tie = if spec.detachable {
+            Tie::Detachable
+        } else {
+            Tie::DiesWithKiln
+        };
         let mut last_stderr = String::new();
         for _attempt in 0..PORT_ATTEMPTS {
             let port = match spec.ssh_port {
@@ -200,13 +207,11 @@ impl Vm {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(stderr_file);
-            let proc =
-                ChildProc::spawn(cmd, Some(theirs), &format!("kiln-qemu-{name}")).map_err(|e| {
-                    VmError::Spawn {
-                        name: name.clone(),
-                        qemu: qemu.clone(),
-                        source: e,
-                    }
+            let proc = ChildProc::spawn(cmd, Some(theirs), tie, &format!("kiln-qemu-{name}"))
+                .map_err(|e| VmError::Spawn {
+                    name: name.clone(),
+                    qemu: qemu.clone(),
+                    source: e,
                 })?;
             let spawn_err = |e| VmError::Spawn {
                 name: name.clone(),
@@ -263,6 +268,7 @@ impl Vm {
                 status: status_rx,
                 tracker,
                 started: Instant::now(),
+                detachable: spec.detachable,
                 proc,
             });
         }
@@ -300,7 +306,7 @@ impl Vm {
     }
 
     /// When [`Vm::start`] returned.
-    pub fn started(&self) -> Instant {
+    pub fn started_at(&self) -> Instant {
         self.started
     }
 
@@ -324,7 +330,9 @@ impl Vm {
         self.status.clone()
     }
 
-    /// RESET events seen (reboots).
+    /// RESET events seen. One guest reboot may be more than one RESET (SeaBIOS resets
+    /// the machine again on a warm reset), so compare counts with `>` (see
+    /// [`Vm::wait_reset_since`]).
     pub fn reboot_count(&self) -> u64 {
         self.status.borrow().resets
     }
@@ -437,12 +445,75 @@ impl Vm {
                     console: self.console_tail(ERROR_TAIL_LINES),
                 });
             }
-            tokio::select! {
-                _ = tokio::time::sleep(CONSOLE_POLL.min(left)) => {}
-                _ = status.changed() => {}
-                _ = exit.changed() => {}
+            wake(CONSOLE_POLL.min(left), &mut status, &mut exit).await;
+        }
+    }
+
+    /// Resolves, with the reason, once waiting for this guest is pointless: QEMU exited,
+    /// the guest kernel panicked (console line or GUEST_PANICKED), or the VM paused.
+    /// Independent of `self`'s lifetime; pass it to waits that should end early
+    /// (e.g. an SSH connect loop).
+    pub fn watch(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut exit = self.proc.watch();
+        let mut status = self.status.clone();
+        let mut scanner = self.console.scanner();
+        async move {
+            loop {
+                if let Some(st) = *exit.borrow_and_update() {
+                    return format!("QEMU exited ({st})");
+                }
+                let s = status.borrow_and_update().clone();
+                if s.guest_panicked {
+                    return "the guest reported a panic (GUEST_PANICKED)".into();
+                }
+                if s.paused {
+                    return format!(
+                        "the VM paused ({})",
+                        s.io_error.unwrap_or_else(|| "QMP STOP event".into())
+                    );
+                }
+                if let Ok(Some(line)) = scanner.scan_panic() {
+                    return format!("kernel panic on the serial console: {line}");
+                }
+                wake(CONSOLE_POLL * 2, &mut status, &mut exit).await;
             }
         }
+    }
+
+    /// Waits up to `timeout` for a RESET event beyond the first `seen` (a reboot after
+    /// [`Vm::reboot_count`] returned `seen`). False on timeout or when QEMU exits first.
+    pub async fn wait_reset_since(&self, seen: u64, timeout: Duration) -> bool {
+        let mut status = self.status.clone();
+        let mut exit = self.proc.watch();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if status.borrow_and_update().resets > seen {
+                return true;
+            }
+            if exit.borrow_and_update().is_some() {
+                // the tracker may still be folding the last events in
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), status.wait_for(|s| s.qmp_closed))
+                        .await;
+                return self.reboot_count() > seen;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            wake(left, &mut status, &mut exit).await;
+        }
+    }
+
+    /// Leaves QEMU running after this handle (and kiln) is gone, for a user to inspect
+    /// (`--keep-vm-on-error`), and returns its pid. Only for a VM started with
+    /// [`VmSpec::detachable`]; any other is killed as on drop, and `None` is returned.
+    pub fn detach(mut self) -> Option<u32> {
+        if !self.detachable {
+            return None;
+        }
+        self.proc.detach();
+        Some(self.proc.pid())
     }
 
     fn exited_error(&self, status: ExitStatus, waiting_for: String) -> VmError {
@@ -528,8 +599,9 @@ impl Vm {
     pub async fn shutdown_ladder(
         &self,
         guest: Option<GuestShutdown<'_>>,
-        timeouts: &ShutdownTimeouts,
+        timeouts: impl Into<ShutdownTimeouts>,
     ) -> Result<ShutdownReport, VmError> {
+        let timeouts: ShutdownTimeouts = timeouts.into();
         let begin = Instant::now();
         let mut notes = Vec::new();
         let mut guest_error = None;
@@ -573,14 +645,31 @@ impl Vm {
 
         match self.system_powerdown().await {
             Ok(()) => {
-                if let Some(st) = wait_exit(&self.proc, timeouts.acpi).await {
-                    return Ok(self
-                        .report(begin, ShutdownRung::Acpi, st, guest_error, notes)
-                        .await);
+                let end = Instant::now() + timeouts.acpi;
+                let mut presses = 1;
+                loop {
+                    let left = end.saturating_duration_since(Instant::now());
+                    let step = if timeouts.acpi_repeat.is_zero() {
+                        left
+                    } else {
+                        left.min(timeouts.acpi_repeat)
+                    };
+                    if let Some(st) = wait_exit(&self.proc, step).await {
+                        return Ok(self
+                            .report(begin, ShutdownRung::Acpi, st, guest_error, notes)
+                            .await);
+                    }
+                    if Instant::now() >= end {
+                        break;
+                    }
+                    // a guest still starting its ACPI handler loses earlier presses
+                    if self.system_powerdown().await.is_ok() {
+                        presses += 1;
+                    }
                 }
                 notes.push(format!(
-                    "the guest ignored the ACPI power button for {:?}",
-                    timeouts.acpi
+                    "the guest ignored the ACPI power button ({presses} presses in {:.0} s)",
+                    timeouts.acpi.as_secs_f64()
                 ));
             }
             Err(e) => {
@@ -635,8 +724,32 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.tracker.abort();
-        // `proc` (dropped after this) kills and reaps QEMU
-        let _ = self.proc.kill();
+        // then `proc` is dropped: it kills and reaps QEMU (unless detached)
+    }
+}
+
+/// Sleeps up to `max`, waking early when the status or the exit watch changes. A closed
+/// channel (the tracker or the reaper finished) no longer wakes it, so this never spins.
+async fn wake(
+    max: Duration,
+    status: &mut watch::Receiver<VmStatus>,
+    exit: &mut watch::Receiver<Option<ExitStatus>>,
+) {
+    let sleep = tokio::time::sleep(max);
+    tokio::pin!(sleep);
+    let (mut status_open, mut exit_open) = (true, true);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return,
+            r = status.changed(), if status_open => match r {
+                Ok(()) => return,
+                Err(_) => status_open = false,
+            },
+            r = exit.changed(), if exit_open => match r {
+                Ok(()) => return,
+                Err(_) => exit_open = false,
+            },
+        }
     }
 }
 

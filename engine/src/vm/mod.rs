@@ -1,19 +1,25 @@
 //! kiln's VM layer: QEMU processes, their QMP monitors and consoles, the accelerator
 //! probe, and the host check.
 //!
-//! - [`accel`]: [`probe_kvm`] runs a real probe guest under KVM in a child QEMU within a
-//!   deadline; [`choose_accel`] turns `--accel auto|kvm|tcg` into an [`Accel`] and, when
-//!   `auto` falls back to TCG, a warning the engine must show loudly.
+//! - [`accel`]: [`probe_kvm`] boots a real probe guest under KVM in a child QEMU within a
+//!   deadline (a `/dev/kvm` that opens proves little); [`choose_accel`] turns
+//!   `--accel auto|kvm|tcg` into an [`Accel`] and, when `auto` falls back to TCG, a
+//!   warning the engine must show loudly.
 //! - [`qemu`]: [`VmSpec`] and [`qemu::argv`], the pure function from a spec to QEMU's
 //!   arguments (argv vectors, never a shell); [`find_qemu`], [`find_ovmf`].
-//! - [`Vm`]: a running QEMU. [`Vm::start`] returns once QMP answered; events, console,
-//!   exit, and the [`Vm::shutdown_ladder`] (guest command → ACPI → `quit` → SIGKILL).
-//!   QEMU never outlives its `Vm`, nor kiln (see [`process`](self) notes on `Vm`).
+//! - [`Vm`]: a running QEMU. [`Vm::start`] returns once QMP answered; then events and
+//!   [`Vm::status`] (resets, SHUTDOWN, pauses, I/O errors), the console
+//!   ([`Vm::wait_for_console`], [`Vm::console_tail`], kernel panics), [`Vm::exited`],
+//!   [`Vm::watch`] (why waiting for the guest became pointless), and
+//!   [`Vm::shutdown_ladder`] (guest command → ACPI → `quit` → SIGKILL, reporting the
+//!   rung). QEMU never outlives its `Vm`, nor kiln: the kernel kills it when kiln dies
+//!   (unless started [`VmSpec::detachable`] and then [`Vm::detach`]ed).
 //! - [`qmp`]: the QMP client.
 //! - [`doctor()`]: what `kiln doctor` reports about the host.
 //!
-//! Files in the run directory: `console.log` (serial console, appended), `qemu.stderr`
-//! (appended), `OVMF_VARS.fd` (UEFI only: the build's variable store).
+//! Files in the run directory: `console.log` (serial console, appended: each `Vm` sees
+//! its own boot), `qemu.stderr` (appended), `OVMF_VARS.fd` (UEFI only: the build's
+//! variable store, kept across boots of the same build).
 
 pub mod accel;
 mod console;
@@ -26,8 +32,8 @@ pub mod qmp;
 mod shutdown;
 
 pub use accel::{
-    choose_accel, choose_accel_with, kvm_probe_cached, probe_accel, probe_kvm, Accel, AccelProbe,
-    AccelRequest, AccelWarning, KvmUnusable, KVM_PROBE_DEADLINE,
+    choose_accel, choose_accel_blocking, choose_accel_with, kvm_probe_cached, probe_accel,
+    probe_kvm, Accel, AccelProbe, AccelRequest, AccelWarning, KvmUnusable, KVM_PROBE_DEADLINE,
 };
 pub use console::{Console, KERNEL_PANIC};
 pub use doctor::{doctor, CheckState, DoctorCheck, DoctorReport};
@@ -39,6 +45,13 @@ pub use shutdown::{GuestShutdown, ShutdownEvent, ShutdownReport, ShutdownRung, S
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
+
+/// SIGKILLs every QEMU this process started that is still running and not detached,
+/// without waiting. For a forced exit (a second Ctrl-C) that skips destructors; even
+/// without it, the kernel kills kiln's QEMUs when kiln exits (see [`Vm`]).
+pub fn kill_all_registered() {
+    process::kill_all();
+}
 
 /// What went wrong with a VM. Every variant names the VM; those about QEMU's behaviour
 /// carry its run directory and what QEMU printed on stderr.

@@ -1,10 +1,13 @@
 //! QEMU as a child process that cannot outlive kiln.
 //!
 //! - The child is forked from a dedicated thread that lives exactly as long as the child
-//!   is unreaped, and it asks the kernel (`PR_SET_PDEATHSIG`) for SIGKILL when that
-//!   thread goes away. So if kiln dies, even by SIGKILL, its QEMUs die with it. (The
-//!   parent-death signal follows the forking *thread*, which is why it may not be a tokio
-//!   worker or a `spawn_blocking` thread that could exit first.)
+//!   is unreaped, and (unless spawned [`Tie::Detachable`]) it asks the kernel
+//!   (`PR_SET_PDEATHSIG`) for SIGKILL when that thread goes away. So if kiln dies, even
+//!   by SIGKILL or `std::process::exit`, its QEMUs die with it. (The parent-death signal
+//!   follows the forking *thread*, which is why it may not be a tokio worker or a
+//!   `spawn_blocking` thread that could exit first.)
+//! - Every live child is in a process-wide registry, so [`kill_all`] can stop them all
+//!   (a forced exit).
 //! - The child gets its own process group, so a Ctrl-C at the terminal reaches kiln only
 //!   and kiln decides how QEMU stops (the shutdown ladder, or a kill).
 //! - Signals and reaping never race with pid reuse: the thread waits with
@@ -20,21 +23,73 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, Command, ExitStatus};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::watch;
 
 struct Shared {
+    pid: Pid,
     /// `Some` once the child has been reaped.
     status: Mutex<Option<ExitStatus>>,
     cv: Condvar,
     tx: watch::Sender<Option<ExitStatus>>,
 }
 
+impl Shared {
+    /// Sends `signal` unless the child has already been reaped (then does nothing).
+    fn signal(&self, signal: Signal) -> io::Result<()> {
+        let status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        if status.is_none() {
+            // unreaped: the pid is ours (alive or a zombie), never someone else's
+            match kill(self.pid, signal) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the child dies with kiln.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tie {
+    /// SIGKILL from the kernel when kiln dies (the default for VMs).
+    DiesWithKiln,
+    /// No parent-death signal, so [`ChildProc::detach`] can leave it running after kiln
+    /// exits; it is still killed on drop unless detached.
+    Detachable,
+}
+
+type Registry = Mutex<Vec<(u64, Weak<Shared>)>>;
+
+fn registry() -> &'static Registry {
+    static REG: OnceLock<Registry> = OnceLock::new();
+    REG.get_or_init(Default::default)
+}
+
+/// SIGKILLs every child this process spawned that is neither reaped nor detached.
+/// Does not wait. For a forced exit; everything else stops VMs through their handles.
+pub(crate) fn kill_all() {
+    kill_where(|_| true);
+}
+
+fn kill_where(select: impl Fn(u64) -> bool) {
+    let reg = registry().lock().unwrap_or_else(PoisonError::into_inner);
+    for (key, weak) in reg.iter() {
+        if let (true, Some(sh)) = (select(*key), weak.upgrade()) {
+            let _ = sh.signal(Signal::SIGKILL);
+        }
+    }
+}
+
 /// A running (or exited) child process; see the module documentation.
 pub(crate) struct ChildProc {
     pid: Pid,
+    /// this child's registry key
+    key: u64,
+    detached: bool,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     /// The read end of the child's stderr when it was `Stdio::piped()`.
@@ -50,9 +105,11 @@ impl ChildProc {
     pub(crate) fn spawn(
         mut cmd: Command,
         inherit: Option<OwnedFd>,
+        tie: Tie,
         thread_name: &str,
     ) -> io::Result<ChildProc> {
         let parent = std::process::id() as libc::pid_t;
+        let tied = tie == Tie::DiesWithKiln;
         let fd: Option<RawFd> = inherit.as_ref().map(AsRawFd::as_raw_fd);
         if fd.is_some_and(|fd| fd < 3) {
             return Err(io::Error::new(
@@ -64,19 +121,15 @@ impl ChildProc {
         // functions (prctl, getppid, fcntl, _exit) on plain integers; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                // kiln died between fork and prctl: the signal would never come
-                if libc::getppid() != parent {
-                    libc::_exit(127);
+                if tied {
+                    let sig = libc::SIGKILL as libc::c_ulong;
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // kiln died between fork and prctl: the signal would never come
+                    if libc::getppid() != parent {
+                        libc::_exit(127);
+                    }
                 }
                 if let Some(fd) = fd {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -88,13 +141,7 @@ impl ChildProc {
             });
         }
         cmd.process_group(0);
-        let shared = Arc::new(Shared {
-            status: Mutex::new(None),
-            cv: Condvar::new(),
-            tx: watch::Sender::new(None),
-        });
         let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name(thread_name.to_string())
             .spawn(move || {
@@ -106,18 +153,32 @@ impl ChildProc {
                     }
                 };
                 drop(inherit);
-                let pid = Pid::from_raw(child.id() as i32);
-                let _ = started_tx.send(Ok((pid, child.stderr.take())));
-                reap(child, pid, &sh);
+                let shared = Arc::new(Shared {
+                    pid: Pid::from_raw(child.id() as i32),
+                    status: Mutex::new(None),
+                    cv: Condvar::new(),
+                    tx: watch::Sender::new(None),
+                });
+                let _ = started_tx.send(Ok((shared.clone(), child.stderr.take())));
+                reap(child, &shared);
             })?;
         match started_rx.recv() {
-            Ok(Ok((pid, stderr))) => Ok(ChildProc {
-                pid,
-                shared,
-                thread: Some(thread),
-                stderr,
-                drop_wait: Duration::from_secs(5),
-            }),
+            Ok(Ok((shared, stderr))) => {
+                static KEYS: AtomicU64 = AtomicU64::new(0);
+                let key = KEYS.fetch_add(1, Ordering::Relaxed);
+                let mut reg = registry().lock().unwrap_or_else(PoisonError::into_inner);
+                reg.retain(|(_, w)| w.strong_count() > 0);
+                reg.push((key, Arc::downgrade(&shared)));
+                Ok(ChildProc {
+                    pid: shared.pid,
+                    key,
+                    detached: false,
+                    shared,
+                    thread: Some(thread),
+                    stderr,
+                    drop_wait: Duration::from_secs(5),
+                })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -149,19 +210,7 @@ impl ChildProc {
 
     /// Sends `signal` unless the child has already been reaped (then does nothing).
     pub(crate) fn signal(&self, signal: Signal) -> io::Result<()> {
-        let status = self
-            .shared
-            .status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if status.is_none() {
-            // unreaped: the pid is ours (alive or a zombie), never someone else's
-            match kill(self.pid, signal) {
-                Ok(()) | Err(Errno::ESRCH) => {}
-                Err(e) => return Err(io::Error::from(e)),
-            }
-        }
-        Ok(())
+        self.shared.signal(signal)
     }
 
     /// SIGKILL (unless already reaped).
@@ -188,12 +237,24 @@ impl ChildProc {
     pub(crate) fn watch(&self) -> watch::Receiver<Option<ExitStatus>> {
         self.shared.tx.subscribe()
     }
+
+    /// Leaves the child running: `Drop` and [`kill_all`] no longer touch it. It still dies
+    /// with kiln unless spawned [`Tie::Detachable`]. While kiln runs, the thread still
+    /// reaps it when it exits.
+    pub(crate) fn detach(&mut self) {
+        self.detached = true;
+        let mut reg = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        reg.retain(|(k, _)| *k != self.key);
+    }
 }
 
 /// Waits for the child to exit without reaping it, then reaps it under the lock.
-fn reap(mut child: Child, pid: Pid, shared: &Shared) {
+fn reap(mut child: Child, shared: &Shared) {
     loop {
-        match waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+        match waitid(
+            Id::Pid(shared.pid),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
             Ok(_) => break,
             Err(Errno::EINTR) => continue,
             // ECHILD: not ours to wait for any more; `child.wait` below says what it can
@@ -213,6 +274,12 @@ fn reap(mut child: Child, pid: Pid, shared: &Shared) {
 
 impl Drop for ChildProc {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        let mut reg = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        reg.retain(|(k, _)| *k != self.key);
+        drop(reg);
         let _ = self.kill();
         if self.wait_timeout(self.drop_wait).is_some() {
             if let Some(t) = self.thread.take() {
@@ -237,7 +304,7 @@ mod tests {
     fn exit_status_is_reported_and_the_child_reaped() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "exit 7"]);
-        let p = ChildProc::spawn(cmd, None, "test-exit").unwrap();
+        let p = ChildProc::spawn(cmd, None, Tie::DiesWithKiln, "test-exit").unwrap();
         let st = p.wait_timeout(Duration::from_secs(10)).expect("sh exits");
         assert_eq!(st.code(), Some(7));
         assert!(!alive(p.pid()));
@@ -248,7 +315,7 @@ mod tests {
     fn drop_kills_and_reaps() {
         let mut cmd = Command::new("sleep");
         cmd.arg("600");
-        let p = ChildProc::spawn(cmd, None, "test-drop").unwrap();
+        let p = ChildProc::spawn(cmd, None, Tie::DiesWithKiln, "test-drop").unwrap();
         let pid = p.pid();
         assert!(alive(pid));
         assert_eq!(p.wait_timeout(Duration::from_millis(50)), None);
@@ -260,7 +327,8 @@ mod tests {
 
     #[test]
     fn kill_after_exit_is_harmless() {
-        let p = ChildProc::spawn(Command::new("true"), None, "test-true").unwrap();
+        let p =
+            ChildProc::spawn(Command::new("true"), None, Tie::DiesWithKiln, "test-true").unwrap();
         let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
         assert!(st.success());
         p.kill().unwrap();
@@ -276,7 +344,7 @@ mod tests {
         let mut cmd = Command::new("sh");
         // writes "<pgid> <pid>" through the inherited descriptor
         cmd.args(["-c", &format!("echo $(ps -o pgid= -p $$) $$ >&{n}")]);
-        let p = ChildProc::spawn(cmd, Some(fd), "test-fd").unwrap();
+        let p = ChildProc::spawn(cmd, Some(fd), Tie::DiesWithKiln, "test-fd").unwrap();
         assert!(p.wait_timeout(Duration::from_secs(10)).unwrap().success());
         let mut got = String::new();
         a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -287,11 +355,62 @@ mod tests {
         assert_eq!(ids[1], p.pid().to_string());
     }
 
+    fn sleeper(tie: Tie) -> ChildProc {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600");
+        ChildProc::spawn(cmd, None, tie, "test-sleep").unwrap()
+    }
+
+    #[test]
+    fn kill_all_reaches_registered_children_only() {
+        let (a, b) = (sleeper(Tie::DiesWithKiln), sleeper(Tie::DiesWithKiln));
+        let mut c = sleeper(Tie::Detachable);
+        c.detach();
+        let registered: Vec<u64> = registry().lock().unwrap().iter().map(|(k, _)| *k).collect();
+        assert!(registered.contains(&a.key) && registered.contains(&b.key));
+        assert!(
+            !registered.contains(&c.key),
+            "a detached child leaves the registry"
+        );
+        // (other tests' children run in this process too: kill only this test's)
+        kill_where(|k| k == a.key || k == b.key || k == c.key);
+        for p in [&a, &b] {
+            let st = p.wait_timeout(Duration::from_secs(10)).expect("killed");
+            assert_eq!(st.signal(), Some(libc::SIGKILL));
+        }
+        assert_eq!(c.wait_timeout(Duration::from_millis(100)), None);
+        assert!(alive(c.pid()));
+        // clean up the detached one by hand
+        kill(c.pid, Signal::SIGKILL).unwrap();
+        assert!(c.wait_timeout(Duration::from_secs(10)).is_some());
+    }
+
+    #[test]
+    fn a_detached_child_survives_its_handle() {
+        let mut p = sleeper(Tie::Detachable);
+        let pid = p.pid;
+        let st = p.watch();
+        p.detach();
+        drop(p);
+        assert!(alive(pid.as_raw() as u32), "detached: still running");
+        assert_eq!(*st.borrow(), None);
+        kill(pid, Signal::SIGKILL).unwrap();
+        let t = Instant::now();
+        while alive(pid.as_raw() as u32) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !alive(pid.as_raw() as u32),
+            "the reaper thread still reaps it"
+        );
+    }
+
     #[test]
     fn spawn_errors_are_returned() {
         let err = ChildProc::spawn(
             Command::new("/nonexistent/kiln-no-such-program"),
             None,
+            Tie::DiesWithKiln,
             "test-missing",
         )
         .err()

@@ -37,7 +37,7 @@ pub enum Firmware {
 
 impl Firmware {
     /// UEFI with the firmware [`find_ovmf`] finds.
-    pub fn uefi() -> Result<Firmware, Missing> {
+    pub fn uefi_default() -> Result<Firmware, Missing> {
         let ovmf = find_ovmf()?;
         Ok(Firmware::Uefi {
             code: ovmf.code,
@@ -78,6 +78,9 @@ pub struct VmSpec {
     pub ssh_port: Option<u16>,
     /// The QEMU binary; `None` uses [`find_qemu`].
     pub qemu: Option<PathBuf>,
+    /// Allow [`super::Vm::detach`] (`--keep-vm-on-error`): QEMU is then not killed by the
+    /// kernel when kiln dies, so a kiln crash leaves this VM running. Default false.
+    pub detachable: bool,
 }
 
 impl VmSpec {
@@ -104,6 +107,7 @@ impl VmSpec {
             uuid: None,
             ssh_port: None,
             qemu: None,
+            detachable: false,
         }
     }
 

@@ -8,7 +8,9 @@
 //!    QEMU's exit counts. If the command itself fails, kiln waits
 //!    [`ShutdownTimeouts::guest_error_grace`] more, not the whole
 //!    [`ShutdownTimeouts::guest`].
-//! 2. **ACPI**: QMP `system_powerdown`, the power button.
+//! 2. **ACPI**: QMP `system_powerdown`, the power button, pressed again every
+//!    [`ShutdownTimeouts::acpi_repeat`] (a guest whose ACPI handler has not started yet
+//!    loses a press).
 //! 3. **quit**: QMP `quit`; QEMU exits at once (the guest's unflushed writes are lost).
 //! 4. **kill**: SIGKILL.
 
@@ -55,8 +57,12 @@ pub struct ShutdownTimeouts {
     pub guest: Duration,
     /// after the guest command returned an error (bounded by `guest`)
     pub guest_error_grace: Duration,
-    /// after `system_powerdown`
+    /// after the first `system_powerdown`
     pub acpi: Duration,
+    /// how often the power button is pressed again during `acpi`: a guest whose ACPI
+    /// handler is not running yet (still booting, or just rebooted) loses a press; zero
+    /// presses once
+    pub acpi_repeat: Duration,
     /// after `quit`
     pub quit: Duration,
     /// after SIGKILL, before giving up with [`super::VmError::Unkillable`]
@@ -65,12 +71,28 @@ pub struct ShutdownTimeouts {
 
 impl Default for ShutdownTimeouts {
     /// guest 5 min (Windows may install updates while shutting down), grace 30 s,
-    /// ACPI 2 min, quit 10 s, kill 10 s.
+    /// ACPI 2 min pressing every 15 s, quit 10 s, kill 10 s.
     fn default() -> Self {
         ShutdownTimeouts {
             guest: Duration::from_secs(300),
             guest_error_grace: Duration::from_secs(30),
             acpi: Duration::from_secs(120),
+            acpi_repeat: Duration::from_secs(15),
+            quit: Duration::from_secs(10),
+            kill: Duration::from_secs(10),
+        }
+    }
+}
+
+impl From<Duration> for ShutdownTimeouts {
+    /// Every waiting rung gets `d` (the guest rung, and ACPI pressing every 15 s), the
+    /// grace after a failed guest command is at most 30 s, quit and kill 10 s each.
+    fn from(d: Duration) -> Self {
+        ShutdownTimeouts {
+            guest: d,
+            guest_error_grace: d.min(Duration::from_secs(30)),
+            acpi: d,
+            acpi_repeat: Duration::from_secs(15),
             quit: Duration::from_secs(10),
             kill: Duration::from_secs(10),
         }
