@@ -16,7 +16,8 @@ pub use xtask::images::Image;
 /// The test guest image `name` ("tiny" or "debian"), built first if not cached. Callers
 /// in one process share one build; other processes wait on xtask's lock.
 pub fn image(name: &str) -> Result<Image> {
-    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<Mutex<Option<Image>>>>>> = OnceLock::new();
+    type Slot = Arc<Mutex<Option<Image>>>;
+    static LOCKS: OnceLock<Mutex<HashMap<String, Slot>>> = OnceLock::new();
     let slot = {
         let mut map = LOCKS.get_or_init(Default::default).lock().unwrap();
         map.entry(name.to_string()).or_default().clone()

@@ -269,7 +269,7 @@ fn newest_kernel(rootfs: &Path) -> Result<String> {
                 .map(str::to_string)
         })
         .collect();
-    rels.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    rels.sort_by_key(|r| version_key(r));
     match rels.pop() {
         Some(r) => Ok(r),
         None => bail!("no kernel in {}/boot", rootfs.display()),

@@ -2,10 +2,11 @@
 //! and UEFI (OVMF, `-machine q35`), reaches SSH in seconds under TCG and behaves like a
 //! cloud image: it reads a NoCloud seed on every boot for its users and keys.
 //!
-//! Layout: ESP (FAT16, 32 MiB: kernel, initrd, syslinux, systemd-boot) + ext4 root
-//! (`kiln-root`, persistent: busybox, dropbear, sftp-server, scp, a tiny setuid sudo).
-//! The initrd (busybox + kernel modules) only loads modules and switch_roots; busybox
-//! init then runs `/etc/init.d/rcS` from the root. Guest files: `scripts/guest/tiny/`.
+//! Layout: ESP (FAT16, 40 MiB: kernel, initrd, syslinux, systemd-boot, and the
+//! uncompressed-kernel fast path of pvh.rs) + ext4 root (`kiln-root`, persistent:
+//! busybox, dropbear, sftp-server, scp, a tiny setuid sudo). The initrd (busybox +
+//! kernel modules) only loads modules and switch_roots; busybox init then runs
+//! `/etc/init.d/rcS` from the root. Guest files: `scripts/guest/tiny/`.
 
 use super::disk::{self, BootEntry, DiskTools, FastBoot, Layout};
 use super::pvh;
@@ -137,7 +138,7 @@ pub(crate) fn kernel(meta_package: &str) -> Result<(String, String)> {
         );
     }
     for dep in deps.split(',') {
-        let name = dep.trim().split_whitespace().next().unwrap_or("");
+        let name = dep.split_whitespace().next().unwrap_or("");
         if let Some(rel) = name.strip_prefix("linux-image-") {
             if rel.chars().next().is_some_and(|c| c.is_ascii_digit()) {
                 return Ok((name.to_string(), rel.to_string()));

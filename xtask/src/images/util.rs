@@ -473,7 +473,7 @@ mod tests {
         let a = uuid_from("abc", "disk");
         assert_eq!(a, uuid_from("abc", "disk"));
         assert_ne!(a, uuid_from("abc", "esp"));
-        let parts: Vec<&str> = a.split('-').map(|p| p).collect();
+        let parts: Vec<&str> = a.split('-').collect();
         assert_eq!(
             parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
             [8, 4, 4, 4, 12]
