@@ -7,7 +7,7 @@ use super::events::{Event, OutStream, SubState};
 use super::fetch::{self, FetchContext, FetchRequest};
 use super::runner::{Outcome, Step};
 use super::{seed, BuildError};
-use crate::template::model::{Customizer, Distributor, Source};
+use crate::template::model::{Customizer, Distributor, FileCopy, ShellScript, Source};
 use async_trait::async_trait;
 use kiln_images::catalog::Catalog;
 use kiln_images::export::{export_fixed_vhd, ExportRequest};
@@ -43,7 +43,7 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
         }
     }
     for c in &p.customize {
-        if !matches!(c, Customizer::Shell { .. } | Customizer::File { .. }) {
+        if !matches!(c, Customizer::Shell(_) | Customizer::File(_)) {
             return Err(BuildError::Template(format!(
                 "customizer type {} needs a Windows build (WinRM), which is not supported yet",
                 c.kind()
@@ -166,12 +166,12 @@ fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
             format!("properties.customize[{i}] ({kind}{})", name.as_ref().map(|n| format!(" \"{n}\"")).unwrap_or_default())
         };
         match c {
-            Customizer::Shell { name, script_uri: Some(u), sha256_checksum, .. } => reqs.push(FetchRequest {
+            Customizer::Shell(ShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => reqs.push(FetchRequest {
                 uri: u.clone(),
                 expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
                 label: label("Shell", name),
             }),
-            Customizer::File { name, source_uri, sha256_checksum, .. } => reqs.push(FetchRequest {
+            Customizer::File(FileCopy { name, source_uri, sha256_checksum, .. }) => reqs.push(FetchRequest {
                 uri: source_uri.clone(),
                 expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
                 label: label("File", name),
@@ -209,7 +209,7 @@ impl Step for FetchArtifacts {
             cx.artifacts.insert(f.uri.clone(), Artifact { path: f.path, size: f.size, sha256: f.sha256 });
         }
         for c in &cx.template.properties.customize {
-            if let Customizer::File { source_uri, destination, .. } = c {
+            if let Customizer::File(FileCopy { source_uri, destination, .. }) = c {
                 if let Some(a) = cx.artifacts.get(source_uri) {
                     if a.size > FILE_WARN_BYTES {
                         cx.events.warn(format!(

@@ -5,7 +5,7 @@ use super::events::{OutStream, SubState};
 use super::runner::{Outcome, Step};
 use super::steps::{LineSplitter, BUILD_USER};
 use super::{sizes, BuildError};
-use crate::template::model::Customizer;
+use crate::template::model::{Customizer, FileCopy, ShellScript};
 use crate::vm;
 use async_trait::async_trait;
 use kiln_agents::{Communicator, ConnectConfig, ExecOptions, Interrupt, InterruptFuture, SshCommunicator, Stream};
@@ -294,10 +294,7 @@ pub struct Customize {
 #[async_trait]
 impl Step for Customize {
     fn name(&self) -> String {
-        let n = match &self.customizer {
-            Customizer::Shell { name, .. } | Customizer::File { name, .. } => name.clone(),
-            _ => None,
-        };
+        let n = self.customizer.name();
         format!("Customize: {}{}", self.customizer.kind(), n.map(|n| format!(" \"{n}\"")).unwrap_or_else(|| format!(" #{}", self.index)))
     }
     fn phase(&self) -> SubState {
@@ -306,16 +303,16 @@ impl Step for Customize {
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let step = self.name();
         match &self.customizer {
-            Customizer::Shell { script_uri: Some(uri), .. } => {
+            Customizer::Shell(ShellScript { script_uri: Some(uri), .. }) => {
                 let a = cx.artifacts.get(uri).cloned().ok_or_else(|| BuildError::Step { step: step.clone(), message: format!("{uri} was not fetched") })?;
                 let text = std::fs::read_to_string(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
                 run_script(cx, &step, &text, false).await
             }
-            Customizer::Shell { inline, .. } => {
+            Customizer::Shell(ShellScript { inline, .. }) => {
                 let text = inline.join("\n") + "\n";
                 run_script(cx, &step, &text, false).await
             }
-            Customizer::File { source_uri, destination, .. } => {
+            Customizer::File(FileCopy { source_uri, destination, .. }) => {
                 let a = cx.artifacts.get(source_uri).cloned().ok_or_else(|| BuildError::Step { step: step.clone(), message: format!("{source_uri} was not fetched") })?;
                 let data = std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
                 let up = upload(cx, &step, &data, destination, 0o644).await?;

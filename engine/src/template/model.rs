@@ -132,62 +132,74 @@ pub enum Script {
     Inline(Vec<String>),
 }
 
+/// A Shell step (customizer or validator): exactly one of `script_uri` and `inline`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShellScript {
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The script's URI.
+    #[serde(default)]
+    pub script_uri: Option<String>,
+    /// Its checksum ("" = none).
+    #[serde(default)]
+    pub sha256_checksum: String,
+    /// Inline lines.
+    #[serde(default)]
+    pub inline: Vec<String>,
+}
+
+/// A PowerShell step (customizer or validator).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerShellScript {
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The script's URI.
+    #[serde(default)]
+    pub script_uri: Option<String>,
+    /// Its checksum ("" = none).
+    #[serde(default)]
+    pub sha256_checksum: String,
+    /// Inline lines.
+    #[serde(default)]
+    pub inline: Vec<String>,
+    /// Run with an elevated token.
+    pub run_elevated: bool,
+    /// Run as SYSTEM (needs run_elevated).
+    pub run_as_system: bool,
+    /// Exit codes that count as success.
+    pub valid_exit_codes: Vec<i64>,
+}
+
+/// A File step: one file copied into the VM (customizer, or validator from 2022-07-01).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileCopy {
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where to fetch it.
+    pub source_uri: String,
+    /// Its checksum ("" = none).
+    #[serde(default)]
+    pub sha256_checksum: String,
+    /// Absolute destination path in the VM.
+    pub destination: String,
+}
+
 /// A customizer.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "type")]
 pub enum Customizer {
     /// A shell script on Linux.
-    #[serde(rename_all = "camelCase")]
-    Shell {
-        /// Display name.
-        #[serde(default)]
-        name: Option<String>,
-        /// The script's URI.
-        #[serde(default)]
-        script_uri: Option<String>,
-        /// Its checksum ("" = none).
-        #[serde(default)]
-        sha256_checksum: String,
-        /// Inline lines.
-        #[serde(default)]
-        inline: Vec<String>,
-    },
+    Shell(ShellScript),
     /// A PowerShell script on Windows.
-    #[serde(rename_all = "camelCase")]
-    PowerShell {
-        /// Display name.
-        #[serde(default)]
-        name: Option<String>,
-        /// The script's URI.
-        #[serde(default)]
-        script_uri: Option<String>,
-        /// Its checksum ("" = none).
-        #[serde(default)]
-        sha256_checksum: String,
-        /// Inline lines.
-        #[serde(default)]
-        inline: Vec<String>,
-        /// Run with an elevated token.
-        run_elevated: bool,
-        /// Run as SYSTEM (needs run_elevated).
-        run_as_system: bool,
-        /// Exit codes that count as success.
-        valid_exit_codes: Vec<i64>,
-    },
+    PowerShell(PowerShellScript),
     /// Copies one file into the VM.
-    #[serde(rename_all = "camelCase")]
-    File {
-        /// Display name.
-        #[serde(default)]
-        name: Option<String>,
-        /// Where to fetch it.
-        source_uri: String,
-        /// Its checksum ("" = none).
-        #[serde(default)]
-        sha256_checksum: String,
-        /// Absolute destination path in the VM.
-        destination: String,
-    },
+    File(FileCopy),
     /// Restarts Windows.
     #[serde(rename_all = "camelCase")]
     WindowsRestart {
@@ -221,19 +233,29 @@ impl Customizer {
     /// The AIB type name.
     pub fn kind(&self) -> &'static str {
         match self {
-            Customizer::Shell { .. } => "Shell",
-            Customizer::PowerShell { .. } => "PowerShell",
-            Customizer::File { .. } => "File",
+            Customizer::Shell(_) => "Shell",
+            Customizer::PowerShell(_) => "PowerShell",
+            Customizer::File(_) => "File",
             Customizer::WindowsRestart { .. } => "WindowsRestart",
             Customizer::WindowsUpdate { .. } => "WindowsUpdate",
+        }
+    }
+
+    /// Its display name, if the template gives one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Customizer::Shell(s) => s.name.as_deref(),
+            Customizer::PowerShell(s) => s.name.as_deref(),
+            Customizer::File(f) => f.name.as_deref(),
+            Customizer::WindowsRestart { name, .. } | Customizer::WindowsUpdate { name, .. } => name.as_deref(),
         }
     }
 
     /// The script of a Shell or PowerShell customizer.
     pub fn script(&self) -> Option<Script> {
         let (uri, sha, inline) = match self {
-            Customizer::Shell { script_uri, sha256_checksum, inline, .. }
-            | Customizer::PowerShell { script_uri, sha256_checksum, inline, .. } => (script_uri, sha256_checksum, inline),
+            Customizer::Shell(s) => (&s.script_uri, &s.sha256_checksum, &s.inline),
+            Customizer::PowerShell(s) => (&s.script_uri, &s.sha256_checksum, &s.inline),
             _ => return None,
         };
         Some(match uri {
@@ -256,62 +278,16 @@ pub struct Validate {
     pub in_vm_validations: Vec<Validator>,
 }
 
-/// An in-VM validation (same shapes as the customizers of the same type).
+/// An in-VM validation: the same shapes as the customizers of the same type.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "type")]
 pub enum Validator {
     /// A shell script.
-    #[serde(rename_all = "camelCase")]
-    Shell {
-        /// Display name.
-        #[serde(default)]
-        name: Option<String>,
-        /// The script's URI.
-        #[serde(default)]
-        script_uri: Option<String>,
-        /// Its checksum.
-        #[serde(default)]
-        sha256_checksum: String,
-        /// Inline lines.
-        #[serde(default)]
-        inline: Vec<String>,
-    },
+    Shell(ShellScript),
     /// A PowerShell script.
-    #[serde(rename_all = "camelCase")]
-    PowerShell {
-        /// Display name.
-        #[serde(default)]
-        name: Option<String>,
-        /// The script's URI.
-        #[serde(default)]
-        script_uri: Option<String>,
-        /// Its checksum.
-        #[serde(default)]
-        sha256_checksum: String,
-        /// Inline lines.
-        #[serde(default)]
-        inline: Vec<String>,
-        /// Elevated.
-        run_elevated: bool,
-        /// As SYSTEM.
-        run_as_system: bool,
-        /// Successful exit codes.
-        valid_exit_codes: Vec<i64>,
-    },
+    PowerShell(PowerShellScript),
     /// A file copied in (2022-07-01+).
-    #[serde(rename_all = "camelCase")]
-    File {
-        /// Display name.
-        #[serde(default)]
-        name: Option<String>,
-        /// Where to fetch it.
-        source_uri: String,
-        /// Its checksum.
-        #[serde(default)]
-        sha256_checksum: String,
-        /// Destination in the VM.
-        destination: String,
-    },
+    File(FileCopy),
 }
 
 /// A distributor.
