@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 if [ "$(id -u)" -eq 0 ]; then scripts/setup-host.sh; else sudo scripts/setup-host.sh; fi
-cargo build --release -p kiln-engine --bin kiln
-kiln=target/release/kiln
+cargo build -p kiln-engine --bin kiln
+kiln=target/debug/kiln
 "$kiln" doctor || true
 tiny=$(cargo xtask images --only tiny)
 version=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' "$(dirname "$tiny")/meta.json" 2>/dev/null || echo 1.0.0)
