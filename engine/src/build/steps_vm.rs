@@ -12,11 +12,29 @@ use kiln_agents::{Communicator, ConnectConfig, ExecOptions, Interrupt, Interrupt
 use kiln_images::catalog::HyperVGeneration;
 use std::time::Duration;
 
-/// AIB's default deprovisioning for Linux, with waagent found as the seed's script finds it.
-pub const DEFAULT_DEPROVISION: &str = "WAAGENT=/usr/sbin/waagent; \
-[ -x \"$WAAGENT\" ] || WAAGENT=$(command -v waagent || true); \
-if [ -n \"$WAAGENT\" ]; then \"$WAAGENT\" -force -deprovision+user && export HISTSIZE=0 && sync; \
-else echo 'kiln: waagent not found: skipping waagent -deprovision+user (the image has no Azure Linux agent)'; export HISTSIZE=0; sync; fi";
+/// AIB's default deprovisioning for Linux, `waagent -force -deprovision+user && export
+/// HISTSIZE=0 && sync`, with waagent found as the seed's script finds it.
+///
+/// waagent's `+user` deletes the user named in `/var/lib/waagent/ovf-env.xml`, the one Azure
+/// provisioned. A NoCloud-provisioned build VM has no ovf-env.xml, so waagent keeps the build
+/// user; kiln then removes `packer` (and cloud-init's sudoers entry for it) itself, so the image
+/// ends as it would on Azure: without the build user or its authorized key.
+pub const DEFAULT_DEPROVISION: &str = r#"WAAGENT=/usr/sbin/waagent
+[ -x "$WAAGENT" ] || WAAGENT=$(command -v waagent || true)
+if [ -n "$WAAGENT" ]; then "$WAAGENT" -force -deprovision+user && export HISTSIZE=0 && sync
+else echo 'kiln: waagent not found: skipping waagent -deprovision+user (the image has no Azure Linux agent)'; export HISTSIZE=0; fi
+if id packer >/dev/null 2>&1; then
+  echo 'kiln: removing the build user packer (waagent removes only the user named in ovf-env.xml)'
+  if command -v userdel >/dev/null 2>&1; then userdel -f -r packer 2>/dev/null || userdel -f packer
+  elif command -v deluser >/dev/null 2>&1; then deluser --remove-home packer
+  else
+    home=$(awk -F: '$1 == "packer" {print $6}' /etc/passwd)
+    for f in /etc/passwd /etc/shadow /etc/group; do if [ -f "$f" ]; then sed -i '/^packer:/d' "$f"; fi; done
+    if [ -n "$home" ] && [ "$home" != / ]; then rm -rf "$home"; fi
+  fi
+  rm -f /etc/sudoers.d/90-cloud-init-users
+fi
+sync"#;
 
 /// Where AIB looks for a user's deprovisioning override on Linux.
 pub const DEPROVISION_OVERRIDE: &str = "/tmp/DeprovisioningScript.sh";
@@ -377,13 +395,16 @@ impl Step for Shutdown {
                     .await;
                 let _ = g.close().await;
                 match r {
+                    // A failed command (e.g. the build user was deprovisioned, so sudo refuses)
+                    // certainly did not shut down: go straight to ACPI.
+                    Ok((o, out)) if !o.status.success() => Err(format!("`poweroff` in the guest: {} {}", o.status, out.stderr_lossy().trim())),
                     Ok(_) | Err(kiln_agents::CommError::ConnectionLost { .. }) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 }
             });
             fut
         });
-        let timeouts = vm::ShutdownTimeouts { guest: Duration::from_secs(120), acpi: Duration::from_secs(60), ..Default::default() };
+        let timeouts = vm::ShutdownTimeouts { guest: Duration::from_secs(120), guest_error_grace: Duration::from_secs(2), acpi: Duration::from_secs(60), ..Default::default() };
         let report = v.shutdown_ladder(guest_cmd, timeouts).await.map_err(|e| BuildError::Vm(e.to_string()))?;
         let rung = report.rung;
         cx.vm = Some(v);
