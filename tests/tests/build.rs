@@ -105,9 +105,14 @@ impl Case {
     }
 
     fn template(&self, offer: &str, sku: &str, customize: serde_json::Value, name: &str) -> PathBuf {
-        let t = serde_json::json!({
+        self.template_with("2022-07-01", offer, sku, customize, serde_json::json!({}), name)
+    }
+
+    /// A template of `api` whose properties get the fields of `more` (validate, errorHandling…).
+    fn template_with(&self, api: &str, offer: &str, sku: &str, customize: serde_json::Value, more: serde_json::Value, name: &str) -> PathBuf {
+        let mut t = serde_json::json!({
             "type": "Microsoft.VirtualMachineImages/imageTemplates",
-            "apiVersion": "2022-07-01",
+            "apiVersion": api,
             "name": name,
             "location": "westus2",
             "identity": {"type": "UserAssigned", "userAssignedIdentities": {
@@ -120,6 +125,11 @@ impl Case {
                 "distribute": [{"type": "VHD", "runOutputName": "out", "uri": self.dir.join("out.vhd").display().to_string()}]
             }
         });
+        if let (Some(props), Some(extra)) = (t["properties"].as_object_mut(), more.as_object()) {
+            for (k, v) in extra {
+                props.insert(k.clone(), v.clone());
+            }
+        }
         let p = self.dir.join("template.json");
         std::fs::write(&p, serde_json::to_vec_pretty(&t).expect("json")).expect("write template");
         p
@@ -368,4 +378,193 @@ fn a_reboot_inside_a_shell_step_is_followed_by_a_reconnect() {
     assert_eq!(r["runState"], "Succeeded", "{}", String::from_utf8_lossy(&out.stdout));
     let ev = events(&out);
     assert!(ev.iter().any(|e| e["event"] == "output" && e["line"].as_str().unwrap_or("").starts_with("boot ids ")));
+}
+
+/// A child process killed if the test fails before it ends (a kept VM must not outlive the test).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn output_lines(ev: &[serde_json::Value]) -> Vec<String> {
+    ev.iter().filter(|e| e["event"] == "output").filter_map(|e| e["line"].as_str().map(str::to_string)).collect()
+}
+
+fn phases(ev: &[serde_json::Value]) -> Vec<String> {
+    ev.iter().filter(|e| e["event"] == "phase").filter_map(|e| e["subState"].as_str().map(str::to_string)).collect()
+}
+
+#[test]
+fn validations_run_after_the_customizers_and_a_failure_stops_distribution() {
+    let c = Case::new("validate-fail");
+    let (check, check_sha) = c.file("check.sh", "#!/bin/sh\nset -e\ntest \"$(cat /etc/kiln-custom)\" = customized\necho check-passed\n");
+    let (payload, payload_sha) = c.file("payload.txt", "validator file\n");
+    let t = c.template_with(
+        "2022-07-01",
+        "tiny",
+        "gen1",
+        serde_json::json!([{"type": "Shell", "name": "custom", "inline": ["echo customized | sudo tee /etc/kiln-custom >/dev/null"]}]),
+        serde_json::json!({"validate": {"inVMValidations": [
+            {"type": "Shell", "name": "check", "scriptUri": check, "sha256Checksum": check_sha},
+            {"type": "File", "name": "payload", "sourceUri": payload, "sha256Checksum": payload_sha, "destination": "/tmp/payload.txt"},
+            {"type": "Shell", "name": "payload-there", "inline": ["grep -q 'validator file' /tmp/payload.txt", "echo payload-checked"]},
+            {"type": "Shell", "name": "fails", "inline": ["echo failing-validation", "exit 4"]},
+            {"type": "Shell", "name": "never", "inline": ["echo never-runs"]}
+        ]}}),
+        "tiny-validate-fail",
+    );
+    let out = c.build(&t, &[]);
+    let r = result(&out);
+    assert_eq!(r["runState"], "Failed", "{}", String::from_utf8_lossy(&out.stdout));
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(err.contains("validation") && err.contains("fails") && err.contains("exit code 4"), "{err}");
+    let ev = events(&out);
+    let lines = output_lines(&ev);
+    for l in ["check-passed", "payload-checked", "failing-validation"] {
+        assert!(lines.iter().any(|x| x == l), "{l} missing from {lines:?}");
+    }
+    assert!(!lines.iter().any(|x| x == "never-runs"), "validation stops at the first failure: {lines:?}");
+    assert_eq!(phases(&ev), ["Building", "Customizing", "Validating"], "runSubState sequence");
+    assert!(!step_started(&ev, "Deprovision") && !step_started(&ev, "Export"), "nothing is generalized or distributed");
+    assert!(!c.dir.join("out.vhd").exists(), "no VHD after a failed validation");
+    assert_eq!(r["runOutputs"].as_array().map(Vec::len), Some(0));
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+}
+
+#[test]
+fn continue_distribute_on_failure_distributes_but_reports_failed() -> Result<()> {
+    let c = Case::new("validate-continue");
+    let t = c.template_with(
+        "2022-07-01",
+        "tiny",
+        "gen1",
+        serde_json::json!([{"type": "Shell", "name": "custom", "inline": ["echo customized | sudo tee /etc/kiln-custom >/dev/null"]}]),
+        serde_json::json!({"validate": {"continueDistributeOnFailure": true, "inVMValidations": [
+            {"type": "Shell", "name": "fails", "inline": ["exit 5"]},
+            {"type": "Shell", "name": "after", "inline": ["echo second-validation-ran"]}
+        ]}}),
+        "tiny-validate-continue",
+    );
+    let out = c.build(&t, &[]);
+    let r = result(&out);
+    assert_eq!(r["runState"], "Failed", "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1));
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(err.contains("validation") && err.contains("exit code 5"), "{err}");
+    let ev = events(&out);
+    assert!(output_lines(&ev).iter().any(|l| l == "second-validation-ran"));
+    assert_eq!(phases(&ev), ["Building", "Customizing", "Validating", "Distributing"]);
+    assert_eq!(r["runOutputs"].as_array().map(Vec::len), Some(1), "distributed anyway");
+    let vhd = c.dir.join("out.vhd");
+    kiln_images::vhd::verify_fixed(&vhd).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(read_from_disk(&vhd, "/etc/kiln-custom", &c.dir)?.trim() == "customized");
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+#[test]
+fn source_validation_only_validates_the_source_and_distributes_nothing() {
+    let c = Case::new("validate-source");
+    let t = c.template_with(
+        "2022-07-01",
+        "tiny",
+        "gen1",
+        serde_json::json!([{"type": "Shell", "name": "skipped", "inline": ["echo customized | sudo tee /etc/kiln-custom >/dev/null"]}]),
+        serde_json::json!({"validate": {"sourceValidationOnly": true, "inVMValidations": [
+            {"type": "Shell", "name": "pristine", "inline": ["test ! -e /etc/kiln-custom", "echo source-validated"]}
+        ]}}),
+        "tiny-validate-source",
+    );
+    let out = c.build(&t, &[]);
+    let r = result(&out);
+    assert_eq!(r["runState"], "Succeeded", "{}", String::from_utf8_lossy(&out.stdout));
+    let ev = events(&out);
+    assert!(output_lines(&ev).iter().any(|l| l == "source-validated"));
+    assert!(!step_started(&ev, "Customize") && !step_started(&ev, "Deprovision") && !step_started(&ev, "Export"));
+    assert!(ev.iter().any(|e| e["event"] == "warning" && e["message"].as_str().unwrap_or("").contains("sourceValidationOnly")));
+    assert!(!c.dir.join("out.vhd").exists());
+    assert_eq!(r["runOutputs"].as_array().map(Vec::len), Some(0));
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+}
+
+#[test]
+fn error_handling_abort_keeps_the_vm_reachable_until_canceled() {
+    let c = Case::new("abort");
+    let t = c.template_with(
+        "2023-07-01",
+        "tiny",
+        "gen1",
+        serde_json::json!([
+            {"type": "Shell", "name": "breaks", "inline": ["echo evidence | sudo tee /etc/kiln-evidence >/dev/null", "exit 7"]}
+        ]),
+        serde_json::json!({"errorHandling": {"onCustomizerError": "abort", "onValidationError": "cleanup"}}),
+        "tiny-abort",
+    );
+    let mut child = KillOnDrop(
+        Command::new(kiln_bin())
+            .env("KILN_HOME", home())
+            .env("NO_COLOR", "1")
+            .args(["build", "--output", "json", "--accel", "tcg"])
+            .arg(&t)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn kiln"),
+    );
+    let mut stdout = child.0.stdout.take().expect("stdout");
+    // Read events until the VM is reported kept (the run has finished Failed by then).
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(&mut stdout);
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) > 0 {
+            if tx.send(std::mem::take(&mut line)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let seen_all = |seen: &[serde_json::Value]| ["vmKept", "runFinished"].iter().all(|k| seen.iter().any(|e| e["event"] == *k));
+    while !seen_all(&seen) && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(l) => seen.extend(serde_json::from_str::<serde_json::Value>(&l).ok()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    let kept = seen.iter().find(|e| e["event"] == "vmKept").cloned();
+    let Some(kept) = kept else { panic!("no vmKept event: {seen:?}") };
+    let finished = seen.iter().find(|e| e["event"] == "runFinished").cloned().unwrap_or_default();
+    assert_eq!(finished["runState"], "Failed", "the run is reported Failed while the VM is kept: {seen:?}");
+    assert_eq!(kept["reason"], "errorHandling abort");
+    let run_dir = kept["runDir"].as_str().unwrap_or("").to_string();
+    let key = kept["keyPath"].as_str().unwrap_or("").to_string();
+    // The kept VM answers over SSH with the printed key, and holds the failed step's state.
+    let ssh = Command::new("ssh")
+        .args(["-i", &key, "-p", &kept["sshPort"].to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"])
+        .arg(format!("{}@127.0.0.1", kept["user"].as_str().unwrap_or("")))
+        .arg("cat /etc/kiln-evidence")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh");
+    let ssh_ok = String::from_utf8_lossy(&ssh.stdout).trim() == "evidence";
+    let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
+    let mut rest = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(120)) {
+        rest.push(l);
+    }
+    let status = child.0.wait().expect("wait");
+    assert!(ssh_ok, "ssh into the kept VM: {} {}", String::from_utf8_lossy(&ssh.stdout), String::from_utf8_lossy(&ssh.stderr));
+    assert_eq!(status.code(), Some(1), "a failed run: {rest:?}");
+    assert_no_qemu(&run_dir);
+    assert!(!Path::new(&key).exists(), "the kept key is removed when the VM stops");
+    assert!(Path::new(&run_dir).join("os.qcow2").exists() && Path::new(&run_dir).join("customization.log").exists(), "staging kept");
 }

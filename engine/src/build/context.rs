@@ -123,4 +123,15 @@ pub struct BuildCx {
     pub exports: Vec<ExportedVhd>,
     /// runOutputs recorded.
     pub run_outputs: Vec<serde_json::Value>,
+    /// The build VM kept after a failure (`errorHandling: abort`, `--keep-vm-on-error`); the
+    /// build stops it when the run is canceled or the VM exits.
+    pub kept_vm: Option<KeptVm>,
+}
+
+/// A build VM kept running after a failure, for debugging.
+pub struct KeptVm {
+    /// The VM.
+    pub vm: crate::vm::Vm,
+    /// A copy of the build's private key that reaches it (removed when the VM stops).
+    pub key_path: PathBuf,
 }

@@ -115,6 +115,23 @@ pub enum Event {
         /// The runOutput resource, in Azure's shape.
         run_output: serde_json::Value,
     },
+    /// The build VM was kept running after a failure (`errorHandling: abort` or
+    /// `--keep-vm-on-error`): how to reach it. Canceling the run stops it.
+    #[serde(rename_all = "camelCase")]
+    VmKept {
+        /// Why it was kept.
+        reason: String,
+        /// QEMU's pid.
+        pid: u32,
+        /// The SSH port forwarded on 127.0.0.1.
+        ssh_port: u16,
+        /// The build user.
+        user: String,
+        /// The private key that reaches it (deleted when the VM stops).
+        key_path: String,
+        /// The staging directory, kept until the user deletes it.
+        run_dir: String,
+    },
     /// The run ended.
     #[serde(rename_all = "camelCase")]
     RunFinished {
@@ -225,6 +242,9 @@ fn log_lines(e: &Event) -> Vec<String> {
         Event::Warning { message } => vec![format!("PACKER OUT ==> kiln: WARNING: {message}")],
         Event::Progress { .. } => vec![],
         Event::RunOutput { run_output } => vec![format!("PACKER OUT ==> kiln: runOutput {run_output}")],
+        Event::VmKept { reason, pid, ssh_port, user, key_path, run_dir } => vec![format!(
+            "PACKER OUT ==> kiln: {reason}: the build VM is kept running (QEMU pid {pid}); ssh -i {key_path} -p {ssh_port} {user}@127.0.0.1; staging kept in {run_dir}"
+        )],
         Event::RunFinished { run_state, message, seconds } => {
             vec![format!("PACKER OUT ==> kiln: run {run_state} after {seconds:.1}s{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
         }

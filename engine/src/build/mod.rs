@@ -57,6 +57,14 @@ pub enum BuildError {
         /// What happened.
         message: String,
     },
+    /// An in-VM validation failed.
+    #[error("validation {step} failed: {message}")]
+    Validation {
+        /// The step's name.
+        step: String,
+        /// What happened.
+        message: String,
+    },
     /// The build ran past `buildTimeoutInMinutes`.
     #[error(
         "[ERROR] Failed while waiting for packerizer: Timeout waiting for microservice to complete: 'context deadline exceeded' (buildTimeoutInMinutes: {minutes})"
@@ -162,6 +170,7 @@ pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: Ca
         resets_seen: 0,
         exports: Vec::new(),
         run_outputs: Vec::new(),
+        kept_vm: None,
     };
     events.emit(Event::RunStarted { run_id: id.clone(), template: req.name, run_dir: run_dir.display().to_string() });
     let plan = steps::plan(&cx)?;
@@ -172,7 +181,27 @@ pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: Ca
         Err(e) => ("Failed", e.to_string()),
     };
     events.emit(Event::RunFinished { run_state: state.into(), message, seconds: started.elapsed().as_secs_f64() });
+    if let Some(kept) = cx.kept_vm.take() {
+        wait_kept_vm(kept, &events, &cancel).await;
+    }
     Ok(BuildResult { run_id: id, run_dir, run_state: state, run_outputs: cx.run_outputs, error: result.err() })
+}
+
+/// A kept build VM runs until the run is canceled (Ctrl-C, `kiln template cancel`) or the VM
+/// exits; then it is stopped through the shutdown ladder and its key removed. QEMU never outlives
+/// the kiln process that owns it, so nothing is orphaned.
+async fn wait_kept_vm(kept: context::KeptVm, events: &Reporter, cancel: &CancellationToken) {
+    let v = kept.vm;
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = v.exited() => {}
+    }
+    let timeouts = crate::vm::ShutdownTimeouts { guest: Duration::from_secs(1), acpi: Duration::from_secs(5), ..Default::default() };
+    match v.shutdown_ladder(None, timeouts).await {
+        Ok(r) => events.info(format!("kept build VM stopped: {}", r.rung)),
+        Err(e) => events.warn(format!("stopping the kept build VM: {e}")),
+    }
+    let _ = std::fs::remove_file(&kept.key_path);
 }
 
 #[cfg(test)]

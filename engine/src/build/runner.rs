@@ -19,6 +19,21 @@ pub enum Outcome {
     Failed,
     /// The user cancelled.
     Canceled,
+    /// A step failed under `errorHandling: abort`: cleanups keep the build VM, its key and the
+    /// staging directory for debugging.
+    Aborted,
+}
+
+/// What a failed step does to the rest of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Stop, run the cleanups, fail the run (AIB's `cleanup`, the default).
+    Stop,
+    /// Stop and keep the build VM and staging for debugging (AIB's `errorHandling: abort`).
+    Abort,
+    /// Go on with the remaining steps; the run still ends Failed with this error
+    /// (`validate.continueDistributeOnFailure`).
+    Continue,
 }
 
 /// One step of a build.
@@ -28,6 +43,10 @@ pub trait Step: Send {
     fn name(&self) -> String;
     /// The AIB sub-state it belongs to.
     fn phase(&self) -> SubState;
+    /// What a failure of this step does to the run (default: stop and clean up).
+    fn failure_policy(&self) -> FailurePolicy {
+        FailurePolicy::Stop
+    }
     /// Does the work.
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError>;
     /// Undoes or releases what `run` set up. Called (in reverse order) for every step whose `run`
@@ -35,10 +54,13 @@ pub trait Step: Send {
     async fn cleanup(&mut self, _cx: &mut BuildCx, _outcome: Outcome) {}
 }
 
-/// Runs `steps` in order under the context's deadline and cancel token. Returns the first error.
+/// Runs `steps` in order under the context's deadline and cancel token. Returns the first error
+/// (a [`FailurePolicy::Continue`] step's error is returned after the remaining steps ran).
 pub async fn run_steps(steps: Vec<Box<dyn Step>>, cx: &mut BuildCx, cancel: &CancellationToken) -> Result<(), BuildError> {
     let mut started: Vec<Box<dyn Step>> = Vec::new();
     let mut result = Ok(());
+    let mut deferred: Option<BuildError> = None;
+    let mut aborted = false;
     let mut phase: Option<SubState> = None;
     for (index, mut step) in steps.into_iter().enumerate() {
         if cancel.is_cancelled() {
@@ -68,15 +90,30 @@ pub async fn run_steps(steps: Vec<Box<dyn Step>>, cx: &mut BuildCx, cancel: &Can
             seconds: t0.elapsed().as_secs_f64(),
             error: r.as_ref().err().map(|e| e.to_string()),
         });
+        let policy = step.failure_policy();
         started.push(step);
         if let Err(e) = r {
+            let step_error = !matches!(e, BuildError::Canceled | BuildError::Timeout { .. });
+            match policy {
+                FailurePolicy::Continue if step_error => {
+                    cx.events.warn(format!("{name} failed; continuing (validate.continueDistributeOnFailure): the run will be reported Failed"));
+                    deferred.get_or_insert(e);
+                    continue;
+                }
+                FailurePolicy::Abort if step_error => aborted = true,
+                _ => {}
+            }
             result = Err(e);
             break;
         }
     }
+    if let (Ok(()), Some(e)) = (&result, deferred) {
+        result = Err(e);
+    }
     let outcome = match &result {
         Ok(()) => Outcome::Succeeded,
         Err(BuildError::Canceled) => Outcome::Canceled,
+        Err(_) if aborted => Outcome::Aborted,
         Err(_) => Outcome::Failed,
     };
     cx.outcome = Some(outcome);

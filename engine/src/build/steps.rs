@@ -7,7 +7,7 @@ use super::events::{Event, OutStream, SubState};
 use super::fetch::{self, FetchContext, FetchRequest};
 use super::runner::{Outcome, Step};
 use super::{seed, BuildError};
-use crate::template::model::{Customizer, Distributor, FileCopy, ShellScript, Source};
+use crate::template::model::{Customizer, Distributor, FileCopy, ShellScript, Source, Validator};
 use async_trait::async_trait;
 use kiln_images::catalog::Catalog;
 use kiln_images::export::{export_fixed_vhd, ExportRequest};
@@ -42,7 +42,14 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
             )));
         }
     }
-    for c in &p.customize {
+    let source_only = p.validate.as_ref().is_some_and(|v| v.source_validation_only);
+    if source_only && !p.customize.is_empty() {
+        cx.events.warn(format!(
+            "validate.sourceValidationOnly is true: the source image is validated as it is; the {} customizer(s) are not run and nothing is distributed",
+            p.customize.len()
+        ));
+    }
+    for c in p.customize.iter().filter(|_| !source_only) {
         if !matches!(c, Customizer::Shell(_) | Customizer::File(_)) {
             return Err(BuildError::Template(format!(
                 "customizer type {} needs a Windows build (WinRM), which is not supported yet",
@@ -50,9 +57,18 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
             )));
         }
     }
-    if p.validate.as_ref().is_some_and(|v| !v.in_vm_validations.is_empty() || v.source_validation_only) {
-        return Err(BuildError::Template("the validate phase (inVMValidations, sourceValidationOnly) is not supported yet".into()));
+    let validations: &[Validator] = p.validate.as_ref().map(|v| v.in_vm_validations.as_slice()).unwrap_or_default();
+    for (i, v) in validations.iter().enumerate() {
+        if matches!(v, Validator::PowerShell(_)) {
+            return Err(BuildError::Template(format!(
+                "properties.validate.inVMValidations[{i}]: PowerShell validations need a Windows build (WinRM), which is not supported yet"
+            )));
+        }
     }
+    let continue_on_failure = p.validate.as_ref().is_some_and(|v| v.continue_distribute_on_failure);
+    let abort = |which: fn(&crate::template::model::ErrorHandling) -> &str| p.error_handling.as_ref().is_some_and(|e| which(e).eq_ignore_ascii_case("abort"));
+    let abort_customizer = abort(|e| &e.on_customizer_error);
+    let abort_validation = abort(|e| &e.on_validation_error);
     let mut steps: Vec<Box<dyn Step>> = vec![
         Box::new(ResolveSource),
         Box::new(PrepareDisk),
@@ -61,11 +77,30 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
         Box::new(crate::build::steps_vm::StartVm),
         Box::new(crate::build::steps_vm::Connect),
     ];
-    for (i, c) in p.customize.iter().enumerate() {
-        steps.push(Box::new(crate::build::steps_vm::Customize { index: i, customizer: c.clone() }));
+    let validate = |steps: &mut Vec<Box<dyn Step>>| {
+        for (i, v) in validations.iter().enumerate() {
+            steps.push(Box::new(crate::build::steps_vm::Validate {
+                index: i,
+                validator: v.clone(),
+                continue_on_failure: continue_on_failure && !source_only,
+                abort_on_error: abort_validation,
+            }));
+        }
+    };
+    if source_only {
+        // `sourceValidationOnly`: the source image itself is validated; no customization, no
+        // generalization, nothing distributed.
+        validate(&mut steps);
+        steps.push(Box::new(crate::build::steps_vm::Shutdown { phase: SubState::Validating }));
+        return Ok(steps);
     }
-    steps.push(Box::new(crate::build::steps_vm::Deprovision));
-    steps.push(Box::new(crate::build::steps_vm::Shutdown));
+    for (i, c) in p.customize.iter().enumerate() {
+        steps.push(Box::new(crate::build::steps_vm::Customize { index: i, customizer: c.clone(), abort_on_error: abort_customizer }));
+    }
+    validate(&mut steps);
+    let phase = if validations.is_empty() { SubState::Customizing } else { SubState::Validating };
+    steps.push(Box::new(crate::build::steps_vm::Deprovision { phase }));
+    steps.push(Box::new(crate::build::steps_vm::Shutdown { phase }));
     steps.push(Box::new(Export));
     steps.push(Box::new(Record));
     Ok(steps)
@@ -161,7 +196,9 @@ impl Step for PrepareDisk {
 
 fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
     let mut reqs = Vec::new();
-    for (i, c) in cx.template.properties.customize.iter().enumerate() {
+    let source_only = cx.template.properties.validate.as_ref().is_some_and(|v| v.source_validation_only);
+    let customize = if source_only { &[][..] } else { cx.template.properties.customize.as_slice() };
+    for (i, c) in customize.iter().enumerate() {
         let label = |kind: &str, name: &Option<String>| {
             format!("properties.customize[{i}] ({kind}{})", name.as_ref().map(|n| format!(" \"{n}\"")).unwrap_or_default())
         };
@@ -178,6 +215,18 @@ fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
             }),
             _ => {}
         }
+    }
+    let validations = cx.template.properties.validate.as_ref().map(|v| v.in_vm_validations.as_slice()).unwrap_or_default();
+    for (i, v) in validations.iter().enumerate() {
+        let label = |kind: &str, name: &Option<String>| {
+            format!("properties.validate.inVMValidations[{i}] ({kind}{})", name.as_ref().map(|n| format!(" \"{n}\"")).unwrap_or_default())
+        };
+        let (uri, sha, l) = match v {
+            Validator::Shell(ShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => (u, sha256_checksum, label("Shell", name)),
+            Validator::File(FileCopy { name, source_uri, sha256_checksum, .. }) => (source_uri, sha256_checksum, label("File", name)),
+            _ => continue,
+        };
+        reqs.push(FetchRequest { uri: uri.clone(), expected_sha256: Some(sha.clone()).filter(|s| !s.is_empty()), label: l });
     }
     reqs
 }

@@ -1,11 +1,11 @@
 //! The steps that need the build VM: start it, connect, customize, deprovision, shut down.
 
-use super::context::{AccelChoice, BuildCx};
-use super::events::{OutStream, SubState};
-use super::runner::{Outcome, Step};
+use super::context::{AccelChoice, BuildCx, KeptVm};
+use super::events::{Event, OutStream, SubState};
+use super::runner::{FailurePolicy, Outcome, Step};
 use super::steps::{LineSplitter, BUILD_USER};
 use super::{sizes, BuildError};
-use crate::template::model::{Customizer, FileCopy, ShellScript};
+use crate::template::model::{Customizer, FileCopy, ShellScript, Validator};
 use crate::vm;
 use async_trait::async_trait;
 use kiln_agents::{Communicator, ConnectConfig, ExecOptions, Interrupt, InterruptFuture, SshCommunicator, Stream};
@@ -132,23 +132,36 @@ impl Step for StartVm {
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, outcome: Outcome) {
         let Some(v) = cx.vm.take() else { return };
-        if outcome == Outcome::Failed && cx.options.keep_vm_on_error && v.exit_status().is_none() {
-            // QEMU dies with kiln (so no VM is ever orphaned): kiln stays until the user is done.
+        let keep = match outcome {
+            Outcome::Aborted => Some("errorHandling abort"),
+            Outcome::Failed if cx.options.keep_vm_on_error => Some("--keep-vm-on-error"),
+            _ => None,
+        };
+        if let (Some(reason), None) = (keep, v.exit_status()) {
+            // QEMU dies with kiln (so no VM is ever orphaned): the run keeps it until canceled.
             let kept = cx.run_dir.join("id_ed25519.kept");
             if let Some(k) = &cx.keys {
-                let _ = kiln_agents::write_private_key(&k.private, &kept);
+                if let Err(e) = kiln_agents::write_private_key(&k.private, &kept) {
+                    cx.events.warn(format!("writing {}: {e}", kept.display()));
+                }
             }
+            cx.events.emit(Event::VmKept {
+                reason: reason.into(),
+                pid: v.pid(),
+                ssh_port: v.ssh_port(),
+                user: BUILD_USER.into(),
+                key_path: kept.display().to_string(),
+                run_dir: cx.run_dir.display().to_string(),
+            });
             cx.events.warn(format!(
-                "--keep-vm-on-error: the build VM is still running (QEMU pid {}). Reach it with\n    ssh -i {} -p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {BUILD_USER}@127.0.0.1\n  Press Ctrl-C here to stop it and clean up.",
+                "{reason}: the build VM is still running (QEMU pid {}). Reach it with\n    ssh -i {} -p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {BUILD_USER}@127.0.0.1\n  Cancel the run (Ctrl-C here) to stop it. The staging directory stays for inspection; delete it when done:\n    rm -rf {}",
                 v.pid(),
                 kept.display(),
-                v.ssh_port()
+                v.ssh_port(),
+                cx.run_dir.display()
             ));
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = v.exited() => {}
-            }
-            let _ = std::fs::remove_file(&kept);
+            cx.kept_vm = Some(KeptVm { vm: v, key_path: kept });
+            return;
         }
         // Whatever happened, QEMU does not outlive the build.
         let timeouts = vm::ShutdownTimeouts { guest: Duration::from_secs(1), acpi: Duration::from_secs(5), ..Default::default() };
@@ -307,6 +320,8 @@ pub struct Customize {
     pub index: usize,
     /// The customizer.
     pub customizer: Customizer,
+    /// `errorHandling.onCustomizerError` is `abort`.
+    pub abort_on_error: bool,
 }
 
 #[async_trait]
@@ -318,34 +333,105 @@ impl Step for Customize {
     fn phase(&self) -> SubState {
         SubState::Customizing
     }
+    fn failure_policy(&self) -> FailurePolicy {
+        if self.abort_on_error {
+            FailurePolicy::Abort
+        } else {
+            FailurePolicy::Stop
+        }
+    }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let step = self.name();
         match &self.customizer {
-            Customizer::Shell(ShellScript { script_uri: Some(uri), .. }) => {
-                let a = cx.artifacts.get(uri).cloned().ok_or_else(|| BuildError::Step { step: step.clone(), message: format!("{uri} was not fetched") })?;
-                let text = std::fs::read_to_string(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
-                run_script(cx, &step, &text, false).await
-            }
-            Customizer::Shell(ShellScript { inline, .. }) => {
-                let text = inline.join("\n") + "\n";
-                run_script(cx, &step, &text, false).await
-            }
-            Customizer::File(FileCopy { source_uri, destination, .. }) => {
-                let a = cx.artifacts.get(source_uri).cloned().ok_or_else(|| BuildError::Step { step: step.clone(), message: format!("{source_uri} was not fetched") })?;
-                let data = std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
-                let up = upload(cx, &step, &data, destination, 0o644).await?;
-                cx.events.info(format!("uploaded {} bytes to {destination} in {:.2}s", up.bytes, up.duration.as_secs_f64()));
-                Ok(())
-            }
+            Customizer::Shell(s) => run_shell(cx, &step, s).await,
+            Customizer::File(f) => run_file(cx, &step, f).await,
             other => Err(BuildError::Step { step, message: format!("{} is not supported on Linux", other.kind()) }),
         }
+    }
+}
+
+/// A Shell customizer or validator: its inline lines or its fetched `scriptUri`, as the build user.
+async fn run_shell(cx: &mut BuildCx, step: &str, s: &ShellScript) -> Result<(), BuildError> {
+    match s {
+        ShellScript { script_uri: Some(uri), .. } => {
+            let a = cx.artifacts.get(uri).cloned().ok_or_else(|| BuildError::Step { step: step.into(), message: format!("{uri} was not fetched") })?;
+            let text = std::fs::read_to_string(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
+            run_script(cx, step, &text, false).await
+        }
+        ShellScript { inline, .. } => {
+            let text = inline.join("\n") + "\n";
+            run_script(cx, step, &text, false).await
+        }
+    }
+}
+
+/// A File customizer or validator: the fetched `sourceUri` uploaded to `destination`.
+async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), BuildError> {
+    let FileCopy { source_uri, destination, .. } = f;
+    let a = cx.artifacts.get(source_uri).cloned().ok_or_else(|| BuildError::Step { step: step.into(), message: format!("{source_uri} was not fetched") })?;
+    let data = std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
+    let up = upload(cx, step, &data, destination, 0o644).await?;
+    cx.events.info(format!("uploaded {} bytes to {destination} in {:.2}s", up.bytes, up.duration.as_secs_f64()));
+    Ok(())
+}
+
+/// One in-VM validation (`validate.inVMValidations[index]`), run in the build VM after the
+/// customizers and before generalization, as AIB does.
+pub struct Validate {
+    /// Its index in `inVMValidations`.
+    pub index: usize,
+    /// The validator.
+    pub validator: Validator,
+    /// `validate.continueDistributeOnFailure`: a failure is recorded and the build goes on.
+    pub continue_on_failure: bool,
+    /// `errorHandling.onValidationError` is `abort`.
+    pub abort_on_error: bool,
+}
+
+#[async_trait]
+impl Step for Validate {
+    fn name(&self) -> String {
+        let (kind, n) = match &self.validator {
+            Validator::Shell(s) => ("Shell", s.name.clone()),
+            Validator::PowerShell(p) => ("PowerShell", p.name.clone()),
+            Validator::File(f) => ("File", f.name.clone()),
+        };
+        format!("Validate: {kind}{}", n.filter(|n| !n.is_empty()).map(|n| format!(" \"{n}\"")).unwrap_or_else(|| format!(" #{}", self.index)))
+    }
+    fn phase(&self) -> SubState {
+        SubState::Validating
+    }
+    fn failure_policy(&self) -> FailurePolicy {
+        if self.continue_on_failure {
+            FailurePolicy::Continue
+        } else if self.abort_on_error {
+            FailurePolicy::Abort
+        } else {
+            FailurePolicy::Stop
+        }
+    }
+    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let step = self.name();
+        let r = match &self.validator {
+            Validator::Shell(s) => run_shell(cx, &step, s).await,
+            Validator::File(f) => run_file(cx, &step, f).await,
+            Validator::PowerShell(_) => Err(BuildError::Step { step: step.clone(), message: "PowerShell validations need a Windows build VM".into() }),
+        };
+        r.map_err(|e| match e {
+            BuildError::Step { step, message } => BuildError::Validation { step, message },
+            other => other,
+        })
     }
 }
 
 /// Generalizes: the user's `/tmp/DeprovisioningScript.sh` if present, else AIB's default
 /// (`waagent -force -deprovision+user`), as root, in the same connection (deprovisioning deletes
 /// host keys and the build user, so a new connection would fail).
-pub struct Deprovision;
+pub struct Deprovision {
+    /// The sub-state it reports: Customizing, or Validating when validations ran before it
+    /// (runSubState never goes back).
+    pub phase: SubState,
+}
 
 #[async_trait]
 impl Step for Deprovision {
@@ -353,7 +439,7 @@ impl Step for Deprovision {
         "Deprovision".into()
     }
     fn phase(&self) -> SubState {
-        SubState::Customizing
+        self.phase
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let step = self.name();
@@ -375,7 +461,10 @@ impl Step for Deprovision {
 }
 
 /// Shuts the VM down with the ladder (guest shutdown → ACPI → quit → kill) and flushes the disk.
-pub struct Shutdown;
+pub struct Shutdown {
+    /// The sub-state it reports (as for [`Deprovision`]).
+    pub phase: SubState,
+}
 
 #[async_trait]
 impl Step for Shutdown {
@@ -383,7 +472,7 @@ impl Step for Shutdown {
         "Shutdown".into()
     }
     fn phase(&self) -> SubState {
-        SubState::Customizing
+        self.phase
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let guest = cx.guest.take();

@@ -68,7 +68,7 @@ fn render_human(pb: &ProgressBar, e: &Event, color: bool) {
         Event::Info { message } => pb.println(format!("    {message}")),
         Event::Warning { message } => pb.println(format!("{y}WARNING{r}: {message}")),
         Event::Progress { what, done, total } if *total > 0 => pb.set_message(format!("{what} {}%", done * 100 / total)),
-        Event::Progress { .. } | Event::RunOutput { .. } => {}
+        Event::Progress { .. } | Event::RunOutput { .. } | Event::VmKept { .. } => {}
         Event::RunFinished { run_state, seconds, message } => {
             pb.println(format!("==> run {run_state} in {seconds:.1}s{}", if message.is_empty() { String::new() } else { format!(": {message}") }))
         }
