@@ -294,7 +294,7 @@ impl Walker {
                     None => kind_name(obj).to_string(),
                 };
                 let (sev, tail) = if self.api.strict() {
-                    (Severity::Error, format!("from API version 2024-02-01 Azure rejects unknown properties"))
+                    (Severity::Error, "from API version 2024-02-01 Azure rejects unknown properties".to_string())
                 } else {
                     (Severity::Warning, format!("API version {} ignores it", self.api))
                 };

@@ -284,7 +284,7 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
 
 fn validate_resource(node: &Node, unresolved: &[Span], location: String, opts: &LoadOptions, file_api: bool) -> TemplateReport {
     let mut diags = Vec::new();
-    let unres = |n: &Node| unresolved.iter().any(|s| *s == n.span);
+    let unres = |n: &Node| unresolved.contains(&n.span);
     // The API version: the resource's own `apiVersion`, else the option, else the default.
     let own = if file_api { node.get_ci("apiVersion").filter(|(_, v)| !unres(v)) } else { None };
     let (text, span) = match own.and_then(|(_, v)| v.as_str().map(|s| (s.to_string(), Some(v.span)))) {

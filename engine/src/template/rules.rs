@@ -221,7 +221,7 @@ impl Rules<'_> {
     fn properties(&mut self, props: &J, p: &JsonPath) {
         if let Some(t) = props.get("buildTimeoutInMinutes").and_then(J::as_i64) {
             let tp = p.key("buildTimeoutInMinutes");
-            if (1..=5).contains(&t) || t > 960 || t < 0 {
+            if (1..=5).contains(&t) || !(0..=960).contains(&t) {
                 self.err(
                     "BadBuildTimeout",
                     &tp,
@@ -447,10 +447,8 @@ impl Rules<'_> {
                     }
                 }
             }
-            "WindowsUpdate" => {
-                if c.get("updateLimit").and_then(J::as_i64).is_some_and(|l| l < 0) {
-                    self.err("InvalidValue", &p.key("updateLimit"), "updateLimit must be 0 (meaning 1000) or more".into(), "use 0 for the default");
-                }
+            "WindowsUpdate" if c.get("updateLimit").and_then(J::as_i64).is_some_and(|l| l < 0) => {
+                self.err("InvalidValue", &p.key("updateLimit"), "updateLimit must be 0 (meaning 1000) or more".into(), "use 0 for the default");
             }
             _ => {}
         }
