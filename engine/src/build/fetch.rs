@@ -1108,10 +1108,20 @@ mod tests {
     async fn connection_refused_and_tls_failure_are_connect_errors() {
         let srv = Server::start(&[("setup.sh", SCRIPT.to_vec())]).await;
         let (_root, ctx) = setup("connect");
-        // a port nobody listens on
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
+        // A port nobody listens on, held for the whole test: a TCP socket bound but never put
+        // in the listening state answers connections with RST (a freed port could be taken by
+        // another process on a busy machine).
+        let (_held, port) = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket");
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd, std::ptr::addr_of!(addr).cast(), len), 0, "bind");
+            let mut len2 = len;
+            assert_eq!(libc::getsockname(fd, std::ptr::addr_of_mut!(addr).cast(), &mut len2), 0, "getsockname");
+            (<std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd), u16::from_be(addr.sin_port))
         };
         let err = fetch(&req(&format!("http://127.0.0.1:{port}/x.sh"), None), &ctx)
             .await
