@@ -7,5 +7,6 @@ pub mod build;
 pub mod diag;
 pub mod home;
 pub mod json;
+pub mod store;
 pub mod template;
 pub mod vm;
