@@ -24,24 +24,6 @@ pub const BUILD_USER: &str = "packer";
 /// Plans the steps for `cx.template`. Unsupported features fail here, before anything boots.
 pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     let p = &cx.template.properties;
-    if !matches!(p.source, Source::PlatformImage { .. }) {
-        return Err(BuildError::Template(
-            "only PlatformImage sources (the local catalog: `kiln image import`) are supported so far; ManagedImage and SharedImageVersion sources come with the local image store".into(),
-        ));
-    }
-    for d in &p.distribute {
-        if !matches!(d, Distributor::Vhd { .. }) {
-            return Err(BuildError::Template(format!(
-                "distributor `{}` ({}) is not supported yet: kiln exports VHD distributors; ManagedImage and SharedImage come with the local image store and gallery",
-                d.run_output_name(),
-                match d {
-                    Distributor::ManagedImage { .. } => "ManagedImage",
-                    Distributor::SharedImage { .. } => "SharedImage",
-                    Distributor::Vhd { .. } => "VHD",
-                }
-            )));
-        }
-    }
     for c in &p.customize {
         if !matches!(c, Customizer::Shell(_) | Customizer::File(_)) {
             return Err(BuildError::Template(format!(
@@ -66,12 +48,13 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     }
     steps.push(Box::new(crate::build::steps_vm::Deprovision));
     steps.push(Box::new(crate::build::steps_vm::Shutdown));
-    steps.push(Box::new(Export));
+    steps.push(Box::new(crate::build::steps_distribute::ExportDisk));
+    steps.push(Box::new(crate::build::steps_distribute::Distribute));
     steps.push(Box::new(Record));
     Ok(steps)
 }
 
-/// Resolves `source` through the local catalog.
+/// Resolves `source`: PlatformImage through the local catalog, the others through the store.
 pub struct ResolveSource;
 
 #[async_trait]
@@ -84,7 +67,9 @@ impl Step for ResolveSource {
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let Source::PlatformImage { publisher, offer, sku, version, .. } = &cx.template.properties.source else {
-            return Err(BuildError::Source("unsupported source type".into()));
+            // ManagedImage, SharedImageVersion: through the state store.
+            cx.source = Some(crate::build::steps_source::resolve(cx)?);
+            return Ok(());
         };
         let catalog = Catalog::in_kiln_home(&cx.options.kiln_home);
         let r = catalog.resolve(publisher, offer, sku, version).map_err(|e| BuildError::Source(e.to_string()))?;

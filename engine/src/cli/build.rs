@@ -144,6 +144,8 @@ pub fn run(a: Args) -> u8 {
         ssh_timeout: Duration::from_secs(a.ssh_timeout),
         vm_sizes,
         timeout_override: a.timeout_seconds.map(Duration::from_secs),
+        run_id: None,
+        run_dir: None,
     };
     let req = BuildRequest { template: model, api_version: t.api_version, name, template_dir, options };
 
