@@ -184,6 +184,36 @@ pub fn create_template(store: &Store, req: CreateRequest) -> Result<TemplateRow,
     store.template(&id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: id })
 }
 
+/// `kiln build FILE`, the one-shot path: creates the template, or replaces the stored one's
+/// properties when the file changed (a divergence from AIB, where templates are immutable: a
+/// one-shot build is not the resource API). Refused while the template runs.
+pub fn register_for_build(store: &Store, req: CreateRequest) -> Result<TemplateRow, StoreError> {
+    let id = ids::template_id(&req.subscription, &req.resource_group, &req.name);
+    let Some(old) = store.template(&id)? else { return create_template(store, req) };
+    if old.normalized == req.normalized && old.provisioning_state == "Succeeded" && old.template_dir == req.template_dir {
+        return Ok(old);
+    }
+    if store.runs_of(&id)?.iter().any(RunRow::is_active) {
+        return Err(StoreError::Conflict { code: "Conflict", message: format!("the template {id} is running; wait for the run to end or cancel it (`kiln template cancel -g {} -n {}`)", req.resource_group, req.name) });
+    }
+    let error = check_source(store, &req.model);
+    let mut row = old;
+    row.location = req.model.location.clone();
+    row.normalized = req.normalized;
+    row.submitted = req.submitted;
+    row.api_version = req.api_version.as_str().to_string();
+    row.template_dir = req.template_dir;
+    if row.staging_rg.is_empty() {
+        row.staging_rg = crate::build::staging_name(&req.resource_group, &req.name, &crate::store::short_id());
+        row.staging_created = true;
+        let _ = std::fs::create_dir_all(store.staging_root().join(&row.staging_rg));
+    }
+    row.provisioning_state = if error.is_some() { "Failed".into() } else { "Succeeded".into() };
+    row.provisioning_error = error.map(|(c, m)| error_value(&c, &m));
+    store.update_template(&row)?;
+    store.template(&id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: id })
+}
+
 /// The staging directory of a template.
 pub fn staging_dir(store: &Store, t: &TemplateRow) -> Option<PathBuf> {
     (!t.staging_rg.is_empty()).then(|| store.staging_root().join(&t.staging_rg))

@@ -562,7 +562,7 @@ impl Store {
     pub fn update_template(&self, t: &TemplateRow) -> Result<(), StoreError> {
         self.conn
             .execute(
-                "UPDATE templates SET location=?2, api_version=?3, submitted=?4, normalized=?5, template_dir=?6, provisioning_state=?7, provisioning_error=?8, updated=?9 WHERE key=?1",
+                "UPDATE templates SET location=?2, api_version=?3, submitted=?4, normalized=?5, template_dir=?6, provisioning_state=?7, provisioning_error=?8, updated=?9, staging_rg=?10, staging_created=?11 WHERE key=?1",
                 params![
                     ids::key(&t.id),
                     t.location,
@@ -572,7 +572,9 @@ impl Store {
                     t.template_dir.display().to_string(),
                     t.provisioning_state,
                     t.provisioning_error.as_ref().map(|v| v.to_string()),
-                    now()
+                    now(),
+                    t.staging_rg,
+                    t.staging_created
                 ],
             )
             .map_err(self.db())?;
