@@ -45,9 +45,10 @@ fn safe(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c.to_ascii_lowercase() } else { '_' }).collect()
 }
 
-/// Publishes `src` at `dest` atomically: a hard link (or copy, across file systems) under a
-/// temporary name holding the run id, made read-only, then renamed.
-pub fn publish_file(src: &Path, dest: &Path, run_id: &str, link: bool) -> Result<(), BuildError> {
+/// Publishes `src` at `dest` atomically: a hard link when `link` (else, or across file systems,
+/// a verified copy) under a temporary name holding the run id, made read-only when `read_only`,
+/// then renamed.
+pub fn publish_file(src: &Path, dest: &Path, run_id: &str, link: bool, read_only: bool) -> Result<(), BuildError> {
     let dir = dest.parent().ok_or_else(|| BuildError::Template(format!("no directory in {}", dest.display())))?;
     std::fs::create_dir_all(dir).map_err(BuildError::io(format!("creating {}", dir.display())))?;
     let tmp = dir.join(format!("{}.partial-{run_id}", dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
@@ -60,7 +61,7 @@ pub fn publish_file(src: &Path, dest: &Path, run_id: &str, link: bool) -> Result
             BuildError::Disk { what: format!("verifying {}", tmp.display()), detail: e.to_string() }
         })?;
     }
-    if link {
+    if read_only {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444));
     }
@@ -176,7 +177,7 @@ impl Distribute {
         }
         let dir = region_root(&cx.options.kiln_home, location)?.join("images").join(safe(&id.subscription)).join(safe(&id.resource_group)).join(safe(id.name()));
         let disk = dir.join("disk.vhd");
-        publish_file(export, &disk, &cx.run_id, true)?;
+        publish_file(export, &disk, &cx.run_id, true, true)?;
         let gen = cx.source.as_ref().map(|s| s.generation).unwrap_or(HyperVGeneration::V1);
         let row = ImageRow {
             id: image_id.to_string(),
@@ -283,7 +284,8 @@ impl Distribute {
                             .join(safe(&def))
                             .join(&name)
                             .join("disk.vhd");
-                        if let Err(e) = publish_file(export, &disk, &cx.run_id, true) {
+                        // The first storage directory links the export; each further one is a real copy.
+                        if let Err(e) = publish_file(export, &disk, &cx.run_id, by_root.is_empty(), true) {
                             for p in &published {
                                 let _ = std::fs::remove_file(p);
                             }
@@ -373,7 +375,7 @@ impl Step for Distribute {
                         return Err(BuildError::Disk { what: format!("VHD distributor `{name}`"), detail: format!("{} already exists; kiln does not overwrite", dest.display()) });
                     }
                     // Store artifacts are read-only links of the export: a user's VHD is a copy then.
-                    publish_file(&export, &dest, &cx.run_id, !to_store)?;
+                    publish_file(&export, &dest, &cx.run_id, !to_store, false)?;
                     cx.exports.push(ExportedVhd { run_output_name: name.clone(), path: dest.clone() });
                     Ok((None, None))
                 })(),
