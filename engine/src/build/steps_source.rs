@@ -12,7 +12,11 @@ use std::path::Path;
 
 /// Normalizes a region name as Azure does (`West US 2` → `westus2`).
 pub fn region_key(region: &str) -> String {
-    region.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_lowercase()
+    region
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase()
 }
 
 fn generation(s: &str) -> HyperVGeneration {
@@ -33,7 +37,8 @@ fn virtual_size(disk: &Path) -> Result<u64, BuildError> {
 /// Resolves a ManagedImage or SharedImageVersion source. (PlatformImage sources resolve through
 /// the catalog in `steps::ResolveSource`.)
 pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
-    let store = Store::open(&cx.options.kiln_home).map_err(|e| BuildError::Source(e.to_string()))?;
+    let store =
+        Store::open(&cx.options.kiln_home).map_err(|e| BuildError::Source(e.to_string()))?;
     match &cx.template.properties.source {
         Source::ManagedImage { image_id } => {
             let parsed = ResourceId::parse(image_id).filter(|r| r.kind() == "microsoft.compute/images").ok_or_else(|| {
@@ -45,7 +50,12 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                     parsed.resource_group
                 ))
             })?;
-            cx.events.info(format!("source ManagedImage {} ({}) at {}", img.id, img.hyper_v_generation, img.disk.display()));
+            cx.events.info(format!(
+                "source ManagedImage {} ({}) at {}",
+                img.id,
+                img.hyper_v_generation,
+                img.disk.display()
+            ));
             Ok(ResolvedSource {
                 virtual_size: virtual_size(&img.disk)?,
                 disk: img.disk,
@@ -60,7 +70,13 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                     "SharedImageVersion imageVersionId `{image_version_id}` is not an image version resource ID (…/providers/Microsoft.Compute/galleries/G/images/D/versions/X.Y.Z or …/versions/latest)"
                 ))
             })?;
-            let def_id = image_version_id.trim().trim_end_matches('/').rsplit_once("/").and_then(|(a, _)| a.rsplit_once('/')).map(|(a, _)| a.to_string()).unwrap_or_default();
+            let def_id = image_version_id
+                .trim()
+                .trim_end_matches('/')
+                .rsplit_once("/")
+                .and_then(|(a, _)| a.rsplit_once('/'))
+                .map(|(a, _)| a.to_string())
+                .unwrap_or_default();
             let def = store.definition(&def_id).map_err(|e| BuildError::Source(e.to_string()))?.ok_or_else(|| {
                 BuildError::Source(format!("SharedImageVersion source: the image definition {def_id} does not exist in kiln's store (`kiln sig image-definition list`)"))
             })?;
@@ -81,7 +97,12 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                     v.replicas.iter().map(|r| r.region.as_str()).collect::<Vec<_>>().join(", ")
                 ))
             })?;
-            cx.events.info(format!("source SharedImageVersion {} ({}) at {}", v.id, def.hyper_v_generation, replica.disk.display()));
+            cx.events.info(format!(
+                "source SharedImageVersion {} ({}) at {}",
+                v.id,
+                def.hyper_v_generation,
+                replica.disk.display()
+            ));
             Ok(ResolvedSource {
                 virtual_size: virtual_size(&replica.disk)?,
                 disk: replica.disk.clone(),
@@ -90,6 +111,8 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                 exact_version: Some(v.id.clone()),
             })
         }
-        Source::PlatformImage { .. } => Err(BuildError::Source("PlatformImage sources resolve through the catalog".into())),
+        Source::PlatformImage { .. } => Err(BuildError::Source(
+            "PlatformImage sources resolve through the catalog".into(),
+        )),
     }
 }

@@ -57,7 +57,12 @@ pub fn run(cmd: Command) -> u8 {
         Err(c) => return c,
     };
     match cmd {
-        Command::Create { name, location, tags, output } => {
+        Command::Create {
+            name,
+            location,
+            tags,
+            output,
+        } => {
             let tags = match res::tags(&tags) {
                 Ok(t) => t,
                 Err(c) => return c,
@@ -66,7 +71,9 @@ pub fn run(cmd: Command) -> u8 {
                 Ok(g) => {
                     match output {
                         Out::Json => res::print(&g.to_json()),
-                        Out::Table => res::table(&["Name", "Location"], &[vec![g.name, g.location]]),
+                        Out::Table => {
+                            res::table(&["Name", "Location"], &[vec![g.name, g.location]])
+                        }
                     }
                     EXIT_OK
                 }
@@ -76,8 +83,21 @@ pub fn run(cmd: Command) -> u8 {
         Command::List { output } => match store.groups(&sub) {
             Ok(gs) => {
                 match output {
-                    Out::Json => res::print(&json!(gs.iter().map(|g| g.to_json()).collect::<Vec<_>>())),
-                    Out::Table => res::table(&["Name", "Location", "ManagedBy"], &gs.iter().map(|g| vec![g.name.clone(), g.location.clone(), g.managed_by.clone().unwrap_or_default()]).collect::<Vec<_>>()),
+                    Out::Json => {
+                        res::print(&json!(gs.iter().map(|g| g.to_json()).collect::<Vec<_>>()))
+                    }
+                    Out::Table => res::table(
+                        &["Name", "Location", "ManagedBy"],
+                        &gs.iter()
+                            .map(|g| {
+                                vec![
+                                    g.name.clone(),
+                                    g.location.clone(),
+                                    g.managed_by.clone().unwrap_or_default(),
+                                ]
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
                 }
                 EXIT_OK
             }

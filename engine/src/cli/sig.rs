@@ -162,7 +162,12 @@ fn definition_json(d: &DefinitionRow) -> Value {
 /// A version in `GET galleries/…/versions/…`'s shape; the local files are under
 /// `storageProfile.osDiskImage.source.uri` (the first replica) and `kiln.replicas`.
 pub fn version_json(v: &VersionRow) -> Value {
-    let size = v.replicas.first().and_then(|r| std::fs::metadata(&r.disk).ok()).map(|m| (m.len().saturating_sub(512)) >> 30).unwrap_or(0);
+    let size = v
+        .replicas
+        .first()
+        .and_then(|r| std::fs::metadata(&r.disk).ok())
+        .map(|m| (m.len().saturating_sub(512)) >> 30)
+        .unwrap_or(0);
     json!({
         "id": v.id, "name": v.name, "type": "Microsoft.Compute/galleries/images/versions", "location": v.location,
         "tags": v.tags,
@@ -181,7 +186,13 @@ pub fn version_json(v: &VersionRow) -> Value {
     })
 }
 
-fn definition(store: &Store, sub: &str, rg: &str, gallery: &str, def: &str) -> Result<DefinitionRow, StoreError> {
+fn definition(
+    store: &Store,
+    sub: &str,
+    rg: &str,
+    gallery: &str,
+    def: &str,
+) -> Result<DefinitionRow, StoreError> {
     store.require_group(sub, rg)?;
     store.definition(&ids::definition_id(sub, rg, gallery, def))?.ok_or_else(|| StoreError::NotFound {
         code: "ResourceNotFound",
@@ -201,12 +212,24 @@ pub fn run(cmd: Command) -> u8 {
     };
     let r: Result<(), StoreError> = (|| {
         match cmd {
-            Command::Create { resource_group, gallery_name, location } => {
+            Command::Create {
+                resource_group,
+                gallery_name,
+                location,
+            } => {
                 let g = store.require_group(&sub, &resource_group)?;
-                let gal = store.create_gallery(&sub, &resource_group, &gallery_name, location.as_deref().unwrap_or(&g.location))?;
+                let gal = store.create_gallery(
+                    &sub,
+                    &resource_group,
+                    &gallery_name,
+                    location.as_deref().unwrap_or(&g.location),
+                )?;
                 res::print(&gallery_json(&gal));
             }
-            Command::Show { resource_group, gallery_name } => {
+            Command::Show {
+                resource_group,
+                gallery_name,
+            } => {
                 store.require_group(&sub, &resource_group)?;
                 let g = store.gallery(&ids::gallery_id(&sub, &resource_group, &gallery_name))?.ok_or_else(|| StoreError::NotFound {
                     code: "ResourceNotFound",
@@ -214,14 +237,36 @@ pub fn run(cmd: Command) -> u8 {
                 })?;
                 res::print(&gallery_json(&g));
             }
-            Command::List { resource_group, output } => {
+            Command::List {
+                resource_group,
+                output,
+            } => {
                 let gs = store.galleries(&sub, resource_group.as_deref())?;
                 match output {
-                    Out::Json => res::print(&json!(gs.iter().map(gallery_json).collect::<Vec<_>>())),
-                    Out::Table => res::table(&["Name", "ResourceGroup", "Location"], &gs.iter().map(|g| vec![g.name.clone(), g.resource_group.clone(), g.location.clone()]).collect::<Vec<_>>()),
+                    Out::Json => {
+                        res::print(&json!(gs.iter().map(gallery_json).collect::<Vec<_>>()))
+                    }
+                    Out::Table => res::table(
+                        &["Name", "ResourceGroup", "Location"],
+                        &gs.iter()
+                            .map(|g| {
+                                vec![g.name.clone(), g.resource_group.clone(), g.location.clone()]
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
                 }
             }
-            Command::ImageDefinition(DefCommand::Create { resource_group, gallery_name, definition, publisher, offer, sku, os_type, hyper_v_generation, location }) => {
+            Command::ImageDefinition(DefCommand::Create {
+                resource_group,
+                gallery_name,
+                definition,
+                publisher,
+                offer,
+                sku,
+                os_type,
+                hyper_v_generation,
+                location,
+            }) => {
                 store.require_group(&sub, &resource_group)?;
                 let gid = ids::gallery_id(&sub, &resource_group, &gallery_name);
                 let g = store.gallery(&gid)?.ok_or_else(|| StoreError::NotFound {
@@ -241,34 +286,92 @@ pub fn run(cmd: Command) -> u8 {
                 })?;
                 res::print(&definition_json(&d));
             }
-            Command::ImageDefinition(DefCommand::List { resource_group, gallery_name, output }) => {
+            Command::ImageDefinition(DefCommand::List {
+                resource_group,
+                gallery_name,
+                output,
+            }) => {
                 store.require_group(&sub, &resource_group)?;
-                let ds = store.definitions(&ids::gallery_id(&sub, &resource_group, &gallery_name))?;
+                let ds =
+                    store.definitions(&ids::gallery_id(&sub, &resource_group, &gallery_name))?;
                 match output {
-                    Out::Json => res::print(&json!(ds.iter().map(definition_json).collect::<Vec<_>>())),
+                    Out::Json => {
+                        res::print(&json!(ds.iter().map(definition_json).collect::<Vec<_>>()))
+                    }
                     Out::Table => res::table(
-                        &["Name", "Publisher", "Offer", "Sku", "OsType", "HyperVGeneration"],
-                        &ds.iter().map(|d| vec![d.name.clone(), d.publisher.clone(), d.offer.clone(), d.sku.clone(), d.os_type.clone(), d.hyper_v_generation.clone()]).collect::<Vec<_>>(),
-                    ),
-                }
-            }
-            Command::ImageDefinition(DefCommand::Show { resource_group, gallery_name, definition: def }) => {
-                res::print(&definition_json(&definition(&store, &sub, &resource_group, &gallery_name, &def)?));
-            }
-            Command::ImageVersion(VersionCommand::List { resource_group, gallery_name, definition: def, output }) => {
-                let d = definition(&store, &sub, &resource_group, &gallery_name, &def)?;
-                let vs = store.versions(&d.id)?;
-                match output {
-                    Out::Json => res::print(&json!(vs.iter().map(version_json).collect::<Vec<_>>())),
-                    Out::Table => res::table(
-                        &["Name", "ExcludeFromLatest", "Regions", "PublishedDate"],
-                        &vs.iter()
-                            .map(|v| vec![v.name.clone(), v.exclude_from_latest.to_string(), v.replicas.iter().map(|r| r.region.clone()).collect::<Vec<_>>().join(","), v.created.clone()])
+                        &[
+                            "Name",
+                            "Publisher",
+                            "Offer",
+                            "Sku",
+                            "OsType",
+                            "HyperVGeneration",
+                        ],
+                        &ds.iter()
+                            .map(|d| {
+                                vec![
+                                    d.name.clone(),
+                                    d.publisher.clone(),
+                                    d.offer.clone(),
+                                    d.sku.clone(),
+                                    d.os_type.clone(),
+                                    d.hyper_v_generation.clone(),
+                                ]
+                            })
                             .collect::<Vec<_>>(),
                     ),
                 }
             }
-            Command::ImageVersion(VersionCommand::Show { resource_group, gallery_name, definition: def, version }) => {
+            Command::ImageDefinition(DefCommand::Show {
+                resource_group,
+                gallery_name,
+                definition: def,
+            }) => {
+                res::print(&definition_json(&definition(
+                    &store,
+                    &sub,
+                    &resource_group,
+                    &gallery_name,
+                    &def,
+                )?));
+            }
+            Command::ImageVersion(VersionCommand::List {
+                resource_group,
+                gallery_name,
+                definition: def,
+                output,
+            }) => {
+                let d = definition(&store, &sub, &resource_group, &gallery_name, &def)?;
+                let vs = store.versions(&d.id)?;
+                match output {
+                    Out::Json => {
+                        res::print(&json!(vs.iter().map(version_json).collect::<Vec<_>>()))
+                    }
+                    Out::Table => res::table(
+                        &["Name", "ExcludeFromLatest", "Regions", "PublishedDate"],
+                        &vs.iter()
+                            .map(|v| {
+                                vec![
+                                    v.name.clone(),
+                                    v.exclude_from_latest.to_string(),
+                                    v.replicas
+                                        .iter()
+                                        .map(|r| r.region.clone())
+                                        .collect::<Vec<_>>()
+                                        .join(","),
+                                    v.created.clone(),
+                                ]
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                }
+            }
+            Command::ImageVersion(VersionCommand::Show {
+                resource_group,
+                gallery_name,
+                definition: def,
+                version,
+            }) => {
                 let d = definition(&store, &sub, &resource_group, &gallery_name, &def)?;
                 let v = store.version(&format!("{}/versions/{version}", d.id))?.ok_or_else(|| StoreError::NotFound {
                     code: "ResourceNotFound",

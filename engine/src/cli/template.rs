@@ -40,7 +40,10 @@ impl RunFlags {
     fn settings(&self) -> Result<RunSettings, u8> {
         let mut vm_sizes = std::collections::BTreeMap::new();
         if let Some(p) = &self.vm_size_map {
-            match std::fs::read(p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<std::collections::BTreeMap<String, sizes::VmShape>>(&b).map_err(|e| e.to_string())) {
+            match std::fs::read(p).map_err(|e| e.to_string()).and_then(|b| {
+                serde_json::from_slice::<std::collections::BTreeMap<String, sizes::VmShape>>(&b)
+                    .map_err(|e| e.to_string())
+            }) {
                 Ok(m) => vm_sizes = m,
                 Err(e) => {
                     eprintln!("error: --vm-size-map {}: {e}", p.display());
@@ -62,7 +65,12 @@ impl RunFlags {
     }
 
     fn argv(&self) -> Vec<String> {
-        let mut v = vec!["--accel".to_string(), self.accel.clone(), "--ssh-timeout".into(), self.ssh_timeout.to_string()];
+        let mut v = vec![
+            "--accel".to_string(),
+            self.accel.clone(),
+            "--ssh-timeout".into(),
+            self.ssh_timeout.to_string(),
+        ];
         if self.keep_vm_on_error {
             v.push("--keep-vm-on-error".into());
         }
@@ -197,7 +205,9 @@ fn run_json(r: &RunRow) -> Value {
 }
 
 fn require(store: &Store, sub: &str, n: &Named) -> Result<TemplateRow, u8> {
-    store.require_template(sub, &n.resource_group, &n.name).map_err(|e| res::fail(&e))
+    store
+        .require_template(sub, &n.resource_group, &n.name)
+        .map_err(|e| res::fail(&e))
 }
 
 /// Runs `kiln template …`.
@@ -335,12 +345,26 @@ pub fn run(cmd: Command) -> u8 {
     }
 }
 
-fn create(store: &Store, sub: &str, named: &Named, file: &PathBuf, parameters: Option<&PathBuf>, pairs: &[String], api_version: Option<String>) -> u8 {
+fn create(
+    store: &Store,
+    sub: &str,
+    named: &Named,
+    file: &PathBuf,
+    parameters: Option<&PathBuf>,
+    pairs: &[String],
+    api_version: Option<String>,
+) -> u8 {
     let group = match store.require_group(sub, &named.resource_group) {
         Ok(g) => g,
         Err(e) => return res::fail(&e),
     };
-    let mut opts = match load_options(parameters, pairs, api_version, &named.resource_group, &group.location) {
+    let mut opts = match load_options(
+        parameters,
+        pairs,
+        api_version,
+        &named.resource_group,
+        &group.location,
+    ) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
@@ -366,10 +390,17 @@ fn create(store: &Store, sub: &str, named: &Named, file: &PathBuf, parameters: O
     }
     let t = match doc.templates.as_slice() {
         [t] => t,
-        ts => match ts.iter().find(|t| t.name.as_deref() == Some(named.name.as_str())) {
+        ts => match ts
+            .iter()
+            .find(|t| t.name.as_deref() == Some(named.name.as_str()))
+        {
             Some(t) => t,
             None => {
-                eprintln!("error: the file holds {} image templates and none is named {}", ts.len(), named.name);
+                eprintln!(
+                    "error: the file holds {} image templates and none is named {}",
+                    ts.len(),
+                    named.name
+                );
                 return EXIT_USAGE;
             }
         },
@@ -378,9 +409,19 @@ fn create(store: &Store, sub: &str, named: &Named, file: &PathBuf, parameters: O
         eprintln!("error: internal: a valid template without a model");
         return EXIT_INVALID;
     };
-    let dir = file.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| PathBuf::from("."));
+    let dir = file
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
     let template_dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-    let submitted = serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let submitted = serde_json::from_slice::<Value>(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     let req = CreateRequest {
         subscription: sub.to_string(),
         resource_group: group.name.clone(),
@@ -398,7 +439,13 @@ fn create(store: &Store, sub: &str, named: &Named, file: &PathBuf, parameters: O
                 Err(e) => return res::fail(&e),
             }
             if row.provisioning_state != "Succeeded" {
-                eprintln!("error: the template was created in provisioningState {}: {}", row.provisioning_state, row.provisioning_error.map(|e| e.to_string()).unwrap_or_default());
+                eprintln!(
+                    "error: the template was created in provisioningState {}: {}",
+                    row.provisioning_state,
+                    row.provisioning_error
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
+                );
                 return EXIT_INVALID;
             }
             EXIT_OK
@@ -408,10 +455,13 @@ fn create(store: &Store, sub: &str, named: &Named, file: &PathBuf, parameters: O
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("error: cannot start the async runtime: {e}");
-        EXIT_USAGE
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            EXIT_USAGE
+        })
 }
 
 fn exit_for(state: &str) -> u8 {
@@ -443,7 +493,15 @@ fn run_foreground(store: Store, t: &TemplateRow, flags: &RunFlags, output: Forma
     let cancel = CancellationToken::new();
     let result = rt.block_on(async {
         spawn_signal_handler(cancel.clone());
-        execute_run(Arc::new(Mutex::new(store)), t, &run, settings, Some(l), cancel.clone()).await
+        execute_run(
+            Arc::new(Mutex::new(store)),
+            t,
+            &run,
+            settings,
+            Some(l),
+            cancel.clone(),
+        )
+        .await
     });
     pb.finish_and_clear();
     match result {
@@ -453,11 +511,19 @@ fn run_foreground(store: Store, t: &TemplateRow, flags: &RunFlags, output: Forma
         }
         Ok(r) => {
             if json {
-                println!("{}", json!({"event": "result", "runId": r.run_id, "runState": r.run_state, "runDir": r.run_dir, "runOutputs": r.run_outputs, "message": r.message}));
+                println!(
+                    "{}",
+                    json!({"event": "result", "runId": r.run_id, "runState": r.run_state, "runDir": r.run_dir, "runOutputs": r.run_outputs, "message": r.message})
+                );
             } else {
                 res::print(&json!({ "value": r.run_outputs }));
                 if r.run_state != "Succeeded" {
-                    eprintln!("run {}: {}\n    logs kept in {}", r.run_state, r.message, r.run_dir.display());
+                    eprintln!(
+                        "run {}: {}\n    logs kept in {}",
+                        r.run_state,
+                        r.message,
+                        r.run_dir.display()
+                    );
                 }
             }
             exit_for(r.run_state)
@@ -482,12 +548,18 @@ fn run_detached(store: &Store, t: &TemplateRow, flags: &RunFlags) -> u8 {
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
         let mut cmd = std::process::Command::new(exe);
-        cmd.args(["template", "run-worker", "--run-id", &run.id]).args(flags.argv()).stdin(std::process::Stdio::null()).stdout(out).stderr(err);
+        cmd.args(["template", "run-worker", "--run-id", &run.id])
+            .args(flags.argv())
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
         use std::os::unix::process::CommandExt;
         // Its own session: the worker outlives this command and the terminal.
         unsafe {
             cmd.pre_exec(|| {
-                nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
             });
         }
         cmd.spawn()
@@ -497,12 +569,22 @@ fn run_detached(store: &Store, t: &TemplateRow, flags: &RunFlags) -> u8 {
             if let Err(e) = store.set_run_owner(&run.id, i64::from(child.id())) {
                 eprintln!("error: {e}");
             }
-            eprintln!("run {} of {} started in the background (kiln pid {}); log: {}", run.id, t.name, child.id(), log.display());
+            eprintln!(
+                "run {} of {} started in the background (kiln pid {}); log: {}",
+                run.id,
+                t.name,
+                child.id(),
+                log.display()
+            );
             eprintln!("    watch: kiln template show -g {} -n {}    cancel: kiln template cancel -g {} -n {}", t.resource_group, t.name, t.resource_group, t.name);
             EXIT_OK
         }
         Err(e) => {
-            let _ = store.finish_run(&run.id, "Failed", &format!("could not start the kiln worker: {e}"));
+            let _ = store.finish_run(
+                &run.id,
+                "Failed",
+                &format!("could not start the kiln worker: {e}"),
+            );
             eprintln!("error: could not start the kiln worker process: {e}");
             EXIT_USAGE
         }
@@ -528,7 +610,11 @@ fn run_worker(store: Store, run_id: &str, flags: &RunFlags) -> u8 {
     let t = match store.template(&run.template_key) {
         Ok(Some(t)) => t,
         _ => {
-            let _ = store.finish_run(run_id, "Failed", "the template was deleted before the run started");
+            let _ = store.finish_run(
+                run_id,
+                "Failed",
+                "the template was deleted before the run started",
+            );
             return EXIT_INVALID;
         }
     };
@@ -540,7 +626,15 @@ fn run_worker(store: Store, run_id: &str, flags: &RunFlags) -> u8 {
     let cancel = CancellationToken::new();
     let result = rt.block_on(async {
         spawn_signal_handler(cancel.clone());
-        execute_run(Arc::new(Mutex::new(store)), &t, &run, settings, Some(l), cancel.clone()).await
+        execute_run(
+            Arc::new(Mutex::new(store)),
+            &t,
+            &run,
+            settings,
+            Some(l),
+            cancel.clone(),
+        )
+        .await
     });
     match result {
         Ok(r) => exit_for(r.run_state),
@@ -557,17 +651,27 @@ fn cancel(store: &Store, t: &TemplateRow, no_wait: bool) -> u8 {
         Err(e) => return res::fail(&e),
     };
     let Some(run) = runs.into_iter().find(RunRow::is_active) else {
-        return res::fail(&StoreError::Conflict { code: "NoRunInProgress", message: format!("the template {} has no run in progress to cancel", t.id) });
+        return res::fail(&StoreError::Conflict {
+            code: "NoRunInProgress",
+            message: format!("the template {} has no run in progress to cancel", t.id),
+        });
     };
     if let Err(e) = store.set_run_canceling(&run.id) {
         return res::fail(&e);
     }
     if let Some(pid) = run.pid {
         if kiln_engine::store::runs::owner_alive(Some(pid), run.pid_start) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
     }
-    eprintln!("canceling run {} (kiln pid {})", run.id, run.pid.unwrap_or(0));
+    eprintln!(
+        "canceling run {} (kiln pid {})",
+        run.id,
+        run.pid.unwrap_or(0)
+    );
     if no_wait {
         return EXIT_OK;
     }
@@ -585,7 +689,10 @@ fn cancel(store: &Store, t: &TemplateRow, no_wait: bool) -> u8 {
             Err(e) => return res::fail(&e),
         }
         if Instant::now() > deadline {
-            eprintln!("error: run {} did not end within 10 minutes of the cancel", run.id);
+            eprintln!(
+                "error: run {} did not end within 10 minutes of the cancel",
+                run.id
+            );
             return EXIT_INVALID;
         }
         std::thread::sleep(Duration::from_millis(300));

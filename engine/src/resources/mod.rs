@@ -64,16 +64,27 @@ fn error_value(code: &str, message: &str) -> Value {
 
 /// Checks `stagingResourceGroup` by AIB's rules. Returns (staging group name, created by kiln).
 fn staging_for(store: &Store, req: &CreateRequest) -> Result<(String, bool), (String, String)> {
-    let given = req.model.properties.staging_resource_group.clone().filter(|s| !s.trim().is_empty());
+    let given = req
+        .model
+        .properties
+        .staging_resource_group
+        .clone()
+        .filter(|s| !s.trim().is_empty());
     let Some(given) = given else {
-        return Ok((crate::build::staging_name(&req.resource_group, &req.name, &crate::store::short_id()), true));
+        return Ok((
+            crate::build::staging_name(&req.resource_group, &req.name, &crate::store::short_id()),
+            true,
+        ));
     };
     let bad = |m: String| ("BadStagingResourceGroup".to_string(), m);
     let id = ids::ResourceId::parse(&format!("{given}/providers/x/y/z"))
         .filter(|_| given.trim_matches('/').split('/').count() == 4)
         .ok_or_else(|| bad(format!("stagingResourceGroup `{given}` is not a resource group ID (/subscriptions/SUB/resourceGroups/NAME)")))?;
     if !id.subscription.eq_ignore_ascii_case(&req.subscription) {
-        return Err(bad(format!("stagingResourceGroup `{given}` must be in the template's subscription {}", req.subscription)));
+        return Err(bad(format!(
+            "stagingResourceGroup `{given}` must be in the template's subscription {}",
+            req.subscription
+        )));
     }
     let name = id.resource_group;
     if let Ok(Some(other)) = store.template_with_staging(&name) {
@@ -81,12 +92,18 @@ fn staging_for(store: &Store, req: &CreateRequest) -> Result<(String, bool), (St
     }
     match store.group(&req.subscription, &name) {
         Ok(Some(g)) => {
-            if !crate::build::steps_source::region_key(&g.location).eq(&crate::build::steps_source::region_key(&req.model.location)) {
+            if !crate::build::steps_source::region_key(&g.location)
+                .eq(&crate::build::steps_source::region_key(&req.model.location))
+            {
                 return Err(bad(format!("the staging resource group `{name}` is in `{}`; it must be in the template's region `{}`", g.location, req.model.location)));
             }
-            let contents = store.group_contents(&req.subscription, &name).unwrap_or_default();
+            let contents = store
+                .group_contents(&req.subscription, &name)
+                .unwrap_or_default();
             let dir = store.staging_root().join(&name);
-            let dir_empty = std::fs::read_dir(&dir).map(|mut d| d.next().is_none()).unwrap_or(true);
+            let dir_empty = std::fs::read_dir(&dir)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(true);
             if !contents.is_empty() || !dir_empty {
                 return Err(bad(format!("the staging resource group `{name}` exists and is not empty; AIB needs an empty or new resource group")));
             }
@@ -118,8 +135,20 @@ fn check_source(store: &Store, model: &ImageTemplate) -> Option<(String, String)
 /// `provisioningState: Failed` with AIB's `provisioningError`, as AIB does.
 pub fn create_template(store: &Store, req: CreateRequest) -> Result<TemplateRow, StoreError> {
     store.require_group(&req.subscription, &req.resource_group)?;
-    if req.name.is_empty() || req.name.len() > 64 || !req.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-        return Err(StoreError::Conflict { code: "InvalidTemplateName", message: format!("image template name `{}`: 1-64 of A-Z a-z 0-9 - _ .", req.name) });
+    if req.name.is_empty()
+        || req.name.len() > 64
+        || !req
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(StoreError::Conflict {
+            code: "InvalidTemplateName",
+            message: format!(
+                "image template name `{}`: 1-64 of A-Z a-z 0-9 - _ .",
+                req.name
+            ),
+        });
     }
     let id = ids::template_id(&req.subscription, &req.resource_group, &req.name);
     if let Some(old) = store.template(&id)? {
@@ -137,14 +166,22 @@ pub fn create_template(store: &Store, req: CreateRequest) -> Result<TemplateRow,
         }
         if old.normalized != req.normalized {
             if store.runs_of(&id)?.iter().any(RunRow::is_active) {
-                return Err(StoreError::Conflict { code: "Conflict", message: format!("the template {id} is running; update it when the run has ended") });
+                return Err(StoreError::Conflict {
+                    code: "Conflict",
+                    message: format!(
+                        "the template {id} is running; update it when the run has ended"
+                    ),
+                });
             }
             let mut row = old.clone();
             row.normalized = req.normalized;
             row.submitted = req.submitted;
             row.api_version = req.api_version.as_str().to_string();
             store.update_template(&row)?;
-            return store.template(&id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: id });
+            return store.template(&id)?.ok_or_else(|| StoreError::NotFound {
+                code: "ResourceNotFound",
+                message: id,
+            });
         }
         return Ok(old);
     }
@@ -168,7 +205,11 @@ pub fn create_template(store: &Store, req: CreateRequest) -> Result<TemplateRow,
         template_dir: req.template_dir,
         staging_rg: staging_rg.clone(),
         staging_created,
-        provisioning_state: if error.is_some() { "Failed".into() } else { "Succeeded".into() },
+        provisioning_state: if error.is_some() {
+            "Failed".into()
+        } else {
+            "Succeeded".into()
+        },
         provisioning_error: error.map(|(c, m)| error_value(&c, &m)),
     };
     store.insert_template(&row)?;
@@ -176,12 +217,28 @@ pub fn create_template(store: &Store, req: CreateRequest) -> Result<TemplateRow,
         // The staging "resource group": a directory; a group row when kiln made a named one.
         if !staging_rg.is_empty() {
             let _ = std::fs::create_dir_all(store.staging_root().join(&staging_rg));
-            if staging_created && req.model.properties.staging_resource_group.as_deref().is_some_and(|s| !s.is_empty()) {
-                store.create_group(&req.subscription, &staging_rg, &req.model.location, &json!({"createdBy": "kiln"}), Some(&id))?;
+            if staging_created
+                && req
+                    .model
+                    .properties
+                    .staging_resource_group
+                    .as_deref()
+                    .is_some_and(|s| !s.is_empty())
+            {
+                store.create_group(
+                    &req.subscription,
+                    &staging_rg,
+                    &req.model.location,
+                    &json!({"createdBy": "kiln"}),
+                    Some(&id),
+                )?;
             }
         }
     }
-    store.template(&id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: id })
+    store.template(&id)?.ok_or_else(|| StoreError::NotFound {
+        code: "ResourceNotFound",
+        message: id,
+    })
 }
 
 /// `kiln build FILE`, the one-shot path: creates the template, or replaces the stored one's
@@ -189,8 +246,13 @@ pub fn create_template(store: &Store, req: CreateRequest) -> Result<TemplateRow,
 /// one-shot build is not the resource API). Refused while the template runs.
 pub fn register_for_build(store: &Store, req: CreateRequest) -> Result<TemplateRow, StoreError> {
     let id = ids::template_id(&req.subscription, &req.resource_group, &req.name);
-    let Some(old) = store.template(&id)? else { return create_template(store, req) };
-    if old.normalized == req.normalized && old.provisioning_state == "Succeeded" && old.template_dir == req.template_dir {
+    let Some(old) = store.template(&id)? else {
+        return create_template(store, req);
+    };
+    if old.normalized == req.normalized
+        && old.provisioning_state == "Succeeded"
+        && old.template_dir == req.template_dir
+    {
         return Ok(old);
     }
     if store.runs_of(&id)?.iter().any(RunRow::is_active) {
@@ -204,14 +266,22 @@ pub fn register_for_build(store: &Store, req: CreateRequest) -> Result<TemplateR
     row.api_version = req.api_version.as_str().to_string();
     row.template_dir = req.template_dir;
     if row.staging_rg.is_empty() {
-        row.staging_rg = crate::build::staging_name(&req.resource_group, &req.name, &crate::store::short_id());
+        row.staging_rg =
+            crate::build::staging_name(&req.resource_group, &req.name, &crate::store::short_id());
         row.staging_created = true;
         let _ = std::fs::create_dir_all(store.staging_root().join(&row.staging_rg));
     }
-    row.provisioning_state = if error.is_some() { "Failed".into() } else { "Succeeded".into() };
+    row.provisioning_state = if error.is_some() {
+        "Failed".into()
+    } else {
+        "Succeeded".into()
+    };
     row.provisioning_error = error.map(|(c, m)| error_value(&c, &m));
     store.update_template(&row)?;
-    store.template(&id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: id })
+    store.template(&id)?.ok_or_else(|| StoreError::NotFound {
+        code: "ResourceNotFound",
+        message: id,
+    })
 }
 
 /// The staging directory of a template.
@@ -230,7 +300,10 @@ pub fn template_json(store: &Store, t: &TemplateRow) -> Result<Value, StoreError
     let mut props = n.get("properties").cloned().unwrap_or_else(|| json!({}));
     let last = last_run(store, t)?;
     if let Some(p) = props.as_object_mut() {
-        if let (Some(exact), Some(src)) = (last.as_ref().and_then(|r| r.exact_version.clone()), p.get_mut("source").and_then(Value::as_object_mut)) {
+        if let (Some(exact), Some(src)) = (
+            last.as_ref().and_then(|r| r.exact_version.clone()),
+            p.get_mut("source").and_then(Value::as_object_mut),
+        ) {
             src.insert("exactVersion".into(), json!(exact));
         }
         p.insert("provisioningState".into(), json!(t.provisioning_state));
@@ -241,15 +314,27 @@ pub fn template_json(store: &Store, t: &TemplateRow) -> Result<Value, StoreError
             p.insert("lastRunStatus".into(), r.last_run_status());
         }
         if !t.staging_rg.is_empty() {
-            p.insert("exactStagingResourceGroup".into(), json!(ids::group_id(&t.subscription, &t.staging_rg)));
+            p.insert(
+                "exactStagingResourceGroup".into(),
+                json!(ids::group_id(&t.subscription, &t.staging_rg)),
+            );
         }
     }
     let mut out = serde_json::Map::new();
     out.insert("id".into(), json!(t.id));
     out.insert("name".into(), json!(t.name));
-    out.insert("location".into(), n.get("location").cloned().unwrap_or(json!(t.location)));
-    out.insert("type".into(), json!("Microsoft.VirtualMachineImages/imageTemplates"));
-    if let Some(tags) = n.get("tags").filter(|v| v.as_object().is_some_and(|o| !o.is_empty())) {
+    out.insert(
+        "location".into(),
+        n.get("location").cloned().unwrap_or(json!(t.location)),
+    );
+    out.insert(
+        "type".into(),
+        json!("Microsoft.VirtualMachineImages/imageTemplates"),
+    );
+    if let Some(tags) = n
+        .get("tags")
+        .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+    {
         out.insert("tags".into(), tags.clone());
     }
     if let Some(i) = n.get("identity") {
@@ -279,8 +364,14 @@ pub fn run_output_json(t: &TemplateRow, o: &crate::store::RunOutputRow) -> Value
 
 /// `GET …/runOutputs`: the outputs of the latest run.
 pub fn run_outputs_json(store: &Store, t: &TemplateRow) -> Result<Vec<Value>, StoreError> {
-    let Some(r) = last_run(store, t)? else { return Ok(Vec::new()) };
-    Ok(store.run_outputs(&r.id)?.iter().map(|o| run_output_json(t, o)).collect())
+    let Some(r) = last_run(store, t)? else {
+        return Ok(Vec::new());
+    };
+    Ok(store
+        .run_outputs(&r.id)?
+        .iter()
+        .map(|o| run_output_json(t, o))
+        .collect())
 }
 
 /// Deletes a template and the staging it created (and only that): a staging group kiln created
@@ -297,12 +388,25 @@ pub fn delete_template(store: &Store, t: &TemplateRow) -> Result<Vec<PathBuf>, S
     if let Some(dir) = staging_dir(store, t) {
         if dir.exists() {
             if t.staging_created {
-                std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io { what: format!("removing the staging directory {}", dir.display()), source })?;
+                std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io {
+                    what: format!("removing the staging directory {}", dir.display()),
+                    source,
+                })?;
             } else {
                 // The user's group: its contents go, the group stays.
-                for e in std::fs::read_dir(&dir).map_err(|source| StoreError::Io { what: format!("reading {}", dir.display()), source })?.flatten() {
+                for e in std::fs::read_dir(&dir)
+                    .map_err(|source| StoreError::Io {
+                        what: format!("reading {}", dir.display()),
+                        source,
+                    })?
+                    .flatten()
+                {
                     let p = e.path();
-                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                    let _ = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
                 }
             }
             removed.push(dir);
@@ -311,7 +415,10 @@ pub fn delete_template(store: &Store, t: &TemplateRow) -> Result<Vec<PathBuf>, S
     store.delete_template_rows(&t.id)?;
     if t.staging_created {
         if let Ok(Some(g)) = store.group(&t.subscription, &t.staging_rg) {
-            if g.managed_by.as_deref().is_some_and(|m| ids::key(m) == ids::key(&t.id)) {
+            if g.managed_by
+                .as_deref()
+                .is_some_and(|m| ids::key(m) == ids::key(&t.id))
+            {
                 store.delete_group(&t.subscription, &t.staging_rg)?;
             }
         }

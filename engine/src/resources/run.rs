@@ -45,22 +45,37 @@ pub enum RunError {
 /// or the template failed provisioning) and creates its directory in the template's staging.
 pub fn start_run(store: &Store, t: &TemplateRow, pid: i64) -> Result<RunRow, RunError> {
     if t.provisioning_state != "Succeeded" {
-        let why = t.provisioning_error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        let why = t
+            .provisioning_error
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         return Err(RunError::Template(format!(
             "the template {} is in provisioningState {} ({why}); delete it and create it again once the cause is fixed",
             t.id, t.provisioning_state
         )));
     }
-    let staging = super::staging_dir(store, t).ok_or_else(|| RunError::Template(format!("the template {} has no staging directory", t.id)))?;
+    let staging = super::staging_dir(store, t).ok_or_else(|| {
+        RunError::Template(format!("the template {} has no staging directory", t.id))
+    })?;
     let run_id = crate::store::short_id();
     let run_dir = staging.join(&run_id);
-    std::fs::create_dir_all(&run_dir).map_err(|source| StoreError::Io { what: format!("creating {}", run_dir.display()), source })?;
+    std::fs::create_dir_all(&run_dir).map_err(|source| StoreError::Io {
+        what: format!("creating {}", run_dir.display()),
+        source,
+    })?;
     Ok(store.insert_run(&t.id, &run_id, &run_dir, pid)?)
 }
 
 fn model_of(t: &TemplateRow) -> Result<(ImageTemplate, ApiVersion), RunError> {
-    let api = ApiVersion::parse(&t.api_version).ok_or_else(|| RunError::Template(format!("unknown API version {}", t.api_version)))?;
-    let model = serde_json::from_value::<ImageTemplate>(t.normalized.clone()).map_err(|e| RunError::Template(format!("the stored template {} does not fit kiln's model: {e}", t.id)))?;
+    let api = ApiVersion::parse(&t.api_version)
+        .ok_or_else(|| RunError::Template(format!("unknown API version {}", t.api_version)))?;
+    let model = serde_json::from_value::<ImageTemplate>(t.normalized.clone()).map_err(|e| {
+        RunError::Template(format!(
+            "the stored template {} does not fit kiln's model: {e}",
+            t.id
+        ))
+    })?;
     Ok((model, api))
 }
 
@@ -74,7 +89,10 @@ pub async fn execute_run(
     listener: Option<Listener>,
     cancel: CancellationToken,
 ) -> Result<BuildResult, RunError> {
-    let home = store.lock().map(|s| s.home().to_path_buf()).map_err(|_| RunError::Template("store lock poisoned".into()))?;
+    let home = store
+        .lock()
+        .map(|s| s.home().to_path_buf())
+        .map_err(|_| RunError::Template("store lock poisoned".into()))?;
     let finish = |state: &str, message: &str| {
         if let Ok(s) = store.lock() {
             let _ = s.finish_run(&run.id, state, message);
@@ -112,7 +130,13 @@ pub async fn execute_run(
         run_id: Some(run.id.clone()),
         run_dir: Some(run.run_dir.clone()),
     };
-    let req = BuildRequest { template: model, api_version: api, name: t.name.clone(), template_dir: t.template_dir.clone(), options };
+    let req = BuildRequest {
+        template: model,
+        api_version: api,
+        name: t.name.clone(),
+        template_dir: t.template_dir.clone(),
+        options,
+    };
     match run_build(req, Some(tracking), cancel).await {
         Err(e) => {
             finish("Failed", &e.to_string());
@@ -126,7 +150,10 @@ pub async fn execute_run(
                         name: ro["name"].as_str().unwrap_or_default().to_string(),
                         artifact_id: props["artifactId"].as_str().map(str::to_string),
                         artifact_uri: props["artifactUri"].as_str().map(str::to_string),
-                        provisioning_state: props["provisioningState"].as_str().unwrap_or("Succeeded").to_string(),
+                        provisioning_state: props["provisioningState"]
+                            .as_str()
+                            .unwrap_or("Succeeded")
+                            .to_string(),
                     };
                     let _ = s.put_run_output(&r.run_id, &row);
                 }

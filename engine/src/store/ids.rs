@@ -19,10 +19,13 @@ impl ResourceId {
     /// Parses an ID. Returns `None` when it is not of the resource shape above.
     pub fn parse(id: &str) -> Option<ResourceId> {
         let parts: Vec<&str> = id.trim().trim_matches('/').split('/').collect();
-        if parts.len() < 6 || parts.len() % 2 != 0 {
+        if parts.len() < 6 || !parts.len().is_multiple_of(2) {
             return None;
         }
-        if !parts[0].eq_ignore_ascii_case("subscriptions") || !parts[2].eq_ignore_ascii_case("resourceGroups") || !parts[4].eq_ignore_ascii_case("providers") {
+        if !parts[0].eq_ignore_ascii_case("subscriptions")
+            || !parts[2].eq_ignore_ascii_case("resourceGroups")
+            || !parts[4].eq_ignore_ascii_case("providers")
+        {
             return None;
         }
         if parts.iter().any(|p| p.is_empty()) {
@@ -30,11 +33,19 @@ impl ResourceId {
         }
         let namespace = parts[5].to_string();
         let rest = &parts[6..];
-        if rest.is_empty() || rest.len() % 2 != 0 {
+        if rest.is_empty() || !rest.len().is_multiple_of(2) {
             return None;
         }
-        let segments = rest.chunks(2).map(|c| (c[0].to_string(), c[1].to_string())).collect();
-        Some(ResourceId { subscription: parts[1].to_string(), resource_group: parts[3].to_string(), namespace, segments })
+        let segments = rest
+            .chunks(2)
+            .map(|c| (c[0].to_string(), c[1].to_string()))
+            .collect();
+        Some(ResourceId {
+            subscription: parts[1].to_string(),
+            resource_group: parts[3].to_string(),
+            namespace,
+            segments,
+        })
     }
 
     /// The resource type path, lower-case: `microsoft.compute/galleries/images/versions`.
@@ -60,17 +71,26 @@ pub fn group_id(sub: &str, rg: &str) -> String {
 
 /// An image template's ID.
 pub fn template_id(sub: &str, rg: &str, name: &str) -> String {
-    format!("{}/providers/Microsoft.VirtualMachineImages/imageTemplates/{name}", group_id(sub, rg))
+    format!(
+        "{}/providers/Microsoft.VirtualMachineImages/imageTemplates/{name}",
+        group_id(sub, rg)
+    )
 }
 
 /// A managed image's ID.
 pub fn image_id(sub: &str, rg: &str, name: &str) -> String {
-    format!("{}/providers/Microsoft.Compute/images/{name}", group_id(sub, rg))
+    format!(
+        "{}/providers/Microsoft.Compute/images/{name}",
+        group_id(sub, rg)
+    )
 }
 
 /// A gallery's ID.
 pub fn gallery_id(sub: &str, rg: &str, gallery: &str) -> String {
-    format!("{}/providers/Microsoft.Compute/galleries/{gallery}", group_id(sub, rg))
+    format!(
+        "{}/providers/Microsoft.Compute/galleries/{gallery}",
+        group_id(sub, rg)
+    )
 }
 
 /// An image definition's ID.
@@ -80,7 +100,10 @@ pub fn definition_id(sub: &str, rg: &str, gallery: &str, def: &str) -> String {
 
 /// An image version's ID.
 pub fn version_id(sub: &str, rg: &str, gallery: &str, def: &str, version: &str) -> String {
-    format!("{}/versions/{version}", definition_id(sub, rg, gallery, def))
+    format!(
+        "{}/versions/{version}",
+        definition_id(sub, rg, gallery, def)
+    )
 }
 
 /// The key the store indexes an ID by (case-insensitive, no trailing slash).
@@ -99,7 +122,13 @@ mod tests {
         assert_eq!(id.name(), "latest");
         assert_eq!(id.resource_group, "rg");
         assert!(ResourceId::parse("/subscriptions/s/resourceGroups/rg").is_none());
-        assert!(ResourceId::parse("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images").is_none());
-        assert_eq!(ResourceId::parse(&image_id("s", "r", "i")).unwrap().kind(), "microsoft.compute/images");
+        assert!(ResourceId::parse(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images"
+        )
+        .is_none());
+        assert_eq!(
+            ResourceId::parse(&image_id("s", "r", "i")).unwrap().kind(),
+            "microsoft.compute/images"
+        );
     }
 }

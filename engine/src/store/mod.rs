@@ -70,7 +70,9 @@ impl StoreError {
     /// Azure's error code for this error (for `--output json` and docs/diagnostics.md).
     pub fn code(&self) -> &'static str {
         match self {
-            StoreError::Db { .. } | StoreError::Io { .. } | StoreError::TooNew { .. } => "StoreError",
+            StoreError::Db { .. } | StoreError::Io { .. } | StoreError::TooNew { .. } => {
+                "StoreError"
+            }
             StoreError::NotFound { code, .. } | StoreError::Conflict { code, .. } => code,
         }
     }
@@ -372,42 +374,76 @@ pub fn parse_version(s: &str) -> Option<(i64, i64, i64)> {
     if p.len() != 3 {
         return None;
     }
-    let n = |x: &str| if !x.is_empty() && x.len() <= 10 && x.bytes().all(|b| b.is_ascii_digit()) { x.parse::<i64>().ok().filter(|v| *v <= i64::from(i32::MAX)) } else { None };
+    let n = |x: &str| {
+        if !x.is_empty() && x.len() <= 10 && x.bytes().all(|b| b.is_ascii_digit()) {
+            x.parse::<i64>().ok().filter(|v| *v <= i64::from(i32::MAX))
+        } else {
+            None
+        }
+    };
     Some((n(p[0])?, n(p[1])?, n(p[2])?))
 }
 
 impl Store {
     /// Opens (creating and migrating) the store in `home`.
     pub fn open(home: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(home).map_err(|source| StoreError::Io { what: format!("creating {}", home.display()), source })?;
+        std::fs::create_dir_all(home).map_err(|source| StoreError::Io {
+            what: format!("creating {}", home.display()),
+            source,
+        })?;
         let path = home.join("kiln.db");
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
-        let mut store = Store { conn, home: home.to_path_buf(), path: path.clone() };
+        let mut store = Store {
+            conn,
+            home: home.to_path_buf(),
+            path: path.clone(),
+        };
         store.migrate()?;
         Ok(store)
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError::Db { path: self.path.clone(), source }
+        move |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
         // IMMEDIATE: two processes opening a fresh home do not both migrate.
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(db)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db)?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew { path: path.clone(), found: version, known: SCHEMA_VERSION });
+            return Err(StoreError::TooNew {
+                path: path.clone(),
+                found: version,
+                known: SCHEMA_VERSION,
+            });
         }
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             tx.execute_batch(m).map_err(db)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(db)?;
         }
         tx.commit().map_err(db)
     }
@@ -419,7 +455,9 @@ impl Store {
 
     /// The schema version in use.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(self.db())
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.db())
     }
 
     /// The raw connection (for the modules of the store).
@@ -429,20 +467,46 @@ impl Store {
 
     /// The default subscription: `KILN_SUBSCRIPTION_ID`, else one generated once and kept.
     pub fn subscription(&self) -> Result<(String, &'static str), StoreError> {
-        if let Some(s) = std::env::var("KILN_SUBSCRIPTION_ID").ok().filter(|s| !s.trim().is_empty()) {
+        if let Some(s) = std::env::var("KILN_SUBSCRIPTION_ID")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+        {
             return Ok((s.trim().to_string(), "KILN_SUBSCRIPTION_ID"));
         }
         let fresh = random_guid();
-        self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('subscription', ?1)", params![fresh]).map_err(self.db())?;
-        let s: String = self.conn.query_row("SELECT value FROM meta WHERE key='subscription'", [], |r| r.get(0)).map_err(self.db())?;
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('subscription', ?1)",
+                params![fresh],
+            )
+            .map_err(self.db())?;
+        let s: String = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key='subscription'", [], |r| {
+                r.get(0)
+            })
+            .map_err(self.db())?;
         Ok((s, "generated"))
     }
 
     // ---- resource groups ----
 
     /// Creates a resource group (`az group create`: idempotent for the same location).
-    pub fn create_group(&self, sub: &str, name: &str, location: &str, tags: &Value, managed_by: Option<&str>) -> Result<Group, StoreError> {
-        if name.is_empty() || name.len() > 90 || name.ends_with('.') || !name.chars().all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')')) {
+    pub fn create_group(
+        &self,
+        sub: &str,
+        name: &str,
+        location: &str,
+        tags: &Value,
+        managed_by: Option<&str>,
+    ) -> Result<Group, StoreError> {
+        if name.is_empty()
+            || name.len() > 90
+            || name.ends_with('.')
+            || !name
+                .chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')'))
+        {
             return Err(StoreError::Conflict {
                 code: "InvalidResourceGroupName",
                 message: format!("resource group name `{name}`: 1-90 letters, digits, '-', '_', '.', '(' or ')', not ending in '.'"),
@@ -455,7 +519,12 @@ impl Store {
                     message: format!("Invalid resource group location '{location}'. The Resource group already exists in location '{}'.", g.location),
                 });
             }
-            self.conn.execute("UPDATE resource_groups SET tags=?2 WHERE key=?1", params![ids::key(&ids::group_id(sub, name)), tags.to_string()]).map_err(self.db())?;
+            self.conn
+                .execute(
+                    "UPDATE resource_groups SET tags=?2 WHERE key=?1",
+                    params![ids::key(&ids::group_id(sub, name)), tags.to_string()],
+                )
+                .map_err(self.db())?;
             return self.group(sub, name)?.ok_or_else(|| not_found_group(name));
         }
         self.conn
@@ -488,7 +557,15 @@ impl Store {
     pub fn groups(&self, sub: &str) -> Result<Vec<Group>, StoreError> {
         let mut st = self.conn.prepare("SELECT subscription, name, location, tags, managed_by FROM resource_groups WHERE subscription=?1 ORDER BY name").map_err(self.db())?;
         let rows = st
-            .query_map(params![sub], |r| Ok(Group { subscription: r.get(0)?, name: r.get(1)?, location: r.get(2)?, tags: json_col(r.get(3)?), managed_by: r.get(4)? }))
+            .query_map(params![sub], |r| {
+                Ok(Group {
+                    subscription: r.get(0)?,
+                    name: r.get(1)?,
+                    location: r.get(2)?,
+                    tags: json_col(r.get(3)?),
+                    managed_by: r.get(4)?,
+                })
+            })
             .map_err(self.db())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
     }
@@ -498,7 +575,9 @@ impl Store {
         let mut out = Vec::new();
         for table in ["templates", "images", "galleries"] {
             let mut st = self.conn.prepare(&format!("SELECT id FROM {table} WHERE lower(subscription)=lower(?1) AND lower(resource_group)=lower(?2) ORDER BY id")).map_err(self.db())?;
-            let rows = st.query_map(params![sub, name], |r| r.get::<_, String>(0)).map_err(self.db())?;
+            let rows = st
+                .query_map(params![sub, name], |r| r.get::<_, String>(0))
+                .map_err(self.db())?;
             for r in rows {
                 out.push(r.map_err(self.db())?);
             }
@@ -520,7 +599,12 @@ impl Store {
                 ),
             });
         }
-        self.conn.execute("DELETE FROM resource_groups WHERE key=?1", params![ids::key(&ids::group_id(sub, name))]).map_err(self.db())?;
+        self.conn
+            .execute(
+                "DELETE FROM resource_groups WHERE key=?1",
+                params![ids::key(&ids::group_id(sub, name))],
+            )
+            .map_err(self.db())?;
         Ok(())
     }
 
@@ -553,7 +637,10 @@ impl Store {
             )
             .map_err(self.db())?;
         if n == 0 {
-            return Err(StoreError::Conflict { code: "Conflict", message: format!("the template {} already exists", t.id) });
+            return Err(StoreError::Conflict {
+                code: "Conflict",
+                message: format!("the template {} already exists", t.id),
+            });
         }
         Ok(())
     }
@@ -605,13 +692,22 @@ impl Store {
     /// A template by ID.
     pub fn template(&self, id: &str) -> Result<Option<TemplateRow>, StoreError> {
         self.conn
-            .query_row(&format!("SELECT {} FROM templates WHERE key=?1", Self::TEMPLATE_COLS), params![ids::key(id)], Self::template_from_row)
+            .query_row(
+                &format!("SELECT {} FROM templates WHERE key=?1", Self::TEMPLATE_COLS),
+                params![ids::key(id)],
+                Self::template_from_row,
+            )
             .optional()
             .map_err(self.db())
     }
 
     /// A template that must exist.
-    pub fn require_template(&self, sub: &str, rg: &str, name: &str) -> Result<TemplateRow, StoreError> {
+    pub fn require_template(
+        &self,
+        sub: &str,
+        rg: &str,
+        name: &str,
+    ) -> Result<TemplateRow, StoreError> {
         self.require_group(sub, rg)?;
         self.template(&ids::template_id(sub, rg, name))?.ok_or_else(|| StoreError::NotFound {
             code: "ResourceNotFound",
@@ -628,13 +724,22 @@ impl Store {
                 Self::TEMPLATE_COLS
             ))
             .map_err(self.db())?;
-        let rows = st.query_map(params![sub, rg], Self::template_from_row).map_err(self.db())?;
+        let rows = st
+            .query_map(params![sub, rg], Self::template_from_row)
+            .map_err(self.db())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
     }
 
     /// The template using `staging_rg` as its staging, if any.
     pub fn template_with_staging(&self, staging_rg: &str) -> Result<Option<String>, StoreError> {
-        self.conn.query_row("SELECT id FROM templates WHERE lower(staging_rg)=lower(?1)", params![staging_rg], |r| r.get(0)).optional().map_err(self.db())
+        self.conn
+            .query_row(
+                "SELECT id FROM templates WHERE lower(staging_rg)=lower(?1)",
+                params![staging_rg],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())
     }
 
     /// Deletes a template row, its runs and their runOutputs.
@@ -707,7 +812,11 @@ impl Store {
     /// A managed image by ID.
     pub fn image(&self, id: &str) -> Result<Option<ImageRow>, StoreError> {
         self.conn
-            .query_row(&format!("SELECT {} FROM images WHERE key=?1", Self::IMAGE_COLS), params![ids::key(id)], Self::image_from_row)
+            .query_row(
+                &format!("SELECT {} FROM images WHERE key=?1", Self::IMAGE_COLS),
+                params![ids::key(id)],
+                Self::image_from_row,
+            )
             .optional()
             .map_err(self.db())
     }
@@ -721,14 +830,21 @@ impl Store {
                 Self::IMAGE_COLS
             ))
             .map_err(self.db())?;
-        let rows = st.query_map(params![sub, rg], Self::image_from_row).map_err(self.db())?;
+        let rows = st
+            .query_map(params![sub, rg], Self::image_from_row)
+            .map_err(self.db())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
     }
 
     /// Deletes a managed image's row and its files.
     pub fn delete_image(&self, id: &str) -> Result<ImageRow, StoreError> {
-        let img = self.image(id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: format!("the managed image {id} was not found") })?;
-        self.conn.execute("DELETE FROM images WHERE key=?1", params![ids::key(id)]).map_err(self.db())?;
+        let img = self.image(id)?.ok_or_else(|| StoreError::NotFound {
+            code: "ResourceNotFound",
+            message: format!("the managed image {id} was not found"),
+        })?;
+        self.conn
+            .execute("DELETE FROM images WHERE key=?1", params![ids::key(id)])
+            .map_err(self.db())?;
         if let Some(dir) = img.disk.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -738,7 +854,13 @@ impl Store {
     // ---- galleries ----
 
     /// Creates a gallery (idempotent).
-    pub fn create_gallery(&self, sub: &str, rg: &str, name: &str, location: &str) -> Result<GalleryRow, StoreError> {
+    pub fn create_gallery(
+        &self,
+        sub: &str,
+        rg: &str,
+        name: &str,
+        location: &str,
+    ) -> Result<GalleryRow, StoreError> {
         self.require_group(sub, rg)?;
         let id = ids::gallery_id(sub, rg, name);
         self.conn
@@ -747,7 +869,10 @@ impl Store {
                 params![ids::key(&id), id, sub, rg, name, location, now()],
             )
             .map_err(self.db())?;
-        self.gallery(&id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: id })
+        self.gallery(&id)?.ok_or_else(|| StoreError::NotFound {
+            code: "ResourceNotFound",
+            message: id,
+        })
     }
 
     /// A gallery by ID.
@@ -767,7 +892,15 @@ impl Store {
             .prepare("SELECT id, subscription, resource_group, name, location FROM galleries WHERE lower(subscription)=lower(?1) AND (?2 IS NULL OR lower(resource_group)=lower(?2)) ORDER BY name")
             .map_err(self.db())?;
         let rows = st
-            .query_map(params![sub, rg], |r| Ok(GalleryRow { id: r.get(0)?, subscription: r.get(1)?, resource_group: r.get(2)?, name: r.get(3)?, location: r.get(4)? }))
+            .query_map(params![sub, rg], |r| {
+                Ok(GalleryRow {
+                    id: r.get(0)?,
+                    subscription: r.get(1)?,
+                    resource_group: r.get(2)?,
+                    name: r.get(3)?,
+                    location: r.get(4)?,
+                })
+            })
             .map_err(self.db())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
     }
@@ -776,11 +909,28 @@ impl Store {
     /// identifiers is an error (as on Azure: they are immutable).
     pub fn create_definition(&self, d: &DefinitionRow) -> Result<DefinitionRow, StoreError> {
         if self.gallery(&d.gallery_key)?.is_none() {
-            return Err(StoreError::NotFound { code: "ParentResourceNotFound", message: format!("the gallery {} was not found; create it with `kiln sig create`", d.gallery_key) });
+            return Err(StoreError::NotFound {
+                code: "ParentResourceNotFound",
+                message: format!(
+                    "the gallery {} was not found; create it with `kiln sig create`",
+                    d.gallery_key
+                ),
+            });
         }
         if let Some(old) = self.definition(&d.id)? {
-            if (old.publisher.as_str(), old.offer.as_str(), old.sku.as_str(), old.os_type.as_str()) != (d.publisher.as_str(), d.offer.as_str(), d.sku.as_str(), d.os_type.as_str())
-                || !old.hyper_v_generation.eq_ignore_ascii_case(&d.hyper_v_generation)
+            if (
+                old.publisher.as_str(),
+                old.offer.as_str(),
+                old.sku.as_str(),
+                old.os_type.as_str(),
+            ) != (
+                d.publisher.as_str(),
+                d.offer.as_str(),
+                d.sku.as_str(),
+                d.os_type.as_str(),
+            ) || !old
+                .hyper_v_generation
+                .eq_ignore_ascii_case(&d.hyper_v_generation)
             {
                 return Err(StoreError::Conflict {
                     code: "PropertyChangeNotAllowed",
@@ -795,7 +945,10 @@ impl Store {
                 params![ids::key(&d.id), d.id, ids::key(&d.gallery_key), d.name, d.location, d.publisher, d.offer, d.sku, d.os_type, d.hyper_v_generation, now()],
             )
             .map_err(self.db())?;
-        self.definition(&d.id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: d.id.clone() })
+        self.definition(&d.id)?.ok_or_else(|| StoreError::NotFound {
+            code: "ResourceNotFound",
+            message: d.id.clone(),
+        })
     }
 
     fn definition_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DefinitionRow> {
@@ -830,7 +983,9 @@ impl Store {
             .conn
             .prepare("SELECT id, gallery_key, name, location, publisher, offer, sku, os_type, hyper_v_generation FROM image_definitions WHERE gallery_key=?1 ORDER BY name")
             .map_err(self.db())?;
-        let rows = st.query_map(params![ids::key(gallery_id)], Self::definition_from_row).map_err(self.db())?;
+        let rows = st
+            .query_map(params![ids::key(gallery_id)], Self::definition_from_row)
+            .map_err(self.db())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.db())
     }
 
@@ -866,7 +1021,14 @@ impl Store {
             let (mut v, key) = row.map_err(self.db())?;
             let mut rs = self.conn.prepare("SELECT region, replica_count, storage_account_type, disk FROM replicas WHERE version_key=?1 ORDER BY rowid").map_err(self.db())?;
             let reps = rs
-                .query_map(params![key], |r| Ok(ReplicaRow { region: r.get(0)?, replica_count: r.get(1)?, storage_account_type: r.get(2)?, disk: PathBuf::from(r.get::<_, String>(3)?) }))
+                .query_map(params![key], |r| {
+                    Ok(ReplicaRow {
+                        region: r.get(0)?,
+                        replica_count: r.get(1)?,
+                        storage_account_type: r.get(2)?,
+                        disk: PathBuf::from(r.get::<_, String>(3)?),
+                    })
+                })
                 .map_err(self.db())?;
             for rep in reps {
                 v.replicas.push(rep.map_err(self.db())?);
@@ -879,9 +1041,17 @@ impl Store {
     /// One version, by ID; `…/versions/latest` resolves to the highest version not excluded from
     /// latest.
     pub fn version(&self, id: &str) -> Result<Option<VersionRow>, StoreError> {
-        let Some(parsed) = ids::ResourceId::parse(id) else { return Ok(None) };
+        let Some(parsed) = ids::ResourceId::parse(id) else {
+            return Ok(None);
+        };
         let name = parsed.name().to_string();
-        let def_id = id.trim().trim_end_matches('/').rsplit_once('/').and_then(|(a, _)| a.rsplit_once('/')).map(|(a, _)| a.to_string()).unwrap_or_default();
+        let def_id = id
+            .trim()
+            .trim_end_matches('/')
+            .rsplit_once('/')
+            .and_then(|(a, _)| a.rsplit_once('/'))
+            .map(|(a, _)| a.to_string())
+            .unwrap_or_default();
         let versions = self.versions(&def_id)?;
         if name.eq_ignore_ascii_case("latest") {
             return Ok(versions.into_iter().rev().find(|v| !v.exclude_from_latest));
@@ -911,10 +1081,16 @@ impl Store {
         })();
         match r {
             Ok(1) => Ok(()),
-            Ok(_) => Err(StoreError::Conflict { code: "Conflict", message: format!("the image version {} already exists", v.id) }),
+            Ok(_) => Err(StoreError::Conflict {
+                code: "Conflict",
+                message: format!("the image version {} already exists", v.id),
+            }),
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                Err(StoreError::Db { path: self.path.clone(), source: e })
+                Err(StoreError::Db {
+                    path: self.path.clone(),
+                    source: e,
+                })
             }
         }
     }
@@ -943,14 +1119,24 @@ pub fn random_guid() -> String {
     }
     if b == [0u8; 16] {
         use sha2::{Digest, Sha256};
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let h = Sha256::digest(format!("{nanos}-{}", std::process::id()).as_bytes());
         b.copy_from_slice(&h[..16]);
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// A short random id (8 hex digits) for staging names.
@@ -976,7 +1162,10 @@ mod tests {
         drop(s);
         let s = Store::open(&d).unwrap();
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-        let mode: String = s.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode: String = s
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
         let _ = std::fs::remove_dir_all(d);
     }
@@ -985,7 +1174,9 @@ mod tests {
     fn refuses_a_newer_schema() {
         let d = tmp("newer");
         let s = Store::open(&d).unwrap();
-        s.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        s.conn
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
         drop(s);
         let e = Store::open(&d).err().unwrap();
         assert!(matches!(e, StoreError::TooNew { .. }), "{e}");
@@ -996,10 +1187,21 @@ mod tests {
     fn groups_are_case_insensitive_and_location_checked() {
         let d = tmp("groups");
         let s = Store::open(&d).unwrap();
-        s.create_group("sub", "MyRG", "westus", &serde_json::json!({}), None).unwrap();
+        s.create_group("sub", "MyRG", "westus", &serde_json::json!({}), None)
+            .unwrap();
         assert_eq!(s.group("sub", "myrg").unwrap().unwrap().name, "MyRG");
-        assert_eq!(s.create_group("sub", "myrg", "eastus", &serde_json::json!({}), None).unwrap_err().code(), "InvalidResourceGroupLocation");
-        assert_eq!(s.create_group("sub", "bad/name", "eastus", &serde_json::json!({}), None).unwrap_err().code(), "InvalidResourceGroupName");
+        assert_eq!(
+            s.create_group("sub", "myrg", "eastus", &serde_json::json!({}), None)
+                .unwrap_err()
+                .code(),
+            "InvalidResourceGroupLocation"
+        );
+        assert_eq!(
+            s.create_group("sub", "bad/name", "eastus", &serde_json::json!({}), None)
+                .unwrap_err()
+                .code(),
+            "InvalidResourceGroupName"
+        );
         s.delete_group("sub", "MYRG").unwrap();
         assert!(s.group("sub", "MyRG").unwrap().is_none());
         let _ = std::fs::remove_dir_all(d);
@@ -1022,7 +1224,8 @@ mod tests {
     fn versions_and_latest() {
         let d = tmp("versions");
         let s = Store::open(&d).unwrap();
-        s.create_group("sub", "rg", "westus", &serde_json::json!({}), None).unwrap();
+        s.create_group("sub", "rg", "westus", &serde_json::json!({}), None)
+            .unwrap();
         let g = s.create_gallery("sub", "rg", "gal", "westus").unwrap();
         let def_id = ids::definition_id("sub", "rg", "gal", "def");
         let def = DefinitionRow {
@@ -1039,7 +1242,10 @@ mod tests {
         s.create_definition(&def).unwrap();
         let mut other = def.clone();
         other.sku = "x".into();
-        assert_eq!(s.create_definition(&other).unwrap_err().code(), "PropertyChangeNotAllowed");
+        assert_eq!(
+            s.create_definition(&other).unwrap_err().code(),
+            "PropertyChangeNotAllowed"
+        );
         for (name, excl) in [("1.0.0", false), ("1.2.0", false), ("1.10.0", true)] {
             let v = VersionRow {
                 id: ids::version_id("sub", "rg", "gal", "def", name),
@@ -1051,15 +1257,26 @@ mod tests {
                 tags: serde_json::json!({}),
                 source_run: None,
                 created: now(),
-                replicas: vec![ReplicaRow { region: "westus".into(), replica_count: 1, storage_account_type: "Standard_LRS".into(), disk: PathBuf::from("/x") }],
+                replicas: vec![ReplicaRow {
+                    region: "westus".into(),
+                    replica_count: 1,
+                    storage_account_type: "Standard_LRS".into(),
+                    disk: PathBuf::from("/x"),
+                }],
             };
             s.insert_version(&v).unwrap();
             assert_eq!(s.insert_version(&v).unwrap_err().code(), "Conflict");
         }
         let all = s.versions(&def_id).unwrap();
-        assert_eq!(all.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["1.0.0", "1.2.0", "1.10.0"]);
+        assert_eq!(
+            all.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+            ["1.0.0", "1.2.0", "1.10.0"]
+        );
         assert_eq!(all[0].replicas.len(), 1);
-        let latest = s.version(&format!("{}/versions/latest", def_id.to_uppercase())).unwrap().unwrap();
+        let latest = s
+            .version(&format!("{}/versions/latest", def_id.to_uppercase()))
+            .unwrap()
+            .unwrap();
         assert_eq!(latest.name, "1.2.0");
         assert_eq!(parse_version("1.2"), None);
         assert_eq!(parse_version("1.2.x"), None);

@@ -45,10 +45,19 @@ pub fn owner_alive(pid: Option<i64>, pid_start: Option<i64>) -> bool {
 impl Store {
     /// Starts a run: fails with AIB's conflict when another run of the template is in progress
     /// (checked and inserted in one transaction).
-    pub fn insert_run(&self, template_id: &str, run_id: &str, run_dir: &Path, pid: i64) -> Result<RunRow, StoreError> {
+    pub fn insert_run(
+        &self,
+        template_id: &str,
+        run_id: &str,
+        run_dir: &Path,
+        pid: i64,
+    ) -> Result<RunRow, StoreError> {
         let key = ids::key(template_id);
         let conn = self.conn();
-        let db = |source| StoreError::Db { path: self.home().join("kiln.db"), source };
+        let db = |source| StoreError::Db {
+            path: self.home().join("kiln.db"),
+            source,
+        };
         conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
         let busy: Option<String> = match conn
             .query_row("SELECT id FROM runs WHERE template_key=?1 AND run_state IN ('Running','Canceling')", params![key], |r| r.get(0))
@@ -78,29 +87,52 @@ impl Store {
             return Err(db(e));
         }
         conn.execute_batch("COMMIT").map_err(db)?;
-        self.run(run_id)?.ok_or_else(|| StoreError::NotFound { code: "ResourceNotFound", message: format!("run {run_id}") })
+        self.run(run_id)?.ok_or_else(|| StoreError::NotFound {
+            code: "ResourceNotFound",
+            message: format!("run {run_id}"),
+        })
     }
 
     /// A run by id.
     pub fn run(&self, run_id: &str) -> Result<Option<RunRow>, StoreError> {
         self.conn()
-            .query_row(&format!("SELECT {RUN_COLS} FROM runs WHERE id=?1"), params![run_id], run_from_row)
+            .query_row(
+                &format!("SELECT {RUN_COLS} FROM runs WHERE id=?1"),
+                params![run_id],
+                run_from_row,
+            )
             .optional()
-            .map_err(|source| StoreError::Db { path: self.home().join("kiln.db"), source })
+            .map_err(|source| StoreError::Db {
+                path: self.home().join("kiln.db"),
+                source,
+            })
     }
 
     /// The runs of a template, newest first.
     pub fn runs_of(&self, template_id: &str) -> Result<Vec<RunRow>, StoreError> {
-        let db = |source| StoreError::Db { path: self.home().join("kiln.db"), source };
+        let db = |source| StoreError::Db {
+            path: self.home().join("kiln.db"),
+            source,
+        };
         let mut st = self.conn().prepare(&format!("SELECT {RUN_COLS} FROM runs WHERE template_key=?1 ORDER BY start_time DESC, rowid DESC")).map_err(db)?;
-        let rows = st.query_map(params![ids::key(template_id)], run_from_row).map_err(db)?;
+        let rows = st
+            .query_map(params![ids::key(template_id)], run_from_row)
+            .map_err(db)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(db)
     }
 
     /// Every run still marked in progress.
     pub fn active_runs(&self) -> Result<Vec<RunRow>, StoreError> {
-        let db = |source| StoreError::Db { path: self.home().join("kiln.db"), source };
-        let mut st = self.conn().prepare(&format!("SELECT {RUN_COLS} FROM runs WHERE run_state IN ('Running','Canceling')")).map_err(db)?;
+        let db = |source| StoreError::Db {
+            path: self.home().join("kiln.db"),
+            source,
+        };
+        let mut st = self
+            .conn()
+            .prepare(&format!(
+                "SELECT {RUN_COLS} FROM runs WHERE run_state IN ('Running','Canceling')"
+            ))
+            .map_err(db)?;
         let rows = st.query_map([], run_from_row).map_err(db)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(db)
     }
@@ -108,9 +140,15 @@ impl Store {
     /// Sets the owning process (the detached worker, once it runs).
     pub fn set_run_owner(&self, run_id: &str, pid: i64) -> Result<(), StoreError> {
         self.conn()
-            .execute("UPDATE runs SET pid=?2, pid_start=?3 WHERE id=?1", params![run_id, pid, process_start(pid)])
+            .execute(
+                "UPDATE runs SET pid=?2, pid_start=?3 WHERE id=?1",
+                params![run_id, pid, process_start(pid)],
+            )
             .map(|_| ())
-            .map_err(|source| StoreError::Db { path: self.home().join("kiln.db"), source })
+            .map_err(|source| StoreError::Db {
+                path: self.home().join("kiln.db"),
+                source,
+            })
     }
 
     /// Updates runSubState (and the message) of a run in progress.
@@ -124,21 +162,38 @@ impl Store {
     /// Records the source's exactVersion.
     pub fn set_run_exact_version(&self, run_id: &str, exact: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("UPDATE runs SET exact_version=?2 WHERE id=?1", params![run_id, exact])
+            .execute(
+                "UPDATE runs SET exact_version=?2 WHERE id=?1",
+                params![run_id, exact],
+            )
             .map(|_| ())
-            .map_err(|source| StoreError::Db { path: self.home().join("kiln.db"), source })
+            .map_err(|source| StoreError::Db {
+                path: self.home().join("kiln.db"),
+                source,
+            })
     }
 
     /// Marks a run Canceling (only while Running). Returns whether it was.
     pub fn set_run_canceling(&self, run_id: &str) -> Result<bool, StoreError> {
         self.conn()
-            .execute("UPDATE runs SET run_state='Canceling' WHERE id=?1 AND run_state='Running'", params![run_id])
+            .execute(
+                "UPDATE runs SET run_state='Canceling' WHERE id=?1 AND run_state='Running'",
+                params![run_id],
+            )
             .map(|n| n == 1)
-            .map_err(|source| StoreError::Db { path: self.home().join("kiln.db"), source })
+            .map_err(|source| StoreError::Db {
+                path: self.home().join("kiln.db"),
+                source,
+            })
     }
 
     /// Ends a run (only once: a finished run is never rewritten).
-    pub fn finish_run(&self, run_id: &str, run_state: &str, message: &str) -> Result<bool, StoreError> {
+    pub fn finish_run(
+        &self,
+        run_id: &str,
+        run_state: &str,
+        message: &str,
+    ) -> Result<bool, StoreError> {
         self.conn()
             .execute(
                 "UPDATE runs SET run_state=?2, message=?3, end_time=?4 WHERE id=?1 AND run_state IN ('Running','Canceling')",
@@ -161,10 +216,20 @@ impl Store {
 
     /// The runOutputs of a run, in the order recorded.
     pub fn run_outputs(&self, run_id: &str) -> Result<Vec<RunOutputRow>, StoreError> {
-        let db = |source| StoreError::Db { path: self.home().join("kiln.db"), source };
+        let db = |source| StoreError::Db {
+            path: self.home().join("kiln.db"),
+            source,
+        };
         let mut st = self.conn().prepare("SELECT name, artifact_id, artifact_uri, provisioning_state FROM run_outputs WHERE run_id=?1 ORDER BY rowid").map_err(db)?;
         let rows = st
-            .query_map(params![run_id], |r| Ok(RunOutputRow { name: r.get(0)?, artifact_id: r.get(1)?, artifact_uri: r.get(2)?, provisioning_state: r.get(3)? }))
+            .query_map(params![run_id], |r| {
+                Ok(RunOutputRow {
+                    name: r.get(0)?,
+                    artifact_id: r.get(1)?,
+                    artifact_uri: r.get(2)?,
+                    provisioning_state: r.get(3)?,
+                })
+            })
             .map_err(db)?;
         rows.collect::<Result<Vec<_>, _>>().map_err(db)
     }
@@ -188,7 +253,12 @@ impl Store {
             }
             let killed = kill_processes_naming(&run.run_dir);
             let removed = clean_run_files(&run.run_dir, &self.artifacts_dir(), &run.id);
-            out.push(Recovered { run_id: run.id.clone(), template_key: run.template_key.clone(), killed, removed });
+            out.push(Recovered {
+                run_id: run.id.clone(),
+                template_key: run.template_key.clone(),
+                killed,
+                removed,
+            });
         }
         Ok(out)
     }
@@ -213,18 +283,29 @@ pub fn kill_processes_naming(dir: &Path) -> Vec<i64> {
     let needle = dir.display().to_string();
     let me = i64::from(std::process::id());
     let mut killed = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return killed };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return killed;
+    };
     for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i64>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i64>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if text.contains(&needle) && text.contains("qemu") {
-            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).is_ok() {
-                killed.push(pid);
-            }
+        if text.contains(&needle)
+            && text.contains("qemu")
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            killed.push(pid);
         }
     }
     killed
@@ -237,11 +318,18 @@ pub fn clean_run_files(run_dir: &Path, artifacts: &Path, run_id: &str) -> Vec<Pa
         for e in rd.flatten() {
             let p = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
-            let keep = name.ends_with(".log") || name.ends_with(".jsonl") || name.ends_with(".stderr") || name == "runOutputs.json";
+            let keep = name.ends_with(".log")
+                || name.ends_with(".jsonl")
+                || name.ends_with(".stderr")
+                || name == "runOutputs.json";
             if keep {
                 continue;
             }
-            let ok = if p.is_dir() { std::fs::remove_dir_all(&p).is_ok() } else { std::fs::remove_file(&p).is_ok() };
+            let ok = if p.is_dir() {
+                std::fs::remove_dir_all(&p).is_ok()
+            } else {
+                std::fs::remove_file(&p).is_ok()
+            };
             if ok {
                 removed.push(p);
             }
@@ -251,12 +339,16 @@ pub fn clean_run_files(run_dir: &Path, artifacts: &Path, run_id: &str) -> Vec<Pa
     let marker = format!(".partial-{run_id}");
     let mut stack = vec![artifacts.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 stack.push(p);
-            } else if e.file_name().to_string_lossy().contains(&marker) && std::fs::remove_file(&p).is_ok() {
+            } else if e.file_name().to_string_lossy().contains(&marker)
+                && std::fs::remove_file(&p).is_ok()
+            {
                 removed.push(p);
             }
         }
@@ -284,12 +376,18 @@ mod tests {
         // Owner alive: nothing to recover.
         assert!(s.recover().unwrap().is_empty());
         // A dead owner: a PID with another start time.
-        s.conn().execute("UPDATE runs SET pid_start=1 WHERE id='r1'", []).unwrap();
+        s.conn()
+            .execute("UPDATE runs SET pid_start=1 WHERE id='r1'", [])
+            .unwrap();
         let rec = s.recover().unwrap();
         assert_eq!(rec.len(), 1);
         let r = s.run("r1").unwrap().unwrap();
         assert_eq!(r.run_state, "Failed");
-        assert!(r.message.contains("ended without finishing"), "{}", r.message);
+        assert!(
+            r.message.contains("ended without finishing"),
+            "{}",
+            r.message
+        );
         assert!(!run_dir.join("os.qcow2").exists());
         assert!(run_dir.join("customization.log").exists());
         // Finished runs are never rewritten.
