@@ -381,3 +381,36 @@ fn staging_rules_and_delete() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn from_2024_02_01_vm_profile_and_distribute_may_change() {
+    let (store, dir) = tmp_store("update");
+    let sub = "sub";
+    store
+        .create_group(sub, "rg", "westus", &json!({}), None)
+        .unwrap();
+    let file = spec("2022-02-14/examples/CreateImageTemplateLinux.json");
+    let mk = |api: &str, size: &str| {
+        let mut r = request(&file, sub, "rg", "t");
+        r.api_version = ApiVersion::parse(api).unwrap();
+        r.normalized["properties"]["source"] = json!({"type": "PlatformImage", "publisher": "p", "offer": "o", "sku": "s", "version": "latest"});
+        r.normalized["properties"]["vmProfile"]["vmSize"] = json!(size);
+        r.model = serde_json::from_value(r.normalized.clone()).unwrap();
+        r
+    };
+    let t = create_template(&store, mk("2024-02-01", "Standard_D2s_v3")).unwrap();
+    let t2 = create_template(&store, mk("2024-02-01", "Standard_D4s_v3")).unwrap();
+    assert_eq!(
+        t2.normalized["properties"]["vmProfile"]["vmSize"],
+        "Standard_D4s_v3"
+    );
+    assert_eq!(t2.staging_rg, t.staging_rg, "an update keeps the staging");
+    // Under an older API version the same change is refused.
+    assert_eq!(
+        create_template(&store, mk("2022-07-01", "Standard_D8s_v3"))
+            .unwrap_err()
+            .code(),
+        "TemplateImmutable"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

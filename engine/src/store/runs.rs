@@ -243,12 +243,19 @@ impl Store {
             if owner_alive(run.pid, run.pid_start) {
                 continue;
             }
+            // A run being canceled whose owner died is Canceled (the user asked for it); any
+            // other is Failed.
+            let state = if run.run_state == "Canceling" {
+                "Canceled"
+            } else {
+                "Failed"
+            };
             let msg = format!(
-                "the kiln process (pid {}) that owned this run ended without finishing it; marked Failed by kiln (pid {})",
+                "the kiln process (pid {}) that owned this run ended without finishing it; marked {state} by kiln (pid {})",
                 run.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
                 std::process::id()
             );
-            if !self.finish_run(&run.id, "Failed", &msg)? {
+            if !self.finish_run(&run.id, state, &msg)? {
                 continue; // someone else finished it meanwhile
             }
             let killed = kill_processes_naming(&run.run_dir);
@@ -392,6 +399,58 @@ mod tests {
         assert!(run_dir.join("customization.log").exists());
         // Finished runs are never rewritten.
         assert!(!s.finish_run("r1", "Succeeded", "").unwrap());
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn several_processes_worth_of_writers() {
+        // Separate connections (as separate kiln processes have): one run wins per template, and
+        // concurrent writers never see "database is locked".
+        let d = std::env::temp_dir().join(format!("kiln-store-concurrent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Store::open(&d).unwrap();
+        let me = i64::from(std::process::id());
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    let s = Store::open(&d).unwrap();
+                    s.create_group(
+                        "sub",
+                        &format!("rg{i}"),
+                        "westus",
+                        &serde_json::json!({}),
+                        None,
+                    )
+                    .unwrap();
+                    let t = super::super::ids::template_id("sub", "rg", "same");
+                    s.insert_run(&t, &format!("run{i}"), &d.join(format!("r{i}")), me)
+                        .is_ok()
+                })
+            })
+            .collect();
+        let wins = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|w| *w)
+            .count();
+        assert_eq!(wins, 1, "exactly one run per template at a time");
+        assert_eq!(Store::open(&d).unwrap().groups("sub").unwrap().len(), 8);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_dead_canceling_run_ends_canceled() {
+        let d = std::env::temp_dir().join(format!("kiln-store-canceling-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let s = Store::open(&d).unwrap();
+        s.insert_run("/subscriptions/s/resourceGroups/rg/providers/Microsoft.VirtualMachineImages/imageTemplates/t", "c1", &d.join("c1"), i64::from(std::process::id())).unwrap();
+        assert!(s.set_run_canceling("c1").unwrap());
+        s.conn()
+            .execute("UPDATE runs SET pid_start=1 WHERE id='c1'", [])
+            .unwrap();
+        s.recover().unwrap();
+        assert_eq!(s.run("c1").unwrap().unwrap().run_state, "Canceled");
         let _ = std::fs::remove_dir_all(d);
     }
 
