@@ -7,5 +7,7 @@ pub mod build;
 pub mod diag;
 pub mod home;
 pub mod json;
+pub mod resources;
+pub mod store;
 pub mod template;
 pub mod vm;

@@ -28,9 +28,27 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         output: cli::output::Format,
     },
-    /// The local PlatformImage catalog: import disks, list them.
+    /// Images: the local PlatformImage catalog (import) and managed images (list, show, delete).
     #[command(subcommand)]
     Image(cli::image::Command),
+    /// Resource groups (az group).
+    #[command(subcommand)]
+    Group(cli::group::Command),
+    /// Image templates as resources (az image builder): create, run, cancel, outputs.
+    #[command(subcommand)]
+    Template(cli::template::Command),
+    /// Galleries, image definitions and versions (az sig).
+    #[command(subcommand)]
+    Sig(cli::sig::Command),
+    /// The default subscription (az account).
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Show the default subscription: KILN_SUBSCRIPTION_ID, else one generated once.
+    Show,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +58,10 @@ fn main() -> ExitCode {
         Command::Image(c) => cli::image::run(c),
         Command::Build(a) => cli::build::run(a),
         Command::Doctor { output } => cli::doctor::run(output),
+        Command::Group(c) => cli::group::run(c),
+        Command::Template(c) => cli::template::run(c),
+        Command::Sig(c) => cli::sig::run(c),
+        Command::Account(AccountCommand::Show) => cli::group::account_show(),
     };
     ExitCode::from(code)
 }

@@ -249,7 +249,7 @@ fn a_checksum_mismatch_fails_before_the_vm_boots() {
     let t = c.template("tiny", "gen1", serde_json::json!([{"type": "Shell", "scriptUri": script, "sha256Checksum": wrong}]), "tiny-sha");
     let out = c.build(&t, &[]);
     let r = result(&out);
-    assert_eq!(r["runState"], "Failed");
+    assert_eq!(r["runState"], "Failed", "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let err = r["error"].as_str().unwrap_or("");
     assert!(err.contains(&wrong) && err.contains(&sha256(&c.files.join("s.sh"))), "names both hashes: {err}");
     let ev = events(&out);

@@ -38,6 +38,11 @@ pub struct BuildOptions {
     pub vm_sizes: BTreeMap<String, VmShape>,
     /// Overrides the template's buildTimeoutInMinutes (tests), in seconds.
     pub timeout_override: Option<Duration>,
+    /// The run's id (the state store allocates it; default: a fresh one).
+    pub run_id: Option<String>,
+    /// The run's directory (a template's staging directory holds its runs; default:
+    /// `KILN_HOME/staging/IT_<rg>_<template>_<run id>`).
+    pub run_dir: Option<PathBuf>,
 }
 
 /// A resolved source image.
@@ -123,6 +128,8 @@ pub struct BuildCx {
     pub exports: Vec<ExportedVhd>,
     /// runOutputs recorded.
     pub run_outputs: Vec<serde_json::Value>,
+    /// Distributors that failed while others succeeded (the run is then PartiallySucceeded).
+    pub partial_failures: Vec<String>,
     /// The build VM kept after a failure (`errorHandling: abort`, `--keep-vm-on-error`); the
     /// build stops it when the run is canceled or the VM exits.
     pub kept_vm: Option<KeptVm>,

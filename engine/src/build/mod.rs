@@ -12,6 +12,8 @@ pub mod runner;
 pub mod seed;
 pub mod sizes;
 pub mod steps;
+pub mod steps_distribute;
+pub mod steps_source;
 pub mod steps_vm;
 pub mod time;
 
@@ -115,8 +117,12 @@ pub struct BuildResult {
     pub run_id: String,
     /// The run's directory.
     pub run_dir: PathBuf,
-    /// `Succeeded`, `Failed` or `Canceled` (AIB's runState).
+    /// `Succeeded`, `PartiallySucceeded`, `Failed` or `Canceled` (AIB's runState).
     pub run_state: &'static str,
+    /// The run's message (why it failed, or which distributors failed).
+    pub message: String,
+    /// The source's exactVersion (a resolved `latest`).
+    pub exact_version: Option<String>,
     /// The runOutputs, Azure-shaped.
     pub run_outputs: Vec<serde_json::Value>,
     /// The error, if it failed.
@@ -139,8 +145,8 @@ pub fn staging_name(resource_group: &str, template: &str, id: &str) -> String {
 /// Runs a build to the end. Never panics on a failed build: the result says what happened, the
 /// run's directory keeps the logs, and no QEMU is left running (unless `keep_vm_on_error`).
 pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: CancellationToken) -> Result<BuildResult, BuildError> {
-    let id = run_id();
-    let run_dir = req.options.kiln_home.join("staging").join(staging_name(&req.options.resource_group, &req.name, &id));
+    let id = req.options.run_id.clone().unwrap_or_else(run_id);
+    let run_dir = req.options.run_dir.clone().unwrap_or_else(|| req.options.kiln_home.join("staging").join(staging_name(&req.options.resource_group, &req.name, &id)));
     std::fs::create_dir_all(&run_dir).map_err(BuildError::io(format!("creating the run directory {}", run_dir.display())))?;
     let events = Reporter::in_dir(&run_dir, listener).map_err(BuildError::io(format!("creating the logs in {}", run_dir.display())))?;
     let minutes = u64::from(req.template.properties.build_timeout_in_minutes.max(1));
@@ -171,20 +177,23 @@ pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: Ca
         exports: Vec::new(),
         run_outputs: Vec::new(),
         kept_vm: None,
+        partial_failures: Vec::new(),
     };
     events.emit(Event::RunStarted { run_id: id.clone(), template: req.name, run_dir: run_dir.display().to_string() });
     let plan = steps::plan(&cx)?;
     let result = runner::run_steps(plan, &mut cx, &cancel).await;
     let (state, message) = match &result {
+        Ok(()) if !cx.partial_failures.is_empty() => ("PartiallySucceeded", cx.partial_failures.join("; ")),
         Ok(()) => ("Succeeded", String::new()),
         Err(BuildError::Canceled) => ("Canceled", "the build was canceled".to_string()),
         Err(e) => ("Failed", e.to_string()),
     };
-    events.emit(Event::RunFinished { run_state: state.into(), message, seconds: started.elapsed().as_secs_f64() });
+    events.emit(Event::RunFinished { run_state: state.into(), message: message.clone(), seconds: started.elapsed().as_secs_f64() });
     if let Some(kept) = cx.kept_vm.take() {
         wait_kept_vm(kept, &events, &cancel).await;
     }
-    Ok(BuildResult { run_id: id, run_dir, run_state: state, run_outputs: cx.run_outputs, error: result.err() })
+    let exact_version = cx.source.as_ref().and_then(|s| s.exact_version.clone());
+    Ok(BuildResult { run_id: id, run_dir, run_state: state, message, exact_version, run_outputs: cx.run_outputs, error: result.err() })
 }
 
 /// A kept build VM runs until the run is canceled (Ctrl-C, `kiln template cancel`) or the VM

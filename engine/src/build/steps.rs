@@ -2,15 +2,14 @@
 //! fetch artifacts (checksums verified before boot), provisioning media, start the VM, connect,
 //! customizers, deprovision, shut down, export, record.
 
-use super::context::{Artifact, BuildCx, ExportedVhd, ResolvedSource};
+use super::context::{Artifact, BuildCx, ResolvedSource};
 use super::events::{Event, OutStream, SubState};
 use super::fetch::{self, FetchContext, FetchRequest};
 use super::runner::{Outcome, Step};
 use super::{seed, BuildError};
-use crate::template::model::{Customizer, Distributor, FileCopy, ShellScript, Source, Validator};
+use crate::template::model::{Customizer, FileCopy, ShellScript, Source, Validator};
 use async_trait::async_trait;
 use kiln_images::catalog::Catalog;
-use kiln_images::export::{export_fixed_vhd, ExportRequest};
 use kiln_images::{DiskFormat, ImageTool, QemuImg};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,24 +23,6 @@ pub const BUILD_USER: &str = "packer";
 /// Plans the steps for `cx.template`. Unsupported features fail here, before anything boots.
 pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     let p = &cx.template.properties;
-    if !matches!(p.source, Source::PlatformImage { .. }) {
-        return Err(BuildError::Template(
-            "only PlatformImage sources (the local catalog: `kiln image import`) are supported so far; ManagedImage and SharedImageVersion sources come with the local image store".into(),
-        ));
-    }
-    for d in &p.distribute {
-        if !matches!(d, Distributor::Vhd { .. }) {
-            return Err(BuildError::Template(format!(
-                "distributor `{}` ({}) is not supported yet: kiln exports VHD distributors; ManagedImage and SharedImage come with the local image store and gallery",
-                d.run_output_name(),
-                match d {
-                    Distributor::ManagedImage { .. } => "ManagedImage",
-                    Distributor::SharedImage { .. } => "SharedImage",
-                    Distributor::Vhd { .. } => "VHD",
-                }
-            )));
-        }
-    }
     let source_only = p.validate.as_ref().is_some_and(|v| v.source_validation_only);
     if source_only && !p.customize.is_empty() {
         cx.events.warn(format!(
@@ -101,12 +82,13 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     let phase = if validations.is_empty() { SubState::Customizing } else { SubState::Validating };
     steps.push(Box::new(crate::build::steps_vm::Deprovision { phase }));
     steps.push(Box::new(crate::build::steps_vm::Shutdown { phase }));
-    steps.push(Box::new(Export));
+    steps.push(Box::new(crate::build::steps_distribute::ExportDisk));
+    steps.push(Box::new(crate::build::steps_distribute::Distribute));
     steps.push(Box::new(Record));
     Ok(steps)
 }
 
-/// Resolves `source` through the local catalog.
+/// Resolves `source`: PlatformImage through the local catalog, the others through the store.
 pub struct ResolveSource;
 
 #[async_trait]
@@ -119,7 +101,9 @@ impl Step for ResolveSource {
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let Source::PlatformImage { publisher, offer, sku, version, .. } = &cx.template.properties.source else {
-            return Err(BuildError::Source("unsupported source type".into()));
+            // ManagedImage, SharedImageVersion: through the state store.
+            cx.source = Some(crate::build::steps_source::resolve(cx)?);
+            return Ok(());
         };
         let catalog = Catalog::in_kiln_home(&cx.options.kiln_home);
         let r = catalog.resolve(publisher, offer, sku, version).map_err(|e| BuildError::Source(e.to_string()))?;
@@ -328,70 +312,6 @@ pub fn vhd_destination(cx: &BuildCx, run_output_name: &str, uri: Option<&str>) -
             };
             Ok(if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("vhd")) { path } else { path.join(format!("{run_output_name}.vhd")) })
         }
-    }
-}
-
-/// Exports the disk once to a fixed VHD per VHD distributor (footer verified, atomic).
-pub struct Export;
-
-#[async_trait]
-impl Step for Export {
-    fn name(&self) -> String {
-        "Export VHD".into()
-    }
-    fn phase(&self) -> SubState {
-        SubState::Distributing
-    }
-    async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
-        let overlay = cx.overlay.clone().ok_or_else(|| BuildError::Disk { what: "export".into(), detail: "no disk".into() })?;
-        let mut first: Option<PathBuf> = None;
-        let targets: Vec<(String, Option<String>)> = cx
-            .template
-            .properties
-            .distribute
-            .iter()
-            .filter_map(|d| match d {
-                Distributor::Vhd { run_output_name, uri, .. } => Some((run_output_name.clone(), uri.clone())),
-                _ => None,
-            })
-            .collect();
-        for (name, uri) in targets {
-            let dest = vhd_destination(cx, &name, uri.as_deref())?;
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(BuildError::io(format!("creating {}", parent.display())))?;
-            }
-            match &first {
-                None => {
-                    let req = ExportRequest { source: overlay.clone(), source_format: DiskFormat::Qcow2, dest: dest.clone(), overwrite: false };
-                    let events = cx.events.clone();
-                    let what = format!("export {name}");
-                    let report = tokio::task::spawn_blocking(move || {
-                        let tool = QemuImg::new();
-                        export_fixed_vhd(&tool, &req, &mut |p| events.emit(Event::Progress { what: what.clone(), done: p.done, total: p.total }))
-                    })
-                    .await
-                    .map_err(|e| BuildError::Vm(e.to_string()))?
-                    .map_err(|e| BuildError::Disk { what: format!("exporting {}", dest.display()), detail: e.to_string() })?;
-                    cx.events.info(format!(
-                        "exported {} : fixed VHD, {} MiB, {} MiB written, footer verified, {:.1}s",
-                        report.path.display(),
-                        report.virtual_size >> 20,
-                        report.allocated_bytes >> 20,
-                        report.elapsed.as_secs_f64()
-                    ));
-                    first = Some(dest.clone());
-                }
-                Some(src) => {
-                    // One conversion; further VHD distributors get a copy of the verified file.
-                    let tmp = dest.with_extension("vhd.partial");
-                    std::fs::copy(src, &tmp).map_err(BuildError::io(format!("copying {} to {}", src.display(), tmp.display())))?;
-                    kiln_images::vhd::verify_fixed(&tmp).map_err(|e| BuildError::Disk { what: format!("verifying {}", tmp.display()), detail: e.to_string() })?;
-                    std::fs::rename(&tmp, &dest).map_err(BuildError::io(format!("publishing {}", dest.display())))?;
-                }
-            }
-            cx.exports.push(ExportedVhd { run_output_name: name, path: dest });
-        }
-        Ok(())
     }
 }
 

@@ -3,13 +3,15 @@
 use super::output::{color_stderr, Format, EXIT_INVALID, EXIT_OK, EXIT_USAGE};
 use super::validate::load_options;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_engine::build::context::{AccelChoice, BuildOptions};
+use kiln_engine::build::context::AccelChoice;
 use kiln_engine::build::events::{Event, Listener};
-use kiln_engine::build::{run_build, sizes, BuildRequest};
+use kiln_engine::build::sizes;
+use kiln_engine::resources::run::{execute_run, start_run, RunSettings};
+use kiln_engine::resources::{self, CreateRequest};
 use kiln_engine::template;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -77,12 +79,20 @@ fn render_human(pb: &ProgressBar, e: &Event, color: bool) {
 
 /// Runs `kiln build`.
 pub fn run(a: Args) -> u8 {
-    let opts = match load_options(a.parameters.as_ref(), &a.parameter, a.api_version.clone(), &a.resource_group, "local") {
+    let mut opts = match load_options(a.parameters.as_ref(), &a.parameter, a.api_version.clone(), &a.resource_group, "local") {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_USAGE;
         }
+    };
+    let store = match super::res::open() {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    opts.arm.subscription_id = match super::res::subscription(&store) {
+        Ok(s) => s,
+        Err(c) => return c,
     };
     let bytes = match std::fs::read(&a.template) {
         Ok(b) => b,
@@ -131,10 +141,7 @@ pub fn run(a: Args) -> u8 {
     }
     let template_dir = a.template.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| PathBuf::from("."));
     let template_dir = std::fs::canonicalize(&template_dir).unwrap_or(template_dir);
-    let options = BuildOptions {
-        kiln_home: kiln_engine::home::kiln_home(),
-        resource_group: a.resource_group.clone(),
-        subscription_id: opts.arm.subscription_id.clone(),
+    let settings = RunSettings {
         accel: match a.accel.as_str() {
             "kvm" => AccelChoice::Kvm,
             "tcg" => AccelChoice::Tcg,
@@ -145,9 +152,89 @@ pub fn run(a: Args) -> u8 {
         vm_sizes,
         timeout_override: a.timeout_seconds.map(Duration::from_secs),
     };
-    let req = BuildRequest { template: model, api_version: t.api_version, name, template_dir, options };
+    // The one-shot path records into the store too: the template (created, or replaced when the
+    // file changed), the run, its runOutputs.
+    let sub = opts.arm.subscription_id.clone();
+    if let Err(e) = store.group(&sub, &a.resource_group).and_then(|g| match g {
+        Some(g) => Ok(g),
+        None => store.create_group(&sub, &a.resource_group, &model.location, &serde_json::json!({}), None),
+    }) {
+        return super::res::fail(&e);
+    }
+    let submitted = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let req = CreateRequest {
+        subscription: sub,
+        resource_group: a.resource_group.clone(),
+        name,
+        submitted,
+        normalized: t.normalized.clone(),
+        model,
+        api_version: t.api_version,
+        template_dir,
+    };
+    let row = match resources::register_for_build(&store, req) {
+        Ok(r) => r,
+        Err(e) => return super::res::fail(&e),
+    };
+    let run = match start_run(&store, &row, i64::from(std::process::id())) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_INVALID;
+        }
+    };
 
     let json = a.output == Format::Json;
+    let (pb, listener) = listener(json);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = store.finish_run(&run.id, "Failed", &format!("cannot start the async runtime: {e}"));
+            return EXIT_USAGE;
+        }
+    };
+    let cancel = CancellationToken::new();
+    let result = rt.block_on(async {
+        spawn_signal_handler(cancel.clone());
+        execute_run(Arc::new(Mutex::new(store)), &row, &run, settings, Some(listener), cancel.clone()).await
+    });
+    pb.finish_and_clear();
+    match result {
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_INVALID
+        }
+        Ok(r) => {
+            if !json {
+                for ro in &r.run_outputs {
+                    println!("{}", serde_json::to_string_pretty(ro).unwrap_or_default());
+                }
+            } else {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "result", "runId": r.run_id, "runState": r.run_state, "runDir": r.run_dir, "runOutputs": r.run_outputs, "message": r.message, "error": r.error.as_ref().map(|e| e.to_string())})
+                );
+            }
+            if r.run_state == "Succeeded" {
+                EXIT_OK
+            } else {
+                if !json {
+                    eprintln!("build {}: {}\n    logs kept in {}", r.run_state, r.message, r.run_dir.display());
+                }
+                if r.run_state == "Canceled" {
+                    130
+                } else {
+                    EXIT_INVALID
+                }
+            }
+        }
+    }
+}
+
+/// The event renderer of a build: JSON lines on stdout, or progress on stderr.
+pub fn listener(json: bool) -> (ProgressBar, Listener) {
+    let color = color_stderr();
     let pb = ProgressBar::new_spinner();
     if json || !std::io::stderr().is_terminal() {
         pb.set_draw_target(ProgressDrawTarget::hidden());
@@ -167,60 +254,31 @@ pub fn run(a: Args) -> u8 {
             render_human(&pb2, e, color);
         }
     });
+    (pb, listener)
+}
 
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let cancel = CancellationToken::new();
-    let result = rt.block_on(async {
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\n==> Ctrl-C: canceling the build (cleaning up; press Ctrl-C again to force)");
-                c.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("==> forced exit");
-                    std::process::exit(130);
-                }
+/// Ctrl-C or SIGTERM (`kiln template cancel`) cancels the build; a second one exits at once.
+pub fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        let first = tokio::select! {
+            r = tokio::signal::ctrl_c() => r.is_ok().then_some("Ctrl-C"),
+            r = term.recv() => r.map(|_| "SIGTERM"),
+        };
+        if let Some(what) = first {
+            eprintln!("\n==> {what}: canceling the build (cleaning up; press Ctrl-C again to force)");
+            cancel.cancel();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
-        });
-        run_build(req, Some(listener), cancel.clone()).await
+            eprintln!("==> forced exit");
+            std::process::exit(130);
+        }
     });
-    pb.finish_and_clear();
-    match result {
-        Err(e) => {
-            eprintln!("error: {e}");
-            EXIT_INVALID
-        }
-        Ok(r) => {
-            if !json {
-                for ro in &r.run_outputs {
-                    println!("{}", serde_json::to_string_pretty(ro).unwrap_or_default());
-                }
-            } else {
-                println!(
-                    "{}",
-                    serde_json::json!({"event": "result", "runId": r.run_id, "runState": r.run_state, "runDir": r.run_dir, "runOutputs": r.run_outputs, "error": r.error.as_ref().map(|e| e.to_string())})
-                );
-            }
-            if r.run_state == "Succeeded" {
-                EXIT_OK
-            } else {
-                if !json {
-                    eprintln!("build {}: {}\n    logs kept in {}", r.run_state, r.error.map(|e| e.to_string()).unwrap_or_default(), r.run_dir.display());
-                }
-                if r.run_state == "Canceled" {
-                    130
-                } else {
-                    EXIT_INVALID
-                }
-            }
-        }
-    }
 }
 
 /// One event as plain text lines (no terminal).

@@ -1,8 +1,10 @@
-//! `kiln image import|list`: the local PlatformImage catalog (kiln's stand-in for the Azure
-//! Marketplace). A template's `PlatformImage` source resolves against it.
+//! `kiln image import|list|show|delete`: the local PlatformImage catalog (kiln's stand-in for the
+//! Azure Marketplace; a `PlatformImage` source resolves against it) and the managed images of the
+//! state store (made by ManagedImage distributors; a `ManagedImage` source uses them).
 
 use super::output::{Format, EXIT_INVALID, EXIT_OK, EXIT_USAGE};
 use kiln_images::catalog::{Catalog, CatalogEntry, HyperVGeneration, ImportRequest, OsType, ProvisioningMethod};
+use kiln_engine::store::{ids, ImageRow, Store};
 use kiln_images::QemuImg;
 use serde_json::json;
 use std::path::PathBuf;
@@ -12,12 +14,68 @@ use std::path::PathBuf;
 pub enum Command {
     /// Import a disk (qcow2, raw, VHD, VHDX) as publisher:offer:sku:version.
     Import(ImportArgs),
-    /// List the catalog.
+    /// List the catalog (PlatformImage) and the managed images (ManagedImage), each saying which.
     List {
+        /// Only managed images of this resource group (catalog images are listed without it).
+        #[arg(short = 'g', long)]
+        resource_group: Option<String>,
         /// Output format.
-        #[arg(long, value_enum, default_value = "human")]
+        #[arg(long, short = 'o', value_enum, default_value = "human")]
         output: Format,
     },
+    /// Show a managed image (Azure's GET images JSON), or a catalog image by --urn.
+    Show(Which),
+    /// Delete a managed image (its row and files).
+    Delete(Which),
+}
+
+/// Names one image.
+#[derive(Debug, clap::Args)]
+pub struct Which {
+    /// Resource group of a managed image.
+    #[arg(short = 'g', long)]
+    pub resource_group: Option<String>,
+    /// Name of a managed image.
+    #[arg(short = 'n', long)]
+    pub name: Option<String>,
+    /// Resource ID of a managed image.
+    #[arg(long)]
+    pub ids: Option<String>,
+    /// publisher:offer:sku:version of a catalog image (show only).
+    #[arg(long)]
+    pub urn: Option<String>,
+}
+
+/// A managed image in Azure's `GET …/images/NAME` shape.
+pub fn managed_json(i: &ImageRow) -> serde_json::Value {
+    let size = std::fs::metadata(&i.disk).map(|m| m.len().saturating_sub(512)).unwrap_or(0);
+    json!({
+        "id": i.id, "name": i.name, "type": "Microsoft.Compute/images", "location": i.location, "tags": i.tags,
+        "properties": {
+            "storageProfile": {
+                "osDisk": {"osType": i.os_type, "osState": "Generalized", "blobUri": format!("file://{}", i.disk.display()), "diskSizeGB": size.div_ceil(1 << 30), "caching": "ReadWrite", "storageAccountType": "Standard_LRS"},
+                "dataDisks": [], "zoneResilient": false
+            },
+            "provisioningState": "Succeeded",
+            "hyperVGeneration": i.hyper_v_generation,
+        }
+    })
+}
+
+fn which_id(store: &Store, w: &Which) -> Result<String, u8> {
+    if let Some(id) = &w.ids {
+        return Ok(id.clone());
+    }
+    match (&w.resource_group, &w.name) {
+        (Some(g), Some(n)) => {
+            let sub = super::res::subscription(store)?;
+            Ok(ids::image_id(&sub, g, n))
+        }
+        _ => {
+            eprintln!("error: name the managed image with --ids ID, or -g RESOURCE_GROUP -n NAME");
+            Err(EXIT_USAGE)
+        }
+    }
 }
 
 /// `kiln image import`.
@@ -67,16 +125,101 @@ fn entry_json(e: &CatalogEntry) -> serde_json::Value {
 pub fn run(cmd: Command) -> u8 {
     let catalog = Catalog::in_kiln_home(&kiln_engine::home::kiln_home());
     match cmd {
-        Command::List { output } => match catalog.list() {
+        Command::Show(w) => {
+            if let Some(urn) = &w.urn {
+                let parts: Vec<&str> = urn.split(':').collect();
+                let found = catalog.list().ok().and_then(|l| l.into_iter().find(|e| parts == [e.meta.publisher.as_str(), e.meta.offer.as_str(), e.meta.sku.as_str(), e.meta.version.as_str()]));
+                return match found {
+                    Some(e) => {
+                        println!("{}", serde_json::to_string_pretty(&entry_json(&e)).unwrap_or_default());
+                        EXIT_OK
+                    }
+                    None => {
+                        eprintln!("error: no catalog image {urn} (`kiln image list`)");
+                        EXIT_INVALID
+                    }
+                };
+            }
+            let store = match super::res::open() {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            let id = match which_id(&store, &w) {
+                Ok(i) => i,
+                Err(c) => return c,
+            };
+            match store.image(&id) {
+                Ok(Some(i)) => {
+                    println!("{}", serde_json::to_string_pretty(&managed_json(&i)).unwrap_or_default());
+                    EXIT_OK
+                }
+                Ok(None) => {
+                    eprintln!("error: ResourceNotFound: the managed image {id} was not found");
+                    EXIT_INVALID
+                }
+                Err(e) => super::res::fail(&e),
+            }
+        }
+        Command::Delete(w) => {
+            if w.urn.is_some() {
+                eprintln!("error: catalog images are not deleted by kiln; remove their directory under KILN_HOME/catalog");
+                return EXIT_USAGE;
+            }
+            let store = match super::res::open() {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            let id = match which_id(&store, &w) {
+                Ok(i) => i,
+                Err(c) => return c,
+            };
+            match store.delete_image(&id) {
+                Ok(i) => {
+                    eprintln!("deleted the managed image {} ({})", i.id, i.disk.display());
+                    EXIT_OK
+                }
+                Err(e) => super::res::fail(&e),
+            }
+        }
+        Command::List { resource_group, output } => match catalog.list() {
             Ok(list) => {
+                let store = match super::res::open() {
+                    Ok(s) => s,
+                    Err(c) => return c,
+                };
+                let sub = match super::res::subscription(&store) {
+                    Ok(s) => s,
+                    Err(c) => return c,
+                };
+                let managed = match store.images(&sub, resource_group.as_deref()) {
+                    Ok(m) => m,
+                    Err(e) => return super::res::fail(&e),
+                };
+                let list = if resource_group.is_some() { Vec::new() } else { list };
                 match output {
-                    Format::Json => println!("{}", serde_json::to_string_pretty(&list.iter().map(entry_json).collect::<Vec<_>>()).unwrap_or_default()),
+                    Format::Json => {
+                        let mut all: Vec<serde_json::Value> = list.iter().map(entry_json).collect();
+                        all.extend(managed.iter().map(|i| {
+                            let mut v = managed_json(i);
+                            v["kind"] = json!("ManagedImage");
+                            v
+                        }));
+                        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default())
+                    }
                     Format::Human => {
-                        println!("{:<12} {:<16} {:<12} {:<16} {:<4} {:<8} SIZE", "PUBLISHER", "OFFER", "SKU", "VERSION", "GEN", "OS");
+                        if !managed.is_empty() {
+                            println!("{:<14} {:<24} {:<16} {:<4} {:<12} ID", "KIND", "NAME", "RESOURCE GROUP", "GEN", "LOCATION");
+                            for i in &managed {
+                                println!("{:<14} {:<24} {:<16} {:<4} {:<12} {}", "ManagedImage", i.name, i.resource_group, i.hyper_v_generation, i.location, i.id);
+                            }
+                            println!();
+                        }
+                        println!("{:<14} {:<12} {:<16} {:<12} {:<16} {:<4} {:<8} SIZE", "KIND", "PUBLISHER", "OFFER", "SKU", "VERSION", "GEN", "OS");
                         for e in &list {
                             let m = &e.meta;
                             println!(
-                                "{:<12} {:<16} {:<12} {:<16} {:<4} {:<8} {} MiB",
+                                "{:<14} {:<12} {:<16} {:<12} {:<16} {:<4} {:<8} {} MiB",
+                                "PlatformImage",
                                 m.publisher,
                                 m.offer,
                                 m.sku,
