@@ -29,6 +29,7 @@ mod communicator;
 mod error;
 mod keys;
 mod ssh;
+pub mod winrm;
 
 pub use communicator::{
     Collected, Communicator, ConnectReport, ExecOptions, ExecOutcome, ExitStatus,
