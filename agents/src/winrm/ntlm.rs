@@ -25,6 +25,8 @@ use rc4::{Rc4, StreamCipher};
 pub mod flags {
     /// Unicode strings.
     pub const UNICODE: u32 = 0x0000_0001;
+    /// OEM strings.
+    pub const OEM: u32 = 0x0000_0002;
     /// Ask for the server's realm.
     pub const REQUEST_TARGET: u32 = 0x0000_0004;
     /// Message integrity.
@@ -136,8 +138,14 @@ fn malformed(message: &'static str, detail: impl Into<String>) -> NtlmError {
 }
 
 fn missing_flags(flags: u32) -> Option<String> {
+    missing_of(flags, true)
+}
+
+/// The capabilities of `REQUIRED_FLAGS` absent from `flags`; `unicode: false` leaves UNICODE
+/// out (a NEGOTIATE may offer only OEM strings, e.g. ntlm-auth's, and the server then picks).
+fn missing_of(flags: u32, unicode: bool) -> Option<String> {
     let names = [
-        (flags::UNICODE, "UNICODE"),
+        (if unicode { flags::UNICODE } else { 0 }, "UNICODE"),
         (flags::SIGN, "SIGN"),
         (flags::SEAL, "SEAL"),
         (flags::EXTENDED_SESSIONSECURITY, "EXTENDED_SESSIONSECURITY"),
@@ -145,7 +153,7 @@ fn missing_flags(flags: u32) -> Option<String> {
     ];
     let missing: Vec<&str> = names
         .iter()
-        .filter(|(f, _)| flags & f == 0)
+        .filter(|(f, _)| *f != 0 && flags & f == 0)
         .map(|(_, n)| *n)
         .collect();
     (!missing.is_empty()).then(|| missing.join(", "))
@@ -706,13 +714,16 @@ impl Acceptor {
         const W: &str = "NEGOTIATE";
         check_header(negotiate, 1, W)?;
         let client = u32_at(negotiate, 12, W)?;
-        if let Some(missing) = missing_flags(client) {
+        if let Some(missing) = missing_of(client, false) {
             return Err(NtlmError::Weak {
                 flags: client,
                 missing,
             });
         }
+        // OEM is echoed when offered: clients that offered only OEM (ntlm-auth) take it back out
+        // of the flags by subtraction when the server also sets UNICODE, as Windows does.
         let offered = flags::UNICODE
+            | flags::OEM
             | flags::SIGN
             | flags::SEAL
             | flags::NTLM
@@ -723,7 +734,9 @@ impl Acceptor {
             | flags::KEY_EXCH
             | flags::N56
             | flags::REQUEST_TARGET;
-        self.flags = (client & offered) | flags::TARGET_INFO | flags::TARGET_TYPE_SERVER;
+        // Strings are always Unicode (what Windows answers an OEM-only NEGOTIATE with).
+        self.flags =
+            (client & offered) | flags::UNICODE | flags::TARGET_INFO | flags::TARGET_TYPE_SERVER;
         let name = utf16(&self.computer);
         let info = encode_av_pairs(&[
             (av::NB_DOMAIN_NAME, name.clone()),
@@ -748,10 +761,17 @@ impl Acceptor {
         const W: &str = "AUTHENTICATE";
         check_header(auth, 3, W)?;
         let nt = field(auth, 20, W, "NtChallengeResponse")?;
-        let domain = from_utf16(field(auth, 28, W, "DomainName")?);
-        let user = from_utf16(field(auth, 36, W, "UserName")?);
-        let enc_key = field(auth, 52, W, "EncryptedRandomSessionKey")?;
         let flags = u32_at(auth, 60, W)?;
+        let text = |b: &[u8]| {
+            if flags & flags::UNICODE != 0 {
+                from_utf16(b)
+            } else {
+                b.iter().map(|c| char::from(*c)).collect()
+            }
+        };
+        let domain = text(field(auth, 28, W, "DomainName")?);
+        let user = text(field(auth, 36, W, "UserName")?);
+        let enc_key = field(auth, 52, W, "EncryptedRandomSessionKey")?;
         let bad = |detail: &str| NtlmError::BadCredentials {
             user: user.clone(),
             detail: detail.to_string(),
@@ -764,7 +784,7 @@ impl Acceptor {
                 "not an NTLMv2 response (NTLMv1 and anonymous are refused)",
             ));
         }
-        if let Some(missing) = missing_flags(flags) {
+        if let Some(missing) = missing_of(flags, false) {
             return Err(NtlmError::Weak { flags, missing });
         }
         let ntowf = ntowfv2(&self.password, &user, &domain);
