@@ -22,12 +22,13 @@
 //! 1. `powershell[.exe] … -EncodedCommand|-enc|-ec|-e <base64>` (case-insensitive): the UTF-16LE
 //!    script is decoded, and the line `$ProgressPreference = 'SilentlyContinue'` (which kiln's
 //!    command lines prepend) is dropped. If the script is one of kiln's WinRM file transfer
-//!    scripts (`agents/src/winrm/powershell.rs`: create the temporary file, append a base64
-//!    chunk, move into place and print `<size> <SHA-256>`, print a file as base64), the shim
-//!    performs exactly that file operation natively. **Any other script is run by `/bin/sh -c`**:
+//!    scripts (`agents/src/winrm/powershell.rs`: decode the uploaded base64 lines into the
+//!    destination and print `<size> <SHA-256>`; print a file as base64), the shim performs
+//!    exactly that file operation natively. **Any other script is run by `/bin/sh -c`**:
 //!    tests write their "PowerShell" payloads in POSIX shell.
 //! 2. Any other command line (`rsp:Command` and its `rsp:Arguments` joined by spaces) is run by
-//!    `/bin/sh -c` in place of `cmd.exe /c`.
+//!    `/bin/sh -c` in place of `cmd.exe /c`. (kiln's upload chunks, `echo <base64> >> "<tmp>"`, mean
+//!    the same in both.)
 //!
 //! Processes run in their own process group, with the server's environment and working
 //! directory. Nothing else of Windows is emulated.
@@ -958,12 +959,8 @@ impl State {
 pub enum Shimmed {
     /// `/bin/sh -c <script>`.
     Sh(String),
-    /// Create or truncate a file.
-    Truncate(String),
-    /// Append decoded bytes to a file.
-    Append(String, Vec<u8>),
-    /// Move `from` to `to`, print `<size> <SHA-256>`.
-    MoveAndHash(String, String),
+    /// Decode the base64 lines of `tmp` into `dest`, delete `tmp`, print `<size> <SHA-256>`.
+    DecodeAndHash(String, String),
     /// Print a file as base64.
     Base64(String),
 }
@@ -1005,45 +1002,25 @@ pub fn shim_powershell(script: &str) -> Shimmed {
     fn after<'a>(l: &'a str, prefix: &str) -> Option<(String, &'a str)> {
         l.strip_prefix(prefix).and_then(ps_literal)
     }
-    match lines.as_slice() {
-        [one] => {
-            if let Some((p, rest)) = after(one, "[IO.File]::WriteAllBytes(") {
-                if rest.trim() == ", [byte[]]@())" {
-                    return Shimmed::Truncate(p);
-                }
-            }
-            if let Some((p, rest)) =
-                after(one, "[Convert]::ToBase64String([IO.File]::ReadAllBytes(")
-            {
-                if rest.trim() == "))" {
-                    return Shimmed::Base64(p);
+    if let [t, d, body @ ..] = lines.as_slice() {
+        let want: Vec<&str> = powershell::UPLOAD_DECODE_BODY
+            .lines()
+            .map(str::trim)
+            .collect();
+        if body == want.as_slice() {
+            if let (Some((tmp, r1)), Some((dest, r2))) = (after(t, "$t = "), after(d, "$d = ")) {
+                if r1.trim().is_empty() && r2.trim().is_empty() {
+                    return Shimmed::DecodeAndHash(tmp, dest);
                 }
             }
         }
-        [b, f, w] if w.starts_with("try { $f.Write($b, 0, $b.Length) }") => {
-            if let (Some((b64, r1)), Some((p, r2))) = (
-                after(b, "$b = [Convert]::FromBase64String("),
-                after(f, "$f = [IO.File]::Open("),
-            ) {
-                if r1.trim() == ")" && r2.trim() == ", 'Append', 'Write')" {
-                    if let Ok(data) = base64::engine::general_purpose::STANDARD.decode(b64) {
-                        return Shimmed::Append(p, data);
-                    }
-                }
+    }
+    if let [one] = lines.as_slice() {
+        if let Some((p, rest)) = after(one, "[Convert]::ToBase64String([IO.File]::ReadAllBytes(") {
+            if rest.trim() == "))" {
+                return Shimmed::Base64(p);
             }
         }
-        [m, _, _, _] => {
-            if let Some((from, rest)) = after(m, "Move-Item -Force -LiteralPath ") {
-                if let Some((to, _)) = rest
-                    .trim_start()
-                    .strip_prefix("-Destination")
-                    .and_then(ps_literal)
-                {
-                    return Shimmed::MoveAndHash(from, to);
-                }
-            }
-        }
-        _ => {}
     }
     Shimmed::Sh(
         script
@@ -1091,15 +1068,18 @@ fn finished(out: Vec<(bool, Vec<u8>)>, code: i32) -> Arc<Command> {
 
 fn native(op: Shimmed) -> Arc<Command> {
     let res: std::io::Result<Vec<u8>> = (|| match op {
-        Shimmed::Truncate(p) => std::fs::write(p, b"").map(|_| Vec::new()),
-        Shimmed::Append(p, data) => {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().append(true).open(p)?;
-            f.write_all(&data).map(|_| Vec::new())
-        }
-        Shimmed::MoveAndHash(from, to) => {
-            std::fs::rename(&from, &to)?;
-            let data = std::fs::read(&to)?;
+        Shimmed::DecodeAndHash(tmp, dest) => {
+            let mut data = Vec::new();
+            if let Ok(text) = std::fs::read_to_string(&tmp) {
+                for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    let b = base64::engine::general_purpose::STANDARD
+                        .decode(l)
+                        .map_err(|e| std::io::Error::other(format!("{tmp}: {e}")))?;
+                    data.extend_from_slice(&b);
+                }
+                std::fs::remove_file(&tmp)?;
+            }
+            std::fs::write(&dest, &data)?;
             let h: String = Sha256::digest(&data)
                 .iter()
                 .map(|b| format!("{b:02X}"))
@@ -1208,16 +1188,16 @@ mod tests {
     fn shim_maps_kilns_transfer_scripts_and_nothing_else() {
         let line = |s: &str| powershell::command_line(s);
         assert_eq!(
-            shim(&line(&powershell::upload_begin("/tmp/a b'c"))),
-            Shimmed::Truncate("/tmp/a b'c".into())
+            shim(&line(&powershell::upload_decode(
+                "/tmp/a b'c.t",
+                "/tmp/a b'c"
+            ))),
+            Shimmed::DecodeAndHash("/tmp/a b'c.t".into(), "/tmp/a b'c".into())
         );
+        // Chunks are plain cmd.exe `echo`, which sh runs as is.
         assert_eq!(
-            shim(&line(&powershell::upload_chunk("/tmp/x", "aGk="))),
-            Shimmed::Append("/tmp/x".into(), b"hi".to_vec())
-        );
-        assert_eq!(
-            shim(&line(&powershell::upload_finish("/tmp/x.t", "/tmp/x"))),
-            Shimmed::MoveAndHash("/tmp/x.t".into(), "/tmp/x".into())
+            shim(&powershell::upload_chunk_cmd("/tmp/x", "aGk=", true)),
+            Shimmed::Sh("echo aGk= > \"/tmp/x\"".into())
         );
         assert_eq!(
             shim(&line(&powershell::download("/tmp/x"))),

@@ -138,6 +138,20 @@ async fn exercise(auth: WinrsAuth) {
     let n = guest.download(dest_s, &mut back).await.unwrap();
     assert_eq!(n, data.len() as u64);
     assert_eq!(back, data);
+    // An empty file, and a path cmd.exe cannot quote.
+    let empty = dir.join("empty");
+    let mut nothing: &[u8] = &[];
+    guest
+        .upload(&mut nothing, 0, empty.to_str().unwrap(), 0o644)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&empty).unwrap(), b"");
+    let mut r = &data[..];
+    let err = guest
+        .upload(&mut r, data.len() as u64, "/tmp/100%", 0o644)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cmd.exe"), "{err}");
     // A reader that yields less than promised is an error.
     let mut short = &data[..10];
     let err = guest

@@ -469,24 +469,13 @@ async fn read_full(
 /// The command line limit of cmd.exe (WinRS runs commands through it).
 const MAX_COMMAND_LINE: usize = 8191;
 
-/// The largest multiple of 3 bytes whose upload command line fits cmd.exe's limit and the
+/// The largest multiple of 3 bytes whose chunk command line fits cmd.exe's limit and the
 /// envelope size.
 fn upload_chunk_size(tmp: &str, max_envelope: u32) -> usize {
-    let fits = |n: usize| {
-        let b64 = "A".repeat(n.div_ceil(3) * 4);
-        let line = powershell::command_line(&powershell::upload_chunk(tmp, &b64));
-        line.len() <= MAX_COMMAND_LINE && line.len() + 4096 <= max_envelope as usize
-    };
-    let (mut lo, mut hi) = (3usize, 3 * 4096);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    lo / 3 * 3
+    let fixed = powershell::upload_chunk_cmd(tmp, "", false).len();
+    let by_line = MAX_COMMAND_LINE.saturating_sub(fixed);
+    let by_envelope = (max_envelope as usize).saturating_sub(4096 + fixed);
+    (by_line.min(by_envelope) / 4 * 3).max(3)
 }
 
 #[async_trait]
@@ -521,16 +510,20 @@ impl Communicator for WinRmCommunicator {
     ) -> Result<UploadOutcome, CommError> {
         let started = Instant::now();
         let tmp = format!("{dest}.kiln-upload");
-        let max_env = self.inner.lock().await.config.wsman.max_envelope_size;
-        let chunk = upload_chunk_size(&tmp, max_env);
         let fail = |status: ExitStatus, stderr: String| CommError::UploadFailed {
             target: self.target.clone(),
             dest: dest.to_string(),
             status,
             stderr,
         };
-        self.powershell_ok(&powershell::upload_begin(&tmp), fail)
-            .await?;
+        if let Some(c) = powershell::cmd_unsafe(&tmp) {
+            return Err(fail(
+                ExitStatus::Unknown,
+                format!("the path contains {c:?}, which cmd.exe cannot take in quotes"),
+            ));
+        }
+        let max_env = self.inner.lock().await.config.wsman.max_envelope_size;
+        let chunk = upload_chunk_size(&tmp, max_env);
         let mut hasher = Sha256::new();
         let mut sent = 0u64;
         let mut buf = vec![0u8; chunk];
@@ -544,6 +537,7 @@ impl Communicator for WinRmCommunicator {
             if n == 0 {
                 break;
             }
+            let first = sent == 0;
             sent += n as u64;
             if sent > len {
                 return Err(CommError::SizeMismatch {
@@ -555,8 +549,11 @@ impl Communicator for WinRmCommunicator {
             }
             hasher.update(&buf[..n]);
             let b64 = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
-            self.powershell_ok(&powershell::upload_chunk(&tmp, &b64), fail)
-                .await?;
+            let line = powershell::upload_chunk_cmd(&tmp, &b64, first);
+            let (o, c) = self.exec_collect(&line, ExecOptions::default()).await?;
+            if !o.status.success() {
+                return Err(fail(o.status, c.stderr_lossy().trim().to_string()));
+            }
         }
         if sent != len {
             return Err(CommError::SizeMismatch {
@@ -567,7 +564,7 @@ impl Communicator for WinRmCommunicator {
             });
         }
         let out = self
-            .powershell_ok(&powershell::upload_finish(&tmp, dest), fail)
+            .powershell_ok(&powershell::upload_decode(&tmp, dest), fail)
             .await?;
         let text = String::from_utf8_lossy(&out);
         let mut words = text.split_whitespace();
@@ -671,16 +668,15 @@ mod tests {
 
     #[test]
     fn upload_chunks_fit_cmd_exe() {
-        let n = upload_chunk_size("C:\\Windows\\Temp\\file.bin.kiln-upload", 153_600);
-        assert!(n > 1500 && n / 3 * 3 == n, "{n}");
-        let b64 = "A".repeat(n / 3 * 4);
-        let line = powershell::command_line(&powershell::upload_chunk(
-            "C:\\Windows\\Temp\\file.bin.kiln-upload",
-            &b64,
-        ));
-        assert!(line.len() <= MAX_COMMAND_LINE);
+        let tmp = "C:\\Users\\kiln\\file.bin.kiln-upload";
+        let n = upload_chunk_size(tmp, 153_600);
+        assert_eq!(n / 3 * 3, n);
+        let line = powershell::upload_chunk_cmd(tmp, &"A".repeat(n / 3 * 4), false);
+        assert!(line.len() <= MAX_COMMAND_LINE, "{}", line.len());
+        let line = powershell::upload_chunk_cmd(tmp, &"A".repeat(n / 3 * 4 + 4), false);
+        assert!(line.len() > MAX_COMMAND_LINE - 4);
         assert!(
-            upload_chunk_size("x", 6000) < n,
+            upload_chunk_size(tmp, 6000) < n,
             "a small envelope limits the chunk"
         );
     }

@@ -52,30 +52,35 @@ pub fn quote(s: &str) -> String {
     out
 }
 
-/// Upload, step 1: create (or truncate) the temporary file the chunks are appended to.
-pub fn upload_begin(tmp: &str) -> String {
-    format!(
-        "$ErrorActionPreference = 'Stop'\n[IO.File]::WriteAllBytes({}, [byte[]]@())",
-        quote(tmp)
-    )
+/// Characters that make a path unusable inside a double-quoted cmd.exe argument (`%` expands
+/// variables even there; `"` ends the quote; a line break ends the command).
+pub fn cmd_unsafe(path: &str) -> Option<char> {
+    path.chars().find(|c| matches!(c, '"' | '%' | '\r' | '\n'))
 }
 
-/// Upload, step 2 (repeated): append one base64 chunk to the temporary file.
-pub fn upload_chunk(tmp: &str, b64: &str) -> String {
-    format!(
-        "$ErrorActionPreference = 'Stop'\n$b = [Convert]::FromBase64String('{b64}')\n$f = [IO.File]::Open({}, 'Append', 'Write')\ntry {{ $f.Write($b, 0, $b.Length) }} finally {{ $f.Close() }}",
-        quote(tmp)
-    )
+/// Upload, step 1 (repeated): a cmd.exe line that writes (`first`) or appends one base64 line
+/// to the temporary file, as Packer's winrmcp does: no PowerShell start per chunk, and base64
+/// expands the data only 4/3 on the command line. The caller checks [`cmd_unsafe`] first.
+pub fn upload_chunk_cmd(tmp: &str, b64: &str, first: bool) -> String {
+    // The space before the redirection keeps a trailing digit of the base64 from being read
+    // as a handle number (`…2>>file`); the decoder trims it.
+    format!("echo {b64} {} \"{tmp}\"", if first { ">" } else { ">>" })
 }
 
-/// Upload, step 3: move the temporary file into place and print its size and SHA-256
-/// (`<bytes> <hex>`), which the client compares with what it sent.
-pub fn upload_finish(tmp: &str, dest: &str) -> String {
+/// The body of [`upload_decode`] after its two assignments (also what the test server's shim
+/// recognises).
+pub const UPLOAD_DECODE_BODY: &str = "$o = [IO.File]::Create($d)
+try { if (Test-Path -LiteralPath $t) { foreach ($l in [IO.File]::ReadLines($t)) { $l = $l.Trim(); if ($l) { $b = [Convert]::FromBase64String($l); $o.Write($b, 0, $b.Length) } } } } finally { $o.Close() }
+if (Test-Path -LiteralPath $t) { Remove-Item -Force -LiteralPath $t }
+$h = (Get-FileHash -Algorithm SHA256 -LiteralPath $d).Hash
+Write-Output (\"{0} {1}\" -f (Get-Item -LiteralPath $d).Length, $h)";
+
+/// Upload, step 2: decode the temporary file's base64 lines into `dest` (replacing it), delete
+/// the temporary file, and print `<size> <SHA-256>`, which the client compares with what it sent.
+pub fn upload_decode(tmp: &str, dest: &str) -> String {
     format!(
-        "$ErrorActionPreference = 'Stop'\nMove-Item -Force -LiteralPath {} -Destination {}\n$i = Get-Item -LiteralPath {}\n$h = (Get-FileHash -Algorithm SHA256 -LiteralPath {}).Hash\nWrite-Output (\"{{0}} {{1}}\" -f $i.Length, $h)",
+        "$ErrorActionPreference = 'Stop'\n$t = {}\n$d = {}\n{UPLOAD_DECODE_BODY}",
         quote(tmp),
-        quote(dest),
-        quote(dest),
         quote(dest)
     )
 }
