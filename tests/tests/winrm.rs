@@ -382,3 +382,48 @@ async fn pinned_certificate_is_enforced_on_first_connect() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_exec_releases_its_command_and_the_connection_recovers() {
+    for auth in [WinrsAuth::HttpsBasic, WinrsAuth::HttpNtlm] {
+        let server = WinrsServer::start(WinrsServerConfig::new(auth.clone(), USER, PASSWORD))
+            .await
+            .unwrap();
+        let mut cfg = config(&server);
+        cfg.wsman.operation_timeout = Duration::from_secs(5);
+        let guest = WinRmCommunicator::connect(cfg, pending()).await.unwrap();
+        let dir = tmpdir(&format!("drop-{auth:?}"));
+        let started = dir.join("started");
+        // Abandon the exec while its Receive is waiting on the server (the response to that
+        // request is never read: an NTLM session's sequence numbers are now out of step).
+        let cmd = format!("touch '{}'; sleep 60", started.display());
+        let abandoned = tokio::time::timeout(
+            Duration::from_secs(2),
+            guest.exec_collect(&cmd, ExecOptions::default()),
+        )
+        .await;
+        assert!(abandoned.is_err(), "{auth:?}: the exec was still running");
+        assert!(started.exists());
+        // The next command works (on a fresh connection where needed) ...
+        let (o, c) = guest
+            .exec_collect("echo after", ExecOptions::default())
+            .await
+            .unwrap();
+        assert!(o.status.success(), "{auth:?}");
+        assert_eq!(c.stdout_lossy(), "after\n");
+        // ... and the abandoned command was released with Signal terminate.
+        let mut signals = 0;
+        for _ in 0..100 {
+            signals = Stats::get(&server.stats().signals);
+            if signals >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            signals >= 2,
+            "{auth:?}: {signals} signals (abandoned + finished)"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
