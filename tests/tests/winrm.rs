@@ -427,3 +427,51 @@ async fn dropped_exec_releases_its_command_and_the_connection_recovers() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_program_serves_kilns_client() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln-winrs-server"))
+        .args([
+            "--auth",
+            "https-basic",
+            "--listen",
+            "127.0.0.1:0",
+            "--user",
+            USER,
+        ])
+        .env("KILN_WINRS_PASSWORD", PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the server printed its endpoint")
+        .unwrap()
+        .unwrap();
+    let (endpoint, fingerprint) = line.split_once(' ').expect("endpoint and fingerprint");
+    let port: u16 = endpoint
+        .trim_start_matches("https://127.0.0.1:")
+        .trim_end_matches("/wsman")
+        .parse()
+        .unwrap();
+    let mut cfg = WinRmConfig::new(
+        ([127, 0, 0, 1], port).into(),
+        USER,
+        PASSWORD,
+        Security::HttpsBasic(CertPolicy::Pinned(kiln_agents::HostKeyFingerprint(
+            fingerprint.to_string(),
+        ))),
+    );
+    cfg.timeout = Duration::from_secs(60);
+    let guest = WinRmCommunicator::connect(cfg, pending()).await.unwrap();
+    let (o, c) = guest
+        .exec_collect("echo from the program", ExecOptions::default())
+        .await
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(c.stdout_lossy(), "from the program\n");
+    child.kill().await.unwrap();
+}
