@@ -475,3 +475,35 @@ async fn the_server_program_serves_kilns_client() {
     assert_eq!(c.stdout_lossy(), "from the program\n");
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_reconnecting_by_itself_keeps_the_pinned_certificate() {
+    use kiln_agents::winrm::shell::ShellClient;
+    use kiln_agents::winrm::transport::Transport;
+    use kiln_agents::winrm::WinRmError;
+
+    let mut scfg = WinrsServerConfig::new(WinrsAuth::HttpsBasic, USER, PASSWORD);
+    let server = WinrsServer::start(scfg.clone()).await.unwrap();
+    scfg.bind = server.addr();
+    let cfg = config(&server); // trust on first use
+    let transport = Transport::connect(cfg.transport.clone()).await.unwrap();
+    let mut client = ShellClient::new(transport, WsmanSettings::default());
+    client.create_shell().await.unwrap();
+
+    // The server goes away and something with another certificate takes the port; the idle
+    // connection closes, and the next request reconnects on its own.
+    server.stop().await;
+    let _impostor = WinrsServer::start(scfg).await.unwrap();
+    for _ in 0..100 {
+        if client.transport.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(client.transport.is_closed());
+    let err = client.create_shell().await.unwrap_err();
+    assert!(
+        matches!(err, WinRmError::CertificateMismatch { .. }),
+        "{err}"
+    );
+}

@@ -339,6 +339,14 @@ impl Transport {
                 )
             }
         };
+        let mut config = config;
+        // Pin what was seen, so that a reconnect of this transport (idle keep-alive closed,
+        // abandoned request) accepts only the same certificate.
+        if let (Security::HttpsBasic(CertPolicy::TrustOnFirstUse), Some(fp)) =
+            (&config.security, &certificate)
+        {
+            config.security = Security::HttpsBasic(CertPolicy::Pinned(fp.clone()));
+        }
         let mut t = Transport {
             config,
             endpoint,
