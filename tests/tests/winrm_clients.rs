@@ -160,3 +160,62 @@ async fn debian_python3_winrm_against_the_test_server() {
     require(&python, "Debian's python3-winrm");
     against_both_transports(&python, "python3-winrm (Debian)").await;
 }
+
+/// The other direction: kiln's NTLM client (NEGOTIATE, AUTHENTICATE with NTLMv2 and MIC, sealing
+/// and unsealing with sequence numbers) against pyspnego's NTLM acceptor
+/// (`tests/py/ntlm_acceptor.py`), which shares no code with kiln.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kilns_ntlm_client_against_pyspnegos_acceptor() {
+    use kiln_agents::winrm::shell::ShellClient;
+    use kiln_agents::winrm::transport::Transport;
+    use kiln_agents::winrm::{Security, WinRmConfig, WinRmError, WsmanSettings};
+    use tokio::io::AsyncBufReadExt;
+
+    let python = venv_python();
+    require(&python, "pywinrm venv (pyspnego)");
+    let creds = std::env::temp_dir().join(format!("kiln-ntlm-users-{}", std::process::id()));
+    std::fs::write(&creds, format!(":{USER}:{PASSWORD}\n")).unwrap();
+    let mut child = tokio::process::Command::new(&python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py/ntlm_acceptor.py"))
+        .env("NTLM_USER_FILE", &creds)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the acceptor started")
+        .unwrap()
+        .unwrap();
+    let port: u16 = first.strip_prefix("PORT ").unwrap().parse().unwrap();
+    let addr = ([127, 0, 0, 1], port).into();
+
+    let cfg = WinRmConfig::new(addr, USER, PASSWORD, Security::HttpNtlm);
+    let transport = Transport::connect(cfg.transport.clone()).await.unwrap();
+    let mut client = ShellClient::new(transport, WsmanSettings::default());
+    assert_eq!(client.create_shell().await.unwrap(), "PYSPNEGO-SHELL");
+    // A second sealed exchange on the same session: a sealed fault, parsed.
+    let err = client.delete_shell("PYSPNEGO-SHELL").await.unwrap_err();
+    match &err {
+        WinRmError::Fault { fault, .. } => {
+            assert_eq!(
+                fault.reason.as_deref(),
+                Some("only Create is answered here")
+            )
+        }
+        other => panic!("{other}"),
+    }
+    for want in ["/transfer/Create", "/transfer/Delete"] {
+        let line = lines.next_line().await.unwrap().unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert!(v["action"].as_str().unwrap().ends_with(want), "{v}");
+        assert!(v["user"].as_str().unwrap().contains(USER), "{v}");
+    }
+
+    let bad = WinRmConfig::new(addr, USER, "not the password", Security::HttpNtlm);
+    let err = Transport::connect(bad.transport).await.unwrap_err();
+    assert!(matches!(err, WinRmError::AuthRejected { .. }), "{err}");
+    child.kill().await.unwrap();
+    let _ = std::fs::remove_file(&creds);
+}
