@@ -397,13 +397,27 @@ async fn dropped_exec_releases_its_command_and_the_connection_recovers() {
         // Abandon the exec while its Receive is waiting on the server (the response to that
         // request is never read: an NTLM session's sequence numbers are now out of step).
         let cmd = format!("touch '{}'; sleep 60", started.display());
-        let abandoned = tokio::time::timeout(
-            Duration::from_secs(2),
-            guest.exec_collect(&cmd, ExecOptions::default()),
-        )
-        .await;
-        assert!(abandoned.is_err(), "{auth:?}: the exec was still running");
-        assert!(started.exists());
+        let mut exec = Box::pin(guest.exec_collect(&cmd, ExecOptions::default()));
+        let appeared = async {
+            while !started.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            r = &mut exec => panic!("{auth:?}: the exec ended: {r:?}"),
+            r = tokio::time::timeout(Duration::from_secs(120), appeared) => {
+                r.expect("the command started");
+            }
+        }
+        // Let the client get into its Receive wait (the command prints nothing for a minute),
+        // then drop the exec there.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut exec)
+                .await
+                .is_err(),
+            "{auth:?}: the exec ended early"
+        );
+        drop(exec);
         // The next command works (on a fresh connection where needed) ...
         let (o, c) = guest
             .exec_collect("echo after", ExecOptions::default())
