@@ -217,15 +217,18 @@ impl Drop for Transport {
     }
 }
 
+/// All values of a header, joined with `, ` (Windows sends `WWW-Authenticate: Negotiate` and
+/// `WWW-Authenticate: Kerberos` as separate lines).
 fn header_str(
     resp: &hyper::Response<hyper::body::Incoming>,
     name: hyper::header::HeaderName,
 ) -> String {
     resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn snippet(b: &[u8]) -> String {
