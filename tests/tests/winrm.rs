@@ -160,6 +160,16 @@ async fn exercise(auth: WinrsAuth) {
         .unwrap_err();
     assert!(matches!(err, CommError::SizeMismatch { .. }), "{err}");
 
+    // Command lines cmd.exe would mangle are refused before anything is sent.
+    for bad in ["echo a\necho b", &"x".repeat(8192)] {
+        let err = guest
+            .exec_collect(bad, ExecOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CommError::Rejected { .. }), "{err}");
+        assert!(err.to_string().contains("cmd.exe"), "{err}");
+    }
+
     // exec timeout: the command is killed (Signal terminate) and the error says so.
     let signals = Stats::get(&server.stats().signals);
     let err = guest
@@ -237,7 +247,7 @@ async fn receive_responses_fit_max_envelope_size() {
         assert!(max <= 8192, "largest response {max} > MaxEnvelopeSize");
         assert!(Stats::get(&server.stats().receives) >= 200_000 / 8192);
         // A request over MaxEnvelopeSize is refused before it is sent.
-        let long = format!("echo {}", "y".repeat(9000));
+        let long = format!("echo {}", "y".repeat(7500));
         let err = guest
             .exec_collect(&long, ExecOptions::default())
             .await

@@ -293,6 +293,25 @@ impl WinRmCommunicator {
     ) -> Result<ExecOutcome, CommError> {
         let started = Instant::now();
         let deadline = opts.timeout.map(|t| started + t);
+        // cmd.exe runs the first line of a command line and silently drops the rest, and takes
+        // at most 8191 characters: refuse both here, with the reason.
+        let bad = if cmd.contains(['\n', '\r']) {
+            Some("it spans several lines; cmd.exe would run only the first (send scripts through powershell::command_line)".to_string())
+        } else if cmd.chars().count() > MAX_COMMAND_LINE {
+            Some(format!(
+                "it is {} characters; cmd.exe takes at most {MAX_COMMAND_LINE}",
+                cmd.chars().count()
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = bad {
+            return Err(CommError::Rejected {
+                target: self.target.clone(),
+                command: short(cmd),
+                detail: format!("not a valid WinRS command line: {detail}"),
+            });
+        }
         let mut g = self.inner.lock().await;
         let live = self.live(&mut g, cmd)?;
         let command_id = match live.client.command(&live.shell_id, cmd, &[]).await {
