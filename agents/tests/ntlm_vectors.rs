@@ -1,5 +1,6 @@
 //! kiln's NTLMv2 and NTLM session security against the MS-NLMP §4.2.4 test vectors
-//! (`tests/data/ntlm/ms-nlmp-4.2.4.txt`).
+//! (`tests/data/ntlm/ms-nlmp-4.2.4.txt`) and masterzen/winrm's fixtures generated with
+//! bodgit/ntlmssp (`tests/data/ntlm/masterzen-bodgit.txt`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -7,7 +8,13 @@ use std::path::PathBuf;
 use kiln_agents::winrm::ntlm::{self, Session};
 
 fn vectors() -> HashMap<String, Vec<u8>> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/ntlm/ms-nlmp-4.2.4.txt");
+    load("ms-nlmp-4.2.4.txt")
+}
+
+fn load(file: &str) -> HashMap<String, Vec<u8>> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/ntlm")
+        .join(file);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let mut m = HashMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -147,4 +154,56 @@ fn gss_wrap_both_directions() {
     assert!(server
         .unwrap(&v["client_sealed"], &v["client_signature"])
         .is_err());
+}
+
+#[test]
+fn sealing_matches_bodgit_ntlmssp_with_and_without_key_exchange() {
+    let v = load("masterzen-bodgit.txt");
+    let key: [u8; 16] = arr(&v["seal_session_key"]);
+    for (kx, name) in [(true, "seal_128_keyexch"), (false, "seal_128_no_keyexch")] {
+        let mut client = Session::new(key, kx, true);
+        let (sealed, sig) = client.wrap(&v["seal_plaintext"]);
+        assert_eq!(sealed, v[&format!("{name}_ciphertext")], "{name}");
+        assert_eq!(sig.to_vec(), v[&format!("{name}_signature")], "{name}");
+        let mut server = Session::new(key, kx, false);
+        assert_eq!(
+            server
+                .unwrap(
+                    &v[&format!("{name}_ciphertext")],
+                    &v[&format!("{name}_signature")]
+                )
+                .unwrap(),
+            v["seal_plaintext"]
+        );
+    }
+}
+
+#[test]
+fn mic_av_flags_and_nt_response_match_bodgit_ntlmssp() {
+    let v = load("masterzen-bodgit.txt");
+    let user = String::from_utf8(v["mic_user"].clone()).unwrap();
+    let password = String::from_utf8(v["mic_password"].clone()).unwrap();
+    for case in ["flags_absent", "flags_present"] {
+        let init = ntlm::Initiator::new(ntlm::Credentials::new(&user, &password));
+        let rnd = ntlm::Randomness {
+            client_challenge: arr(&v[&format!("{case}_client_challenge")]),
+            session_key: [0x42; 16], // unused: the challenge grants no KEY_EXCH
+            now: 0,                  // unused: the challenge carries a timestamp
+        };
+        let (auth, _) = init
+            .authenticate(&v[&format!("{case}_challenge")], rnd)
+            .unwrap();
+        let len = u16::from_le_bytes([auth[20], auth[21]]) as usize;
+        let off = u32::from_le_bytes(auth[24..28].try_into().unwrap()) as usize;
+        assert_eq!(
+            auth[off..off + len].to_vec(),
+            v[&format!("{case}_nt_response")],
+            "{case}"
+        );
+        // With a server timestamp the LM response is all zeros and a MIC is present.
+        let lm_len = u16::from_le_bytes([auth[12], auth[13]]) as usize;
+        let lm_off = u32::from_le_bytes(auth[16..20].try_into().unwrap()) as usize;
+        assert_eq!(auth[lm_off..lm_off + lm_len], [0u8; 24], "{case}");
+        assert_ne!(auth[72..88], [0u8; 16], "{case}: MIC");
+    }
 }
