@@ -63,9 +63,14 @@ install_pywinrm_venv() {
   fi
   log "creating $PYWINRM_VENV ($PYWINRM_REQS)"
   rm -rf "$PYWINRM_VENV"
-  /usr/bin/python3 -m venv "$PYWINRM_VENV"
-  "$PYWINRM_VENV/bin/pip" install -q --disable-pip-version-check $PYWINRM_REQS
-  echo "$PYWINRM_REQS" > "$PYWINRM_VENV/kiln-reqs"
+  # Not fatal: without PyPI the rest of the suite still runs, and the WinRM client tests fail
+  # with their own message naming this script.
+  if /usr/bin/python3 -m venv "$PYWINRM_VENV" &&
+    "$PYWINRM_VENV/bin/pip" install -q --disable-pip-version-check $PYWINRM_REQS; then
+    echo "$PYWINRM_REQS" > "$PYWINRM_VENV/kiln-reqs"
+  else
+    log "WARNING: could not create $PYWINRM_VENV; tests/tests/winrm_clients.rs will fail"
+  fi
 }
 
 missing=$(missing_of "${PKGS[@]}")
