@@ -1,5 +1,6 @@
 //! kiln's WS-Man envelopes against the request/response pairs recorded in pywinrm's test suite
-//! (`tests/data/pywinrm/`, see its README for the source).
+//! (`tests/data/pywinrm/`) and the response stubs of WinRb/WinRM (`tests/data/winrb/`); see
+//! each directory's README for the source.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -104,7 +105,10 @@ fn requests_match_pywinrm() {
     // The comparison sees a one-option difference (kiln's default code page is 65001).
     let theirs = xml::canonical(&xml::parse(&data("open_shell_request")).unwrap());
     let ours = wsman::create_shell(&h, &ShellOptions::default());
-    assert_ne!(xml::canonical(&xml::parse(ours.as_bytes()).unwrap()), theirs);
+    assert_ne!(
+        xml::canonical(&xml::parse(ours.as_bytes()).unwrap()),
+        theirs
+    );
 }
 
 #[test]
@@ -207,4 +211,84 @@ fn faults_parse_into_typed_fields() {
     assert_eq!(f.subcode.as_deref(), Some("w:InternalError"));
     assert_eq!(f.wsman_code, None);
     assert_eq!(f.wmi_error, Some(0x803381A6));
+}
+
+fn winrb(name: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/winrb")
+        .join(name);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    // The ERB templates' placeholders, filled with fixed values.
+    text.replace("<%= command_id %>", "CMD-1")
+        .replace("<%= test_data_stdout %>", "aGVsbG8NCg==") // "hello\r\n"
+        .replace("<%= test_data_stderr %>", "b29wcw==") // "oops"
+        .into_bytes()
+}
+
+#[test]
+fn winrb_response_shapes_parse() {
+    assert_eq!(
+        wsman::parse_create_response(&winrb("open_shell_v1.xml")).unwrap(),
+        "uuid:739990FF-1492-4CDD-80BB-6E07ADB06D85"
+    );
+    assert_eq!(
+        wsman::parse_create_response(&winrb("open_shell_v2.xml")).unwrap(),
+        "62DE33F0-8674-43D9-B6A5-3298012CC4CD"
+    );
+    assert_eq!(
+        wsman::parse_create_response(&winrb("open_shell_omi.xml")).unwrap(),
+        "74142DC5-E14D-4FCC-86ED-63DA3EE8407E",
+        "whitespace around OMI's values is not part of them"
+    );
+
+    for v in ["soap_fault_v1.xml", "soap_fault_v2.xml"] {
+        let f = wsman::parse_fault(&winrb(v)).unwrap_or_else(|| panic!("{v}: no fault"));
+        assert_eq!(f.wsman_code, Some(2150858778), "{v}");
+        assert_eq!(f.subcode.as_deref(), Some("n:CannotProcessFilter"), "{v}");
+        assert!(
+            f.reason
+                .as_deref()
+                .unwrap()
+                .starts_with("The data source could not process the filter."),
+            "{v}: {f:?}"
+        );
+    }
+    let f = wsman::parse_fault(&winrb("soap_fault_omi.xml")).unwrap();
+    assert_eq!(f.code.as_deref(), Some("SOAP-ENV:Receiver"));
+    assert_eq!(
+        f.reason.as_deref(),
+        Some("get-instance: instance name parameter is missing")
+    );
+    assert_eq!(f.wsman_code, None);
+    let f = wsman::parse_fault(&winrb("wmi_error_v2.xml")).unwrap();
+    assert_eq!(f.subcode.as_deref(), Some("w:QuotaLimit"));
+    assert_eq!(f.wmi_error, Some(2150859173));
+
+    let r = wsman::parse_receive_response(&winrb("get_command_output_response.xml.erb"), "CMD-1")
+        .unwrap();
+    assert!(r.done());
+    assert_eq!(r.exit_code, Some(0));
+    assert_eq!(
+        r.chunks,
+        vec![
+            (OutStream::Stdout, b"hello\r\n".to_vec()),
+            (OutStream::Stderr, b"oops".to_vec())
+        ]
+    );
+    assert_eq!(r.ended, vec![OutStream::Stderr]);
+
+    let r = wsman::parse_receive_response(
+        &winrb("get_command_output_response_not_done.xml.erb"),
+        "CMD-1",
+    )
+    .unwrap();
+    assert!(!r.done() && r.exit_code.is_none() && r.state.is_none());
+    assert_eq!(r.chunks.len(), 2);
+
+    // OMI reports Done without an ExitCode (and without a CommandId): done, exit code unknown.
+    let r =
+        wsman::parse_receive_response(&winrb("get_omi_command_output_response.xml.erb"), "CMD-1")
+            .unwrap();
+    assert!(r.done());
+    assert_eq!(r.exit_code, None);
 }

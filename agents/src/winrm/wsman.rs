@@ -542,7 +542,7 @@ pub struct Received {
     pub chunks: Vec<(OutStream, Vec<u8>)>,
     /// Streams whose `End="true"` marker was seen.
     pub ended: Vec<OutStream>,
-    /// `Some(code)` once `CommandState` is Done.
+    /// `Some(code)` once `CommandState` is Done (`None` if the server sent no `ExitCode`).
     pub exit_code: Option<i32>,
     /// The `CommandState/@State` URI, if present.
     pub state: Option<String>,
@@ -594,13 +594,9 @@ pub fn parse_receive_response(doc: &[u8], command_id: &str) -> Result<Received, 
         .find(|e| ours(e))
     {
         out.state = cs.attr("State").map(str::to_string);
-        if out.done() {
-            let code = cs
-                .child(ns::SHELL, "ExitCode")
-                .map(|e| e.text.trim())
-                .ok_or_else(|| {
-                    ResponseError::Shape("CommandState Done without an ExitCode".into())
-                })?;
+        // Done without an ExitCode (OMI does that) leaves `exit_code` empty: the caller reports
+        // an unknown exit status, never success.
+        if let Some(code) = cs.child(ns::SHELL, "ExitCode").map(|e| e.text.trim()) {
             let v: i64 = code
                 .parse()
                 .map_err(|_| ResponseError::Shape(format!("ExitCode {code:?} is not a number")))?;
