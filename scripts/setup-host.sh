@@ -31,6 +31,10 @@ PKGS=(
   genisoimage openssh-client
   # kiln-agents tests run real sshd and dropbear servers; debugfs/sfdisk read exported VHDs
   openssh-server
+  # WinRM: Debian's pywinrm (0.3.0, NTLM through requests-ntlm/ntlm-auth) is one of the
+  # independent clients run against kiln's WinRS test server; python3-venv holds the other
+  # (pywinrm 0.5 + pyspnego from PyPI, see install_pywinrm_venv below)
+  python3-winrm python3-venv
 )
 QEMU_PKGS=(qemu-system-x86 qemu-utils seabios)
 
@@ -49,10 +53,26 @@ if [ "$(id -u)" -ne 0 ]; then
   log "must run as root (apt-get install)"; exit 1
 fi
 
+# The current pywinrm (and pyspnego, its NTLM) from PyPI in a venv outside the checkout, for
+# tests/tests/winrm_clients.rs. Pinned versions; the venv is rebuilt when they change.
+PYWINRM_VENV=${KILN_PYWINRM_VENV:-$HOME/.cache/kiln/pywinrm-venv}
+PYWINRM_REQS="pywinrm==0.5.0 pyspnego==0.12.4 requests-ntlm==1.3.0"
+install_pywinrm_venv() {
+  if [ -x "$PYWINRM_VENV/bin/python" ] && [ "$(cat "$PYWINRM_VENV/kiln-reqs" 2>/dev/null)" = "$PYWINRM_REQS" ]; then
+    return 0
+  fi
+  log "creating $PYWINRM_VENV ($PYWINRM_REQS)"
+  rm -rf "$PYWINRM_VENV"
+  /usr/bin/python3 -m venv "$PYWINRM_VENV"
+  "$PYWINRM_VENV/bin/pip" install -q --disable-pip-version-check $PYWINRM_REQS
+  echo "$PYWINRM_REQS" > "$PYWINRM_VENV/kiln-reqs"
+}
+
 missing=$(missing_of "${PKGS[@]}")
 missing_qemu=$(missing_of "${QEMU_PKGS[@]}")
 if [ -z "$missing" ] && [ -z "$missing_qemu" ]; then
   log "all host packages present"
+  install_pywinrm_venv
   exit 0
 fi
 
@@ -84,4 +104,5 @@ fi
 if [ -n "$missing" ]; then
   apt-get install -y -q --no-install-recommends $missing
 fi
+install_pywinrm_venv
 log "done"

@@ -133,6 +133,22 @@ pub enum ConnectError {
         /// Time waited.
         elapsed: Duration,
     },
+    /// Waiting for a WinRM endpoint failed.
+    #[error(
+        "waiting for WinRM on {endpoint} as {user} ({attempts} attempts over {elapsed:?}): {failure}"
+    )]
+    WinRm {
+        /// The endpoint URL.
+        endpoint: String,
+        /// The user.
+        user: String,
+        /// Attempts started.
+        attempts: u32,
+        /// Time waited.
+        elapsed: Duration,
+        /// What ended the wait.
+        failure: WinRmWaitFailure,
+    },
     /// A failure that retrying cannot fix (e.g. no common algorithm with the server).
     #[error("cannot connect to {user}@{addr}: {failure}")]
     Fatal {
@@ -143,6 +159,32 @@ pub enum ConnectError {
         /// What went wrong.
         failure: AttemptFailure,
     },
+}
+
+/// Why waiting for a WinRM endpoint ended without a session (see [`ConnectError::WinRm`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WinRmWaitFailure {
+    /// The deadline passed; the last attempt's error is given.
+    Timeout(String),
+    /// A failure retrying cannot fix (certificate mismatch, NTLM refused, credentials still
+    /// rejected after the grace period).
+    Fatal(String),
+    /// The caller's interrupt fired with [`crate::Interrupt::Aborted`].
+    Aborted(String),
+    /// The caller's interrupt fired with [`crate::Interrupt::Cancelled`].
+    Cancelled,
+}
+
+impl fmt::Display for WinRmWaitFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WinRmWaitFailure::Timeout(last) => write!(f, "timed out; last error: {last}"),
+            WinRmWaitFailure::Fatal(d) => f.write_str(d),
+            WinRmWaitFailure::Aborted(r) => write!(f, "stopped waiting: {r}"),
+            WinRmWaitFailure::Cancelled => f.write_str("cancelled"),
+        }
+    }
 }
 
 /// Failure of an operation on an established connection ([`crate::Communicator`] methods).

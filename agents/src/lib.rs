@@ -2,8 +2,8 @@
 //!
 //! A build step talks to its guest only through the [`Communicator`] trait: run a command with
 //! its output streamed live, upload or download a file, wait for the guest to come back after a
-//! reboot. [`SshCommunicator`] implements it on [russh](https://docs.rs/russh) (pinned); a
-//! WinRM client will implement it for Windows guests.
+//! reboot. [`SshCommunicator`] implements it on [russh](https://docs.rs/russh) (pinned);
+//! [`WinRmCommunicator`] implements it over WinRM (WinRS) for Windows guests.
 //!
 //! **Architecture invariant:** this crate knows nothing about templates, build plans or QEMU.
 //! Whatever decides that a wait is pointless (QEMU exited, a panic on the console) reaches
@@ -29,14 +29,16 @@ mod communicator;
 mod error;
 mod keys;
 mod ssh;
+pub mod winrm;
 
 pub use communicator::{
     Collected, Communicator, ConnectReport, ExecOptions, ExecOutcome, ExitStatus,
     HostKeyFingerprint, Interrupt, InterruptFuture, OutputSink, Stream, UploadOutcome,
 };
-pub use error::{AttemptFailure, CommError, ConnectError, KeyError};
+pub use error::{AttemptFailure, CommError, ConnectError, KeyError, WinRmWaitFailure};
 pub use keys::{fingerprint, generate_ed25519, load_private_key, write_private_key, KeyPair};
 pub use ssh::{ConnectConfig, HostKeyPolicy, Keepalive, SshCommunicator};
+pub use winrm::{WinRmCommunicator, WinRmConfig};
 
 /// Key types from russh, re-exported so callers need no direct russh (or ssh-key) dependency.
 pub use russh::keys::{PrivateKey, PublicKey};

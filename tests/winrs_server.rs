@@ -1,0 +1,1217 @@
+//! A WinRS (Windows Remote Shell over WS-Management) test server that runs on Linux.
+//!
+//! It implements the `cmd` shell resource the way Windows' WinRM service answers it:
+//! Create (a ShellId), Command (a CommandId; the process starts at once), Send (stdin, `End`
+//! closes it), Receive (stdout/stderr chunks as base64 `rsp:Stream`s, `End="true"` markers and
+//! `CommandState Done` with the `ExitCode` once the process has exited and its output is
+//! drained; the `w:TimedOut` fault with WSManFault code 2150858793 when nothing arrived within
+//! the request's `OperationTimeout`), Signal (`terminate` kills the process group and releases
+//! the command, `ctrl_c` sends SIGINT) and Delete. Receive responses are cut to fit the
+//! client's `MaxEnvelopeSize`. Unknown shells get the 2150858843 fault.
+//!
+//! Transports: HTTPS with Basic authentication (a self-signed certificate made with rcgen) or
+//! HTTP with NTLMv2 (`Authorization: Negotiate`/`NTLM`, the client's NTLMv2 proof and MIC
+//! verified against the configured user and password) and every body sealed
+//! (`multipart/encrypted`, MS-WSMV 2.2.9.1.1). A plaintext SOAP body over HTTP is refused with
+//! HTTP 400 and counted in [`Stats::plaintext_refused`].
+//!
+//! # The Linux shim: what the received command lines run as
+//!
+//! WinRS hands a command line to `cmd.exe`. This server has no `cmd.exe` or PowerShell, so:
+//!
+//! 1. `powershell[.exe] … -EncodedCommand|-enc|-ec|-e <base64>` (case-insensitive): the UTF-16LE
+//!    script is decoded, and the line `$ProgressPreference = 'SilentlyContinue'` (which kiln's
+//!    command lines prepend) is dropped. If the script is one of kiln's WinRM file transfer
+//!    scripts (`agents/src/winrm/powershell.rs`: decode the uploaded base64 lines into the
+//!    destination and print `<size> <SHA-256>`; print a file as base64), the shim performs
+//!    exactly that file operation natively. **Any other script is run by `/bin/sh -c`**:
+//!    tests write their "PowerShell" payloads in POSIX shell.
+//! 2. Any other command line (`rsp:Command` and its `rsp:Arguments` joined by spaces) is run by
+//!    `/bin/sh -c` in place of `cmd.exe /c`. (kiln's upload chunks, `echo <base64> >> "<tmp>"`, mean
+//!    the same in both.)
+//!
+//! Processes run in their own process group, with the server's environment and working
+//! directory. Nothing else of Windows is emulated.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use kiln_agents::winrm::ntlm::{Acceptor, Session};
+use kiln_agents::winrm::wsman::{self, ns};
+use kiln_agents::winrm::xml::{self, escape, Element};
+use kiln_agents::winrm::{encryption, powershell};
+use kiln_agents::HostKeyFingerprint;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::watch;
+
+/// How clients reach the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WinrsAuth {
+    /// HTTPS, Basic authentication.
+    HttpsBasic,
+    /// HTTP, NTLMv2 with message sealing.
+    HttpNtlm,
+}
+
+/// A self-signed certificate and its key (DER), reusable across restarts.
+#[derive(Clone)]
+pub struct TestCert {
+    /// Certificate DER.
+    pub cert: Vec<u8>,
+    /// PKCS#8 private key DER.
+    pub key: Vec<u8>,
+}
+
+impl TestCert {
+    /// A fresh self-signed certificate for `localhost` and `127.0.0.1`.
+    pub fn generate() -> Result<TestCert> {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .context("generating the test server's certificate")?;
+        Ok(TestCert {
+            cert: ck.cert.der().to_vec(),
+            key: ck.signing_key.serialize_der(),
+        })
+    }
+
+    /// Its fingerprint as kiln reports it.
+    pub fn fingerprint(&self) -> HostKeyFingerprint {
+        kiln_agents::winrm::cert_fingerprint(&self.cert)
+    }
+}
+
+/// Server settings.
+#[derive(Clone)]
+pub struct WinrsServerConfig {
+    /// Transport and authentication.
+    pub auth: WinrsAuth,
+    /// The one account.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+    /// Where to listen (`127.0.0.1:0` picks a free port).
+    pub bind: SocketAddr,
+    /// Upper bound of the OperationTimeout a Receive may wait (Windows: `MaxTimeoutms`, 60 s).
+    pub max_operation_timeout: Duration,
+    /// HTTPS certificate; generated when `None`.
+    pub cert: Option<TestCert>,
+}
+
+impl WinrsServerConfig {
+    /// Defaults: `127.0.0.1:0`, 60 s operation timeout cap, a fresh certificate.
+    pub fn new(auth: WinrsAuth, user: &str, password: &str) -> Self {
+        WinrsServerConfig {
+            auth,
+            user: user.into(),
+            password: password.into(),
+            bind: "127.0.0.1:0".parse().expect("valid address"),
+            max_operation_timeout: Duration::from_secs(60),
+            cert: None,
+        }
+    }
+}
+
+/// What the server saw; tests assert on these.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// WS-Man requests handled (authenticated, parsed).
+    pub requests: AtomicU64,
+    /// Requests that arrived sealed (HTTP/NTLM).
+    pub sealed_requests: AtomicU64,
+    /// Plaintext SOAP bodies refused on HTTP.
+    pub plaintext_refused: AtomicU64,
+    /// NTLM handshakes that succeeded.
+    pub ntlm_logons: AtomicU64,
+    /// ... of which carried a verified MIC.
+    pub ntlm_mics: AtomicU64,
+    /// Authentication failures (Basic or NTLM).
+    pub auth_failures: AtomicU64,
+    /// OperationTimeout faults sent.
+    pub operation_timeouts: AtomicU64,
+    /// Receive responses sent.
+    pub receives: AtomicU64,
+    /// Largest response envelope (plaintext bytes).
+    pub max_response: AtomicU64,
+    /// Shells created.
+    pub shells_created: AtomicU64,
+    /// Commands started.
+    pub commands: AtomicU64,
+    /// Signals received.
+    pub signals: AtomicU64,
+    /// Shells deleted.
+    pub shells_deleted: AtomicU64,
+    /// Why the last authentication failed.
+    pub last_auth_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    /// Read a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::SeqCst)
+    }
+}
+
+/// A running server; stopped (connections dropped, processes killed) on drop.
+pub struct WinrsServer {
+    addr: SocketAddr,
+    auth: WinrsAuth,
+    cert: Option<TestCert>,
+    stats: Arc<Stats>,
+    state: Arc<State>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for WinrsServer {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+        self.state.kill_all();
+    }
+}
+
+impl WinrsServer {
+    /// Bind and serve in the background (on the current tokio runtime).
+    pub async fn start(config: WinrsServerConfig) -> Result<WinrsServer> {
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .with_context(|| format!("binding the WinRS test server to {}", config.bind))?;
+        let addr = listener.local_addr()?;
+        let cert = match (&config.auth, &config.cert) {
+            (WinrsAuth::HttpsBasic, Some(c)) => Some(c.clone()),
+            (WinrsAuth::HttpsBasic, None) => Some(TestCert::generate()?),
+            (WinrsAuth::HttpNtlm, _) => None,
+        };
+        let tls = match &cert {
+            Some(c) => {
+                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                let cfg = rustls::ServerConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()?
+                    .with_no_client_auth()
+                    .with_single_cert(
+                        vec![rustls::pki_types::CertificateDer::from(c.cert.clone())],
+                        rustls::pki_types::PrivateKeyDer::Pkcs8(c.key.clone().into()),
+                    )
+                    .context("TLS configuration of the WinRS test server")?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+            }
+            None => None,
+        };
+        let stats = Arc::new(Stats::default());
+        let state = Arc::new(State {
+            config: config.clone(),
+            shells: Mutex::new(HashMap::new()),
+            stats: stats.clone(),
+            endpoint: format!(
+                "{}://{addr}/wsman",
+                if tls.is_some() { "https" } else { "http" }
+            ),
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                let tls = tls.clone();
+                conns.spawn(async move {
+                    let conn = Arc::new(tokio::sync::Mutex::new(ConnAuth::default()));
+                    let service = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        let conn = conn.clone();
+                        async move { Ok::<_, Infallible>(st.handle(req, &conn).await) }
+                    });
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acc) => {
+                            if let Ok(s) = acc.accept(tcp).await {
+                                let _ = builder.serve_connection(TokioIo::new(s), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                        }
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(WinrsServer {
+            addr,
+            auth: config.auth,
+            cert,
+            stats,
+            state,
+            task: Some(task),
+        })
+    }
+
+    /// Stop serving and wait until the port is free again (a "reboot": connections drop, shells
+    /// and their processes are gone).
+    pub async fn stop(mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+        self.state.kill_all();
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http(s)://127.0.0.1:PORT/wsman`.
+    pub fn endpoint(&self) -> String {
+        self.state.endpoint.clone()
+    }
+
+    /// The transport.
+    pub fn auth(&self) -> &WinrsAuth {
+        &self.auth
+    }
+
+    /// The HTTPS certificate.
+    pub fn cert(&self) -> Option<&TestCert> {
+        self.cert.as_ref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Shells currently open.
+    pub fn open_shells(&self) -> usize {
+        self.state.shells.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+/// Per-connection authentication state (NTLM authenticates the connection).
+#[derive(Default)]
+struct ConnAuth {
+    acceptor: Option<Acceptor>,
+    session: Option<Session>,
+}
+
+#[derive(Default)]
+struct Output {
+    chunks: VecDeque<(bool, Vec<u8>)>, // (is_stderr, data)
+    exit: Option<i32>,
+}
+
+struct Command {
+    output: Mutex<Output>,
+    changed: watch::Sender<u64>,
+    stdin: tokio::sync::Mutex<Option<ChildStdin>>,
+    pid: Option<i32>,
+}
+
+struct Shell {
+    commands: HashMap<String, Arc<Command>>,
+}
+
+struct State {
+    config: WinrsServerConfig,
+    shells: Mutex<HashMap<String, Shell>>,
+    stats: Arc<Stats>,
+    endpoint: String,
+}
+
+fn guid() -> String {
+    let b: [u8; 16] = rand_bytes();
+    let h: String = b.iter().map(|x| format!("{x:02X}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn rand_bytes() -> [u8; 16] {
+    // Good enough for ids in a test server: time, a counter and the pid through SHA-256.
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut h = Sha256::new();
+    h.update(std::process::id().to_le_bytes());
+    h.update(N.fetch_add(1, Ordering::SeqCst).to_le_bytes());
+    h.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+    let d = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&d[..16]);
+    out
+}
+
+fn kill_group(pid: Option<i32>, sig: i32) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+        unsafe {
+            libc::kill(-pid, sig);
+        }
+    }
+}
+
+fn text_response(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/plain")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid response")
+}
+
+fn unauthorized(www: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::UNAUTHORIZED)
+        .header(WWW_AUTHENTICATE, www)
+        .header(hyper::header::CONTENT_LENGTH, "0")
+        .body(Full::new(Bytes::new()))
+        .expect("valid response")
+}
+
+/// A fault to send back.
+struct FaultOut {
+    code: &'static str,
+    subcode: &'static str,
+    wsman_code: u32,
+    reason: String,
+}
+
+impl State {
+    fn kill_all(&self) {
+        if let Ok(mut shells) = self.shells.lock() {
+            for (_, sh) in shells.drain() {
+                for (_, c) in sh.commands {
+                    kill_group(c.pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &tokio::sync::Mutex<ConnAuth>,
+    ) -> Response<Full<Bytes>> {
+        let ctype = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let authz = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if req.uri().path() != "/wsman" {
+            return text_response(StatusCode::NOT_FOUND, "only /wsman is served");
+        }
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes().to_vec(),
+            Err(e) => return text_response(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        match self.config.auth {
+            WinrsAuth::HttpsBasic => {
+                let ok = authz
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix("Basic "))
+                    .and_then(|b| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b.trim())
+                            .ok()
+                    })
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .is_some_and(|s| {
+                        s.split_once(':').is_some_and(|(u, p)| {
+                            u.eq_ignore_ascii_case(&self.config.user) && p == self.config.password
+                        })
+                    });
+                if !ok {
+                    if authz.is_some() {
+                        self.stats.auth_failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return unauthorized("Basic realm=\"WSMAN\"");
+                }
+                let (status, out) = self.soap(&body).await;
+                Response::builder()
+                    .status(status)
+                    .header(CONTENT_TYPE, "application/soap+xml;charset=UTF-8")
+                    .body(Full::new(Bytes::from(out)))
+                    .expect("valid response")
+            }
+            WinrsAuth::HttpNtlm => self.ntlm(conn, authz, &ctype, body).await,
+        }
+    }
+
+    async fn ntlm(
+        &self,
+        conn: &tokio::sync::Mutex<ConnAuth>,
+        authz: Option<String>,
+        ctype: &str,
+        body: Vec<u8>,
+    ) -> Response<Full<Bytes>> {
+        let mut c = conn.lock().await;
+        if let Some(a) = authz {
+            let (scheme, token) = match a.split_once(' ') {
+                Some((s, t))
+                    if s.eq_ignore_ascii_case("Negotiate") || s.eq_ignore_ascii_case("NTLM") =>
+                {
+                    (s.to_string(), t.trim().to_string())
+                }
+                _ => return unauthorized("Negotiate"),
+            };
+            let Ok(tok) = base64::engine::general_purpose::STANDARD.decode(&token) else {
+                return text_response(StatusCode::BAD_REQUEST, "token is not base64");
+            };
+            if tok.len() < 12 || &tok[..8] != b"NTLMSSP\0" {
+                // SPNEGO-wrapped or Kerberos tokens: not supported by this server.
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "only raw NTLM tokens are supported (no SPNEGO/Kerberos)",
+                );
+            }
+            match tok[8] {
+                1 => {
+                    let mut acc =
+                        Acceptor::new(&self.config.user, &self.config.password, "KILN-WINRS");
+                    match acc.challenge(&tok) {
+                        Ok(ch) => {
+                            c.acceptor = Some(acc);
+                            c.session = None;
+                            let b64 = base64::engine::general_purpose::STANDARD.encode(ch);
+                            return unauthorized(&format!("{scheme} {b64}"));
+                        }
+                        Err(e) => {
+                            self.stats.auth_failures.fetch_add(1, Ordering::SeqCst);
+                            if let Ok(mut l) = self.stats.last_auth_error.lock() {
+                                *l = Some(e.to_string());
+                            }
+                            return text_response(StatusCode::UNAUTHORIZED, &e.to_string());
+                        }
+                    }
+                }
+                3 => {
+                    let Some(acc) = c.acceptor.take() else {
+                        return unauthorized("Negotiate");
+                    };
+                    match acc.accept(&tok) {
+                        Ok(ok) => {
+                            self.stats.ntlm_logons.fetch_add(1, Ordering::SeqCst);
+                            if ok.mic {
+                                self.stats.ntlm_mics.fetch_add(1, Ordering::SeqCst);
+                            }
+                            c.session = Some(ok.session);
+                            if body.is_empty() {
+                                return Response::builder()
+                                    .status(StatusCode::OK)
+                                    .header(hyper::header::CONTENT_LENGTH, "0")
+                                    .body(Full::new(Bytes::new()))
+                                    .expect("valid response");
+                            }
+                        }
+                        Err(e) => {
+                            self.stats.auth_failures.fetch_add(1, Ordering::SeqCst);
+                            if let Ok(mut l) = self.stats.last_auth_error.lock() {
+                                *l = Some(e.to_string());
+                            }
+                            return unauthorized("Negotiate");
+                        }
+                    }
+                }
+                _ => return text_response(StatusCode::BAD_REQUEST, "unexpected NTLM message"),
+            }
+        }
+        let Some(session) = c.session.as_mut() else {
+            return unauthorized("Negotiate");
+        };
+        if !encryption::is_encrypted(ctype) {
+            self.stats.plaintext_refused.fetch_add(1, Ordering::SeqCst);
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "plaintext SOAP over HTTP is refused: seal the body (multipart/encrypted)",
+            );
+        }
+        let plain = match encryption::unseal(session, &body) {
+            Ok(p) => p,
+            Err(e) => return text_response(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        self.stats.sealed_requests.fetch_add(1, Ordering::SeqCst);
+        // Release the connection lock while a Receive waits: the client sends nothing else on
+        // this connection meanwhile, and the session is needed again only to seal the answer.
+        drop(c);
+        let (status, out) = self.soap(&plain).await;
+        let mut c = conn.lock().await;
+        let Some(session) = c.session.as_mut() else {
+            return unauthorized("Negotiate");
+        };
+        let sealed = encryption::seal(session, out.as_bytes());
+        Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, encryption::CONTENT_TYPE)
+            .body(Full::new(Bytes::from(sealed)))
+            .expect("valid response")
+    }
+
+    fn envelope(&self, action: &str, relates_to: &str, body: &str) -> String {
+        format!(
+            r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xml:lang="en-US" xmlns:s="{}" xmlns:a="{}" xmlns:x="{}" xmlns:w="{}" xmlns:rsp="{}" xmlns:p="{}"><s:Header><a:Action>{action}</a:Action><a:MessageID>uuid:{}</a:MessageID><a:To>{}</a:To><a:RelatesTo>{}</a:RelatesTo></s:Header><s:Body>{body}</s:Body></s:Envelope>"#,
+            ns::SOAP,
+            ns::ADDRESSING,
+            ns::TRANSFER,
+            ns::WSMAN,
+            ns::SHELL,
+            ns::WSMAN_MS,
+            guid(),
+            wsman::ANONYMOUS,
+            escape(relates_to)
+        )
+    }
+
+    fn fault(&self, relates_to: &str, f: FaultOut) -> (StatusCode, String) {
+        let body = format!(
+            r#"<s:Fault><s:Code><s:Value>{}</s:Value><s:Subcode><s:Value>{}</s:Value></s:Subcode></s:Code><s:Reason><s:Text xml:lang="en-US">{}</s:Text></s:Reason><s:Detail><f:WSManFault xmlns:f="{}" Code="{}" Machine="kiln-winrs"><f:Message>{}</f:Message></f:WSManFault></s:Detail></s:Fault>"#,
+            f.code,
+            f.subcode,
+            escape(&f.reason),
+            ns::WSMAN_FAULT,
+            f.wsman_code,
+            escape(&f.reason)
+        );
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            self.envelope(wsman::action::FAULT, relates_to, &body),
+        )
+    }
+
+    /// Handle one plaintext SOAP request.
+    async fn soap(&self, doc: &[u8]) -> (StatusCode, String) {
+        self.stats.requests.fetch_add(1, Ordering::SeqCst);
+        let (status, out) = match xml::parse(doc) {
+            Ok(env) => self.dispatch(&env).await,
+            Err(e) => self.fault(
+                "",
+                FaultOut {
+                    code: "s:Sender",
+                    subcode: "w:InvalidMessageInformationHeader",
+                    wsman_code: 2150858817,
+                    reason: format!("the request is not XML: {e}"),
+                },
+            ),
+        };
+        self.stats
+            .max_response
+            .fetch_max(out.len() as u64, Ordering::SeqCst);
+        (status, out)
+    }
+
+    async fn dispatch(&self, env: &Element) -> (StatusCode, String) {
+        let header = env.child(ns::SOAP, "Header");
+        let h = |n: &str, name: &str| {
+            header
+                .and_then(|h| h.child(n, name))
+                .map(|e| e.text_trim().to_string())
+                .unwrap_or_default()
+        };
+        let action = h(ns::ADDRESSING, "Action");
+        let msg_id = h(ns::ADDRESSING, "MessageID");
+        let resource = h(ns::WSMAN, "ResourceURI");
+        let max_env: usize = h(ns::WSMAN, "MaxEnvelopeSize").parse().unwrap_or(153_600);
+        let op_timeout = wsman::parse_duration(&h(ns::WSMAN, "OperationTimeout"))
+            .unwrap_or(Duration::from_secs(60))
+            .min(self.config.max_operation_timeout);
+        let shell_id = header
+            .and_then(|h| h.child(ns::WSMAN, "SelectorSet"))
+            .and_then(|s| {
+                s.children_named(ns::WSMAN, "Selector")
+                    .find(|e| e.attr("Name") == Some("ShellId"))
+            })
+            .map(|e| e.text_trim().to_string());
+        let body = env.child(ns::SOAP, "Body");
+        if resource != wsman::RESOURCE_CMD {
+            return self.fault(
+                &msg_id,
+                FaultOut {
+                    code: "s:Sender",
+                    subcode: "w:DestinationUnreachable",
+                    wsman_code: 2150858770,
+                    reason: format!(
+                        "unsupported ResourceURI {resource:?}; only the cmd shell is served"
+                    ),
+                },
+            );
+        }
+        let no_shell = |id: &str| {
+            FaultOut {
+            code: "s:Sender",
+            subcode: "w:InvalidSelectors",
+            wsman_code: wsman::SHELL_NOT_FOUND,
+            reason: format!("The request for the Windows Remote Shell with ShellId {id} failed because the shell was not found on the server."),
+        }
+        };
+        match action.as_str() {
+            wsman::action::CREATE => {
+                let id = guid();
+                if let Ok(mut s) = self.shells.lock() {
+                    s.insert(
+                        id.clone(),
+                        Shell {
+                            commands: HashMap::new(),
+                        },
+                    );
+                }
+                self.stats.shells_created.fetch_add(1, Ordering::SeqCst);
+                let body = format!(
+                    r#"<x:ResourceCreated><a:Address>{}</a:Address><a:ReferenceParameters><w:ResourceURI>{}</w:ResourceURI><w:SelectorSet><w:Selector Name="ShellId">{id}</w:Selector></w:SelectorSet></a:ReferenceParameters></x:ResourceCreated><rsp:Shell><rsp:ShellId>{id}</rsp:ShellId><rsp:ResourceUri>{}</rsp:ResourceUri><rsp:InputStreams>stdin</rsp:InputStreams><rsp:OutputStreams>stdout stderr</rsp:OutputStreams></rsp:Shell>"#,
+                    escape(&self.endpoint),
+                    wsman::RESOURCE_CMD,
+                    wsman::RESOURCE_CMD
+                );
+                (
+                    StatusCode::OK,
+                    self.envelope(
+                        "http://schemas.xmlsoap.org/ws/2004/09/transfer/CreateResponse",
+                        &msg_id,
+                        &body,
+                    ),
+                )
+            }
+            wsman::action::DELETE => {
+                let id = shell_id.unwrap_or_default();
+                let removed = self.shells.lock().ok().and_then(|mut s| s.remove(&id));
+                match removed {
+                    Some(sh) => {
+                        for c in sh.commands.values() {
+                            kill_group(c.pid, libc::SIGKILL);
+                        }
+                        self.stats.shells_deleted.fetch_add(1, Ordering::SeqCst);
+                        (
+                            StatusCode::OK,
+                            self.envelope(
+                                "http://schemas.xmlsoap.org/ws/2004/09/transfer/DeleteResponse",
+                                &msg_id,
+                                "",
+                            ),
+                        )
+                    }
+                    None => self.fault(&msg_id, no_shell(&id)),
+                }
+            }
+            wsman::action::COMMAND => {
+                let id = shell_id.unwrap_or_default();
+                if !self
+                    .shells
+                    .lock()
+                    .map(|s| s.contains_key(&id))
+                    .unwrap_or(false)
+                {
+                    return self.fault(&msg_id, no_shell(&id));
+                }
+                let cl = body.and_then(|b| b.child(ns::SHELL, "CommandLine"));
+                let mut line = cl
+                    .and_then(|c| c.child(ns::SHELL, "Command"))
+                    .map(|c| c.text_trim().to_string())
+                    .unwrap_or_default();
+                for a in cl
+                    .into_iter()
+                    .flat_map(|c| c.children_named(ns::SHELL, "Arguments"))
+                {
+                    line.push(' ');
+                    line.push_str(&a.text);
+                }
+                let cmd = match start(&line) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return self.fault(
+                            &msg_id,
+                            FaultOut {
+                                code: "s:Receiver",
+                                subcode: "w:InternalError",
+                                wsman_code: 2147942402,
+                                reason: format!("cannot start {line:?}: {e}"),
+                            },
+                        )
+                    }
+                };
+                let cid = guid();
+                if let Ok(mut s) = self.shells.lock() {
+                    if let Some(sh) = s.get_mut(&id) {
+                        sh.commands.insert(cid.clone(), cmd);
+                    }
+                }
+                self.stats.commands.fetch_add(1, Ordering::SeqCst);
+                (
+                    StatusCode::OK,
+                    self.envelope(
+                        "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/CommandResponse",
+                        &msg_id,
+                        &format!("<rsp:CommandResponse><rsp:CommandId>{cid}</rsp:CommandId></rsp:CommandResponse>"),
+                    ),
+                )
+            }
+            wsman::action::SEND | wsman::action::RECEIVE | wsman::action::SIGNAL => {
+                let id = shell_id.unwrap_or_default();
+                let (el, attr_host) = match action.as_str() {
+                    wsman::action::SEND => ("Send", "Stream"),
+                    wsman::action::RECEIVE => ("Receive", "DesiredStream"),
+                    _ => ("Signal", ""),
+                };
+                let op = body.and_then(|b| b.child(ns::SHELL, el));
+                let cid_el = if attr_host.is_empty() {
+                    op
+                } else {
+                    op.and_then(|o| o.child(ns::SHELL, attr_host))
+                };
+                let cid = cid_el
+                    .and_then(|e| e.attr("CommandId"))
+                    .unwrap_or_default()
+                    .to_string();
+                let cmd = {
+                    let shells = match self.shells.lock() {
+                        Ok(s) => s,
+                        Err(_) => return self.fault(&msg_id, no_shell(&id)),
+                    };
+                    let Some(sh) = shells.get(&id) else {
+                        return self.fault(&msg_id, no_shell(&id));
+                    };
+                    sh.commands
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(&cid))
+                        .map(|(_, v)| v.clone())
+                };
+                let Some(cmd) = cmd else {
+                    return self.fault(
+                        &msg_id,
+                        FaultOut {
+                            code: "s:Sender",
+                            subcode: "w:InvalidParameter",
+                            wsman_code: 2150858843,
+                            reason: format!("no command {cid:?} in shell {id}"),
+                        },
+                    );
+                };
+                match el {
+                    "Send" => {
+                        let stream = cid_el.expect("Send carries a Stream");
+                        let data: String = stream.text.split_whitespace().collect();
+                        let data = base64::engine::general_purpose::STANDARD
+                            .decode(data.as_bytes())
+                            .unwrap_or_default();
+                        let end = stream
+                            .attr("End")
+                            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+                        let mut stdin = cmd.stdin.lock().await;
+                        if let Some(w) = stdin.as_mut() {
+                            let _ = w.write_all(&data).await;
+                            let _ = w.flush().await;
+                        }
+                        if end {
+                            *stdin = None;
+                        }
+                        (
+                            StatusCode::OK,
+                            self.envelope(
+                                "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/SendResponse",
+                                &msg_id,
+                                "<rsp:SendResponse/>",
+                            ),
+                        )
+                    }
+                    "Signal" => {
+                        self.stats.signals.fetch_add(1, Ordering::SeqCst);
+                        let code = op
+                            .and_then(|o| o.child(ns::SHELL, "Code"))
+                            .map(|c| c.text_trim().to_string())
+                            .unwrap_or_default();
+                        if code == wsman::Signal::CtrlC.uri() {
+                            kill_group(cmd.pid, libc::SIGINT);
+                        } else {
+                            kill_group(cmd.pid, libc::SIGKILL);
+                            if let Ok(mut s) = self.shells.lock() {
+                                if let Some(sh) = s.get_mut(&id) {
+                                    sh.commands.retain(|k, _| !k.eq_ignore_ascii_case(&cid));
+                                }
+                            }
+                        }
+                        (
+                            StatusCode::OK,
+                            self.envelope(
+                                "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/SignalResponse",
+                                &msg_id,
+                                "<rsp:SignalResponse/>",
+                            ),
+                        )
+                    }
+                    _ => self.receive(&msg_id, &cid, &cmd, op_timeout, max_env).await,
+                }
+            }
+            other => self.fault(
+                &msg_id,
+                FaultOut {
+                    code: "s:Sender",
+                    subcode: "a:ActionNotSupported",
+                    wsman_code: 2150858771,
+                    reason: format!("unsupported Action {other:?}"),
+                },
+            ),
+        }
+    }
+
+    async fn receive(
+        &self,
+        msg_id: &str,
+        cid: &str,
+        cmd: &Command,
+        wait: Duration,
+        max_env: usize,
+    ) -> (StatusCode, String) {
+        let mut rx = cmd.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        // Raw bytes per response: what fits MaxEnvelopeSize after base64 and framing.
+        let budget = (max_env.saturating_sub(2048) / 4 * 3).max(1);
+        loop {
+            rx.borrow_and_update();
+            {
+                let mut out = cmd.output.lock().expect("output lock");
+                if !out.chunks.is_empty() || out.exit.is_some() {
+                    let mut body = String::from("<rsp:ReceiveResponse>");
+                    let mut used = 0usize;
+                    while let Some((err, data)) = out.chunks.pop_front() {
+                        let room = budget.saturating_sub(used);
+                        if room == 0 {
+                            out.chunks.push_front((err, data));
+                            break;
+                        }
+                        let (now, later) = data.split_at(room.min(data.len()));
+                        if !later.is_empty() {
+                            out.chunks.push_front((err, later.to_vec()));
+                        }
+                        used += now.len();
+                        body.push_str(&format!(
+                            r#"<rsp:Stream Name="{}" CommandId="{cid}">{}</rsp:Stream>"#,
+                            if err { "stderr" } else { "stdout" },
+                            base64::engine::general_purpose::STANDARD.encode(now)
+                        ));
+                    }
+                    match (out.exit, out.chunks.is_empty()) {
+                        (Some(code), true) => body.push_str(&format!(
+                            r#"<rsp:Stream Name="stdout" CommandId="{cid}" End="true"></rsp:Stream><rsp:Stream Name="stderr" CommandId="{cid}" End="true"></rsp:Stream><rsp:CommandState CommandId="{cid}" State="{}"><rsp:ExitCode>{code}</rsp:ExitCode></rsp:CommandState>"#,
+                            wsman::state::DONE
+                        )),
+                        _ => body.push_str(&format!(
+                            r#"<rsp:CommandState CommandId="{cid}" State="{}"/>"#,
+                            wsman::state::RUNNING
+                        )),
+                    }
+                    body.push_str("</rsp:ReceiveResponse>");
+                    self.stats.receives.fetch_add(1, Ordering::SeqCst);
+                    return (
+                        StatusCode::OK,
+                        self.envelope(
+                            "http://schemas.microsoft.com/wbem/wsman/1/windows/shell/ReceiveResponse",
+                            msg_id,
+                            &body,
+                        ),
+                    );
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                self.stats.operation_timeouts.fetch_add(1, Ordering::SeqCst);
+                return self.fault(
+                    msg_id,
+                    FaultOut {
+                        code: "s:Receiver",
+                        subcode: "w:TimedOut",
+                        wsman_code: wsman::OPERATION_TIMED_OUT,
+                        reason: "The WS-Management service cannot complete the operation within the time specified in OperationTimeout.".into(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// What the shim runs for a command line (see the module docs).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Shimmed {
+    /// `/bin/sh -c <script>`.
+    Sh(String),
+    /// Decode the base64 lines of `tmp` into `dest`, delete `tmp`, print `<size> <SHA-256>`.
+    DecodeAndHash(String, String),
+    /// Print a file as base64.
+    Base64(String),
+}
+
+/// Parse a PowerShell single-quoted literal at the start of `s`; returns it and the rest.
+fn ps_literal(s: &str) -> Option<(String, &str)> {
+    let s = s.trim_start();
+    let mut chars = s.char_indices();
+    if chars.next()?.1 != '\'' {
+        return None;
+    }
+    let mut out = String::new();
+    let mut it = s[1..].char_indices().peekable();
+    while let Some((i, c)) = it.next() {
+        if c == '\'' {
+            if it.peek().map(|(_, c)| *c) == Some('\'') {
+                it.next();
+                out.push('\'');
+                continue;
+            }
+            return Some((out, &s[1 + i + 1..]));
+        }
+        out.push(c);
+    }
+    None
+}
+
+/// Recognise kiln's own file-transfer scripts; anything else goes to `/bin/sh -c`.
+pub fn shim_powershell(script: &str) -> Shimmed {
+    let lines: Vec<&str> = script
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && *l != "$ProgressPreference = 'SilentlyContinue'"
+                && *l != "$ErrorActionPreference = 'Stop'"
+        })
+        .collect();
+    fn after<'a>(l: &'a str, prefix: &str) -> Option<(String, &'a str)> {
+        l.strip_prefix(prefix).and_then(ps_literal)
+    }
+    if let [t, d, body @ ..] = lines.as_slice() {
+        let want: Vec<&str> = powershell::UPLOAD_DECODE_BODY
+            .lines()
+            .map(str::trim)
+            .collect();
+        if body == want.as_slice() {
+            if let (Some((tmp, r1)), Some((dest, r2))) = (after(t, "$t = "), after(d, "$d = ")) {
+                if r1.trim().is_empty() && r2.trim().is_empty() {
+                    return Shimmed::DecodeAndHash(tmp, dest);
+                }
+            }
+        }
+    }
+    if let [one] = lines.as_slice() {
+        if let Some((p, rest)) = after(one, "[Convert]::ToBase64String([IO.File]::ReadAllBytes(") {
+            if rest.trim() == "))" {
+                return Shimmed::Base64(p);
+            }
+        }
+    }
+    Shimmed::Sh(
+        script
+            .lines()
+            .filter(|l| l.trim() != "$ProgressPreference = 'SilentlyContinue'")
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// Map a WinRS command line to what the shim runs.
+pub fn shim(line: &str) -> Shimmed {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if let Some(first) = words.first() {
+        let exe = first.to_ascii_lowercase();
+        if exe == "powershell" || exe == "powershell.exe" {
+            let flag = words.iter().position(|w| {
+                matches!(
+                    w.to_ascii_lowercase().as_str(),
+                    "-encodedcommand" | "-enc" | "-ec" | "-e"
+                )
+            });
+            if let Some(i) = flag {
+                if let Some(script) = words.get(i + 1).and_then(|b| powershell::decode_command(b)) {
+                    return shim_powershell(&script);
+                }
+            }
+        }
+    }
+    Shimmed::Sh(line.to_string())
+}
+
+fn finished(out: Vec<(bool, Vec<u8>)>, code: i32) -> Arc<Command> {
+    let (tx, _) = watch::channel(0);
+    Arc::new(Command {
+        output: Mutex::new(Output {
+            chunks: out.into_iter().filter(|(_, d)| !d.is_empty()).collect(),
+            exit: Some(code),
+        }),
+        changed: tx,
+        stdin: tokio::sync::Mutex::new(None),
+        pid: None,
+    })
+}
+
+fn native(op: Shimmed) -> Arc<Command> {
+    let res: std::io::Result<Vec<u8>> = (|| match op {
+        Shimmed::DecodeAndHash(tmp, dest) => {
+            let mut data = Vec::new();
+            if let Ok(text) = std::fs::read_to_string(&tmp) {
+                for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    let b = base64::engine::general_purpose::STANDARD
+                        .decode(l)
+                        .map_err(|e| std::io::Error::other(format!("{tmp}: {e}")))?;
+                    data.extend_from_slice(&b);
+                }
+                std::fs::remove_file(&tmp)?;
+            }
+            std::fs::write(&dest, &data)?;
+            let h: String = Sha256::digest(&data)
+                .iter()
+                .map(|b| format!("{b:02X}"))
+                .collect();
+            Ok(format!("{} {h}\r\n", data.len()).into_bytes())
+        }
+        Shimmed::Base64(p) => {
+            let data = std::fs::read(p)?;
+            Ok(format!(
+                "{}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(data)
+            )
+            .into_bytes())
+        }
+        Shimmed::Sh(_) => unreachable!("handled by start"),
+    })();
+    match res {
+        Ok(out) => finished(vec![(false, out)], 0),
+        Err(e) => finished(vec![(true, format!("{e}\r\n").into_bytes())], 1),
+    }
+}
+
+/// Start a command line through the shim.
+fn start(line: &str) -> std::io::Result<Arc<Command>> {
+    let script = match shim(line) {
+        Shimmed::Sh(s) => s,
+        op => return Ok(native(op)),
+    };
+    let mut child: Child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().map(|p| p as i32);
+    let (tx, _) = watch::channel(0u64);
+    let cmd = Arc::new(Command {
+        output: Mutex::new(Output::default()),
+        changed: tx,
+        stdin: tokio::sync::Mutex::new(child.stdin.take()),
+        pid,
+    });
+    let mut readers = Vec::new();
+    for (is_err, pipe) in [
+        (
+            false,
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ),
+        (
+            true,
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ),
+    ] {
+        let Some(mut pipe) = pipe else { continue };
+        let c = cmd.clone();
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match pipe.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if let Ok(mut o) = c.output.lock() {
+                            o.chunks.push_back((is_err, buf[..n].to_vec()));
+                        }
+                        c.changed.send_modify(|v| *v += 1);
+                    }
+                }
+            }
+        }));
+    }
+    let c = cmd.clone();
+    tokio::spawn(async move {
+        for r in readers {
+            let _ = r.await;
+        }
+        let status = child.wait().await;
+        let code = match status {
+            Ok(s) => s.code().unwrap_or_else(|| {
+                use std::os::unix::process::ExitStatusExt;
+                128 + s.signal().unwrap_or(0)
+            }),
+            Err(_) => -1,
+        };
+        if let Ok(mut o) = c.output.lock() {
+            o.exit = Some(code);
+        }
+        c.changed.send_modify(|v| *v += 1);
+    });
+    Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shim_maps_kilns_transfer_scripts_and_nothing_else() {
+        let line = |s: &str| powershell::command_line(s);
+        assert_eq!(
+            shim(&line(&powershell::upload_decode(
+                "/tmp/a b'c.t",
+                "/tmp/a b'c"
+            ))),
+            Shimmed::DecodeAndHash("/tmp/a b'c.t".into(), "/tmp/a b'c".into())
+        );
+        // Chunks are plain cmd.exe `echo`, which sh runs as is.
+        assert_eq!(
+            shim(&powershell::upload_chunk_cmd("/tmp/x", "aGk=", true)),
+            Shimmed::Sh("echo aGk= > \"/tmp/x\"".into())
+        );
+        assert_eq!(
+            shim(&line(&powershell::download("/tmp/x"))),
+            Shimmed::Base64("/tmp/x".into())
+        );
+        assert_eq!(
+            shim(&line("echo hi; exit 3")),
+            Shimmed::Sh("echo hi; exit 3".into())
+        );
+        assert_eq!(shim("ipconfig /all"), Shimmed::Sh("ipconfig /all".into()));
+        let enc = powershell::encode_command("echo x");
+        assert_eq!(
+            shim(&format!("PowerShell.exe -NoProfile -enc {enc}")),
+            Shimmed::Sh("echo x".into())
+        );
+    }
+}
