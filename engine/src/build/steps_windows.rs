@@ -350,8 +350,26 @@ pub fn elevated_invocation(
     )
 }
 
-/// The invocation of one Windows Update round through the runner (the round's parameters are a
-/// generated header of single-quoted literals).
+/// A filter as the round script takes it: `include:EXPR` or `exclude:EXPR`. A bare expression
+/// (AIB's own 2025-10-01 example has `$_.BrowseOnly`) is read as `include:EXPR`; the planner
+/// warns about it, since the provisioner AIB runs rejects a filter without an action.
+pub fn normalize_filter(f: &str) -> String {
+    if filter_has_action(f) {
+        f.to_string()
+    } else {
+        format!("include:{f}")
+    }
+}
+
+/// Whether `f` starts with `include:` or `exclude:` (case-insensitive, as the script compares).
+pub fn filter_has_action(f: &str) -> bool {
+    f.split_once(':').is_some_and(|(a, _)| {
+        let a = a.trim();
+        a.eq_ignore_ascii_case("include") || a.eq_ignore_ascii_case("exclude")
+    })
+}
+
+/// The script of one Windows Update round (the parameters are single-quoted literals).
 pub fn windows_update_script(
     search_criteria: &str,
     filters: &[String],
@@ -365,7 +383,7 @@ pub fn windows_update_script(
     let filters: Vec<String> = if filters.is_empty() {
         vec!["include:$true".into()]
     } else {
-        filters.to_vec()
+        filters.iter().map(|f| normalize_filter(f)).collect()
     };
     let list = filters
         .iter()
@@ -412,6 +430,17 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     for (i, c) in p.customize.iter().enumerate().filter(|_| !source_only) {
         if let Customizer::Shell(_) = c {
             return Err(BuildError::Template(format!("properties.customize[{i}]: a Shell customizer cannot run on a Windows build VM; use PowerShell")));
+        }
+        if let Customizer::WindowsUpdate { filters, .. } = c {
+            for (j, f) in filters
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| !filter_has_action(f))
+            {
+                cx.events.warn(format!(
+                    "properties.customize[{i}].filters[{j}] `{f}` has no include:/exclude: action (the Windows Update provisioner AIB runs rejects it); kiln reads it as `include:{f}`"
+                ));
+            }
         }
         if let Customizer::WindowsRestart {
             restart_timeout, ..
@@ -897,7 +926,7 @@ impl Step for WinStep {
                 ..
             } => serde_json::json!({
                 "searchCriteria": if criteria.is_empty() { "BrowseOnly=0 and IsInstalled=0" } else { criteria },
-                "filters": if filters.is_empty() { vec!["include:$true".to_string()] } else { filters.clone() },
+                "filters": if filters.is_empty() { vec!["include:$true".to_string()] } else { filters.iter().map(|f| normalize_filter(f)).collect() },
                 "updateLimit": if *limit == 0 { 1000 } else { *limit },
                 "runAs": "SYSTEM, through kiln-elevated.ps1 (the Windows Update Agent refuses network logons)",
                 "round": windows_update_script(criteria, filters, *limit),
@@ -1409,5 +1438,393 @@ impl Step for WinShutdown {
         cx.vm = Some(v);
         cx.events.info(format!("build VM stopped: {}", report.rung));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quick_xml::events::Event as X;
+
+    /// Parses `xml` strictly and returns (element path, text) pairs; panics if not well-formed.
+    fn parse(xml: &str) -> Vec<(String, String)> {
+        let mut r = quick_xml::Reader::from_str(xml);
+        r.config_mut().check_end_names = true;
+        let mut path: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        loop {
+            match r
+                .read_event()
+                .unwrap_or_else(|e| panic!("not well-formed at {}: {e}", r.buffer_position()))
+            {
+                X::Start(e) => {
+                    cur.clear();
+                    path.push(String::from_utf8_lossy(e.local_name().as_ref()).into_owned());
+                }
+                X::End(_) => {
+                    if !cur.trim().is_empty() {
+                        out.push((path.join("/"), std::mem::take(&mut cur)));
+                    }
+                    cur.clear();
+                    path.pop();
+                }
+                X::Text(t) => cur.push_str(&t.xml_content().expect("text decodes")),
+                X::GeneralRef(r) => {
+                    let name = String::from_utf8_lossy(r.as_ref()).into_owned();
+                    let resolved = quick_xml::escape::resolve_predefined_entity(&name)
+                        .unwrap_or_else(|| panic!("unknown entity &{name};"));
+                    cur.push_str(resolved);
+                }
+                X::Eof => break,
+                _ => {}
+            }
+        }
+        assert!(path.is_empty(), "unclosed elements: {path:?}");
+        out
+    }
+
+    fn texts<'a>(v: &'a [(String, String)], suffix: &str) -> Vec<&'a str> {
+        v.iter()
+            .filter(|(p, _)| p.ends_with(suffix))
+            .map(|(_, t)| t.as_str())
+            .collect()
+    }
+
+    fn decode_password(b64: &str, element: &str) -> String {
+        let s = powershell::decode_command(b64).expect("base64 of UTF-16LE");
+        s.strip_suffix(element).expect("suffix").to_string()
+    }
+
+    #[test]
+    fn unattend_is_well_formed_and_carries_the_build_values() {
+        let pw = random_password().unwrap();
+        let xml = unattend_xml("kiln-ab12cd34", "packer", pw.expose());
+        let v = parse(&xml);
+        assert_eq!(
+            texts(&v, "specialize/component/ComputerName").len(),
+            0,
+            "paths are local names"
+        );
+        assert_eq!(
+            texts(&v, "settings/component/ComputerName"),
+            ["kiln-ab12cd34"]
+        );
+        assert_eq!(texts(&v, "LocalAccount/Name"), ["packer"]);
+        assert_eq!(texts(&v, "AutoLogon/Username"), ["packer"]);
+        assert_eq!(texts(&v, "AutoLogon/LogonCount"), ["1"]);
+        let admin = texts(&v, "AdministratorPassword/Value");
+        assert_eq!(admin.len(), 1);
+        assert_eq!(
+            decode_password(admin[0], "AdministratorPassword"),
+            pw.expose()
+        );
+        let user = texts(&v, "LocalAccount/Password/Value");
+        assert_eq!(decode_password(user[0], "Password"), pw.expose());
+        assert_eq!(texts(&v, "PlainText"), ["false", "false", "false"]);
+        assert!(
+            !xml.contains(pw.expose()),
+            "the password never appears in clear"
+        );
+        let orders = texts(&v, "SynchronousCommand/Order");
+        let expected: Vec<String> = (1..=first_logon_commands().len())
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(
+            orders,
+            expected.iter().map(String::as_str).collect::<Vec<_>>()
+        );
+        let cmds = texts(&v, "SynchronousCommand/CommandLine");
+        assert!(
+            cmds.iter().any(|c| c.contains("localport=5985")),
+            "firewall rule: {cmds:?}"
+        );
+        assert!(cmds.iter().any(|c| c.contains("winrm quickconfig")));
+        assert!(cmds
+            .iter()
+            .any(|c| c.contains(READY_LINE) && c.contains("COM1")));
+        assert!(
+            cmds.iter().any(|c| c.contains("DefaultPassword")),
+            "auto-logon password removed"
+        );
+        // Unattend's limit for a CommandLine.
+        assert!(cmds.iter().all(|c| c.len() <= 1024));
+        assert!(!xml.contains("@@"), "every placeholder filled");
+    }
+
+    #[test]
+    fn unattend_escapes_hostile_values() {
+        let xml = unattend_xml("a<b&c\"d'e>", "us</Name><x>", "p<&>'\"w");
+        let v = parse(&xml);
+        assert_eq!(
+            texts(&v, "settings/component/ComputerName"),
+            ["a<b&c\"d'e>"]
+        );
+        assert_eq!(texts(&v, "LocalAccount/Name"), ["us</Name><x>"]);
+        assert_eq!(
+            decode_password(
+                texts(&v, "AdministratorPassword/Value")[0],
+                "AdministratorPassword"
+            ),
+            "p<&>'\"w"
+        );
+    }
+
+    #[test]
+    fn passwords_are_random_and_complex() {
+        let a = random_password().unwrap();
+        let b = random_password().unwrap();
+        assert_ne!(a.expose(), b.expose());
+        for p in [a.expose(), b.expose()] {
+            assert_eq!(p.len(), 24);
+            assert!(p.chars().any(|c| c.is_ascii_uppercase()), "{p}");
+            assert!(p.chars().any(|c| c.is_ascii_lowercase()), "{p}");
+            assert!(p.chars().any(|c| c.is_ascii_digit()), "{p}");
+            assert!(p.chars().any(|c| "-_.!+=".contains(c)), "{p}");
+        }
+        assert_eq!(format!("{a:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn computer_names_fit_netbios() {
+        assert_eq!(computer_name("3f9a0c1d"), "kiln-3f9a0c1d");
+        assert!(computer_name("0123456789abcdef0123").len() <= 15);
+        assert_eq!(computer_name("dry-run!"), "kiln-dryrun");
+    }
+
+    /// Splits a PowerShell line into bare words and single-quoted literals (doubled quotes
+    /// inside), the way PowerShell's tokenizer reads them. Panics on an unterminated literal.
+    fn ps_tokens(line: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c.is_whitespace() {
+                continue;
+            }
+            if c == '\'' {
+                let mut lit = String::from("'");
+                loop {
+                    match chars.next().expect("unterminated literal") {
+                        '\'' if chars.peek() == Some(&'\'') => {
+                            chars.next();
+                            lit.push('\'');
+                        }
+                        '\'' => break,
+                        ch => lit.push(ch),
+                    }
+                }
+                out.push(lit);
+            } else {
+                let mut w = String::from(c);
+                while let Some(&n) = chars.peek() {
+                    if n.is_whitespace() || n == '\'' {
+                        break;
+                    }
+                    w.push(n);
+                    chars.next();
+                }
+                out.push(w);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn elevated_invocation_quotes_every_argument() {
+        let evil = "x'; Remove-Item C:\\ -Recurse; '";
+        let s = elevated_invocation(
+            r"C:\Windows\Temp\kiln-elevated.ps1",
+            r"C:\Windows\Temp\a b'c.ps1",
+            Elevation::BuildUser,
+            "pack'er",
+            evil,
+        );
+        let first = s.lines().next().unwrap();
+        let t = ps_tokens(first);
+        assert_eq!(
+            t,
+            [
+                "&",
+                r"'C:\Windows\Temp\kiln-elevated.ps1",
+                "-ScriptPath",
+                r"'C:\Windows\Temp\a b'c.ps1",
+                "-User",
+                "'pack'er",
+                "-Password",
+                &format!("'{evil}"),
+            ]
+        );
+        assert_eq!(s.lines().nth(1), Some("exit $LASTEXITCODE"));
+        let sys = elevated_invocation("r.ps1", "s.ps1", Elevation::System, "packer", "secret");
+        assert!(
+            sys.contains("-AsSystem") && !sys.contains("secret"),
+            "{sys}"
+        );
+    }
+
+    #[test]
+    fn windows_update_round_quotes_criteria_and_filters() {
+        let s = windows_update_script(
+            "IsInstalled=0 and Type='Software'",
+            &[
+                "exclude:$_.Title -like '*Preview*'".into(),
+                "$_.BrowseOnly".into(),
+            ],
+            0,
+        );
+        let t = ps_tokens(s.lines().next().unwrap());
+        assert!(
+            t.contains(&"'IsInstalled=0 and Type='Software'".to_string()),
+            "{t:?}"
+        );
+        assert!(
+            t.iter()
+                .any(|x| x.contains("'exclude:$_.Title -like '*Preview*'")),
+            "{t:?}"
+        );
+        assert!(
+            s.contains("'include:$_.BrowseOnly'"),
+            "bare filters become include: {s}"
+        );
+        assert!(s.contains("-UpdateLimit 1000"), "0 means 1000: {s}");
+        let d = windows_update_script("", &[], 5);
+        assert!(
+            d.contains("'BrowseOnly=0 and IsInstalled=0'")
+                && d.contains("@('include:$true')")
+                && d.contains("-UpdateLimit 5"),
+            "{d}"
+        );
+        assert!(
+            filter_has_action("Include: $true")
+                && filter_has_action("exclude:$_.X")
+                && !filter_has_action("$_.BrowseOnly")
+                && !filter_has_action("$x -eq 'a:b'")
+        );
+    }
+
+    #[test]
+    fn restart_timeouts_parse_like_go_durations() {
+        let d = |s: &str| parse_go_duration(s).map(|d| d.as_secs_f64());
+        assert_eq!(d("5m"), Ok(300.0));
+        assert_eq!(d("2h"), Ok(7200.0));
+        assert_eq!(d("1h30m"), Ok(5400.0));
+        assert_eq!(d("90s"), Ok(90.0));
+        assert_eq!(d("1.5h"), Ok(5400.0));
+        assert_eq!(d("500ms"), Ok(0.5));
+        assert_eq!(d(""), Ok(300.0), "AIB's default");
+        assert!(d("5").unwrap_err().contains("unit"));
+        assert!(d("5x").unwrap_err().contains("unknown unit"));
+        assert!(d("m").is_err());
+        assert!(d("ten minutes").is_err());
+    }
+
+    #[test]
+    fn valid_exit_codes() {
+        let mut p = PowerShellScript {
+            name: None,
+            script_uri: None,
+            sha256_checksum: String::new(),
+            inline: vec![],
+            run_elevated: false,
+            run_as_system: false,
+            valid_exit_codes: vec![],
+        };
+        assert_eq!(valid_codes(&p), [0]);
+        assert!(exit_code_ok(0, &valid_codes(&p)));
+        assert!(!exit_code_ok(1, &valid_codes(&p)));
+        p.valid_exit_codes = vec![0, 3010, 2147942501];
+        assert!(exit_code_ok(3010, &valid_codes(&p)));
+        // WinRS reports 0x80070065 as a negative i32; the template writes it unsigned.
+        assert!(exit_code_ok(2147942501u32 as i32, &valid_codes(&p)));
+        assert!(!exit_code_ok(1, &valid_codes(&p)));
+        p.valid_exit_codes = vec![-1];
+        assert!(exit_code_ok(-1, &valid_codes(&p)));
+    }
+
+    #[test]
+    fn elevation_and_script_wrapping() {
+        let mut p = PowerShellScript {
+            name: None,
+            script_uri: None,
+            sha256_checksum: String::new(),
+            inline: vec![],
+            run_elevated: false,
+            run_as_system: false,
+            valid_exit_codes: vec![],
+        };
+        assert_eq!(Elevation::of(&p), Elevation::None);
+        p.run_elevated = true;
+        assert_eq!(Elevation::of(&p), Elevation::BuildUser);
+        p.run_as_system = true;
+        assert_eq!(Elevation::of(&p), Elevation::System);
+        let f = powershell_file("Write-Output 'a'\nexit 3\n");
+        assert_eq!(f, "$ProgressPreference = 'SilentlyContinue'\nWrite-Output 'a'\nexit 3\nif ($LASTEXITCODE) { exit $LASTEXITCODE }\n");
+        assert_eq!(
+            direct_command(r"C:\Windows\Temp\k.ps1"),
+            r#"powershell -NoProfile -NonInteractive -ExecutionPolicy Bypass -File "C:\Windows\Temp\k.ps1""#
+        );
+    }
+
+    #[test]
+    fn fat_media_holds_the_answer_file() {
+        use std::io::Read;
+        let dir = std::env::temp_dir().join(format!("kiln-unattend-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("unattend.img");
+        let xml = unattend_xml("kiln-x", "packer", "Pw-1aA");
+        write_fat(&path, "UNATTEND", &[("Unattend.xml", xml.as_bytes())]).unwrap();
+        let img = std::fs::File::open(&path).unwrap();
+        let fs = fatfs::FileSystem::new(img, fatfs::FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label().trim(), "UNATTEND");
+        let mut back = String::new();
+        fs.root_dir()
+            .open_file("Unattend.xml")
+            .unwrap()
+            .read_to_string(&mut back)
+            .unwrap();
+        assert_eq!(back, xml);
+        drop(fs);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn guest_scripts_keep_their_contracts() {
+        // The engine relies on these parameters and exit codes; the scripts are real files.
+        for p in [
+            "$ScriptPath",
+            "$User",
+            "$Password",
+            "[switch]$AsSystem",
+            "LastTaskResult",
+            "267009",
+            "RunLevel = 1",
+        ] {
+            assert!(ELEVATED_RUNNER.contains(p), "kiln-elevated.ps1 lacks {p}");
+        }
+        for p in [
+            "$SearchCriteria",
+            "$Filters",
+            "$UpdateLimit",
+            "exit 101",
+            "exit 102",
+            "Microsoft.Update.Session",
+            "TiWorker",
+        ] {
+            assert!(
+                WINDOWS_UPDATE.contains(p),
+                "kiln-windows-update.ps1 lacks {p}"
+            );
+        }
+        for p in [
+            DEPROVISION_OVERRIDE,
+            "RdAgent",
+            "WindowsAzureGuestAgent",
+            "is not installed",
+            "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE",
+            "$ImageStateMinutes",
+            "/generalize",
+        ] {
+            assert!(SYSPREP.contains(p), "kiln-sysprep.ps1 lacks {p}");
+        }
     }
 }
