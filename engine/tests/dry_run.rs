@@ -120,9 +120,9 @@ fn every_valid_corpus_template_gets_a_plan() {
             );
         }
     }
-    // The corpus expectations list 8 files that validate (4 of them Windows).
-    assert!(planned >= 8, "only {planned} templates planned");
-    assert!(windows >= 4, "only {windows} Windows plans");
+    // The corpus expectations list 8 files that validate: 6 Windows, 2 Linux.
+    assert_eq!(planned, 8, "templates planned");
+    assert_eq!(windows, 6, "Windows plans");
     // Nothing was written to kiln's home.
     assert_eq!(
         std::fs::read_dir(&home).unwrap().count(),
