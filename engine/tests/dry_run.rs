@@ -365,3 +365,115 @@ fn cli_dry_run_prints_json_and_writes_nothing() {
     );
     std::fs::remove_dir_all(&home).unwrap();
 }
+
+const IDENTITY: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id";
+
+/// Plans a bare template built from `source`, `customize` and `validate` (JSON fragments).
+fn plan_json(source: &str, customize: &str, validate: &str) -> Result<DryRunPlan, String> {
+    let json = format!(
+        r#"{{"location": "westus2", "identity": {{"type": "UserAssigned", "userAssignedIdentities": {{"{IDENTITY}": {{}}}}}},
+            "properties": {{"source": {source}, "customize": {customize}{validate}, "distribute": [{{"type": "VHD", "runOutputName": "out"}}]}}}}"#
+    );
+    let doc = template::load("t.json", json.as_bytes(), &LoadOptions::default());
+    if !doc.is_valid() {
+        let d: Vec<String> = doc
+            .all_diagnostics()
+            .map(|d| format!("{}: {}", d.code, d.message))
+            .collect();
+        panic!("test template invalid: {d:?}\n{json}");
+    }
+    let t = &doc.templates[0];
+    let home = empty_home("json");
+    let req = BuildRequest {
+        template: t.model.clone().unwrap(),
+        api_version: t.api_version,
+        name: "t".into(),
+        template_dir: corpus_dir(),
+        options: options(&home),
+    };
+    let r = dry_run(req).map_err(|e| e.to_string());
+    std::fs::remove_dir_all(&home).unwrap();
+    r
+}
+
+const WIN: &str = r#"{"type": "PlatformImage", "publisher": "MicrosoftWindowsServer", "offer": "WindowsServer", "sku": "2022-datacenter", "version": "latest"}"#;
+const UBUNTU: &str = r#"{"type": "PlatformImage", "publisher": "Canonical", "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts-gen2", "version": "latest"}"#;
+
+#[test]
+fn windows_planning_refuses_what_cannot_run() {
+    let e = plan_json(WIN, r#"[{"type": "Shell", "inline": ["echo hi"]}]"#, "").unwrap_err();
+    assert!(
+        e.contains("properties.customize[0]")
+            && e.contains("Shell customizer cannot run on a Windows build VM"),
+        "{e}"
+    );
+    // (A restartTimeout that is not a duration never gets here: `kiln validate` reports
+    // BadRestartTimeout.)
+    let e = plan_json(WIN, "[]", r#", "validate": {"inVMValidations": [{"type": "Shell", "name": "v", "inline": ["true"]}]}"#).unwrap_err();
+    assert!(
+        e.contains("inVMValidations[0]") && e.contains("Shell validation"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_os_follows_the_source_then_the_customizers() {
+    // An Ubuntu source with only Shell steps: Linux.
+    let p = plan_json(UBUNTU, r#"[{"type": "Shell", "inline": ["echo hi"]}]"#, "").unwrap();
+    assert_eq!(p.os, "Linux");
+    // Not in the catalog, not a Windows publisher, but a PowerShell step: Windows (and said why).
+    let p = plan_json(
+        UBUNTU,
+        r#"[{"type": "PowerShell", "inline": ["Write-Output hi"], "runElevated": true}]"#,
+        "",
+    )
+    .unwrap();
+    assert_eq!(p.os, "Windows");
+    assert!(
+        p.os_reason.contains("PowerShell customizer"),
+        "{}",
+        p.os_reason
+    );
+    let p = plan_json(WIN, "[]", "").unwrap();
+    assert_eq!(p.os, "Windows");
+    assert!(
+        p.os_reason.contains("MicrosoftWindowsServer"),
+        "{}",
+        p.os_reason
+    );
+}
+
+#[test]
+fn windows_validations_and_source_only() {
+    let v = r#", "validate": {"continueDistributeOnFailure": true, "inVMValidations": [{"type": "PowerShell", "name": "check", "inline": ["exit 5"], "validExitCodes": [5]}]}"#;
+    let p = plan_json(WIN, r#"[{"type": "PowerShell", "inline": ["a", "b"]}]"#, v).unwrap();
+    let names: Vec<&str> = p.steps.iter().map(|s| s.name.as_str()).collect();
+    let i = names
+        .iter()
+        .position(|n| *n == "Validate: PowerShell \"check\"")
+        .expect("validation step");
+    assert!(
+        names[i - 1].starts_with("Customize: PowerShell") && names[i + 1] == "Sysprep",
+        "{names:?}"
+    );
+    let s = &p.steps[i];
+    assert_eq!(format!("{:?}", s.phase), "Validating");
+    assert_eq!(s.on_failure, "continue");
+    assert_eq!(s.details["validExitCodes"], serde_json::json!([5]));
+    assert!(s.details["uploadedTo"]
+        .as_str()
+        .unwrap()
+        .contains("-validate-0.ps1"));
+    // Inline lines are joined, one per line.
+    let c = &p.steps[i - 1].details["script"]["inline"];
+    assert_eq!(c, "$ProgressPreference = 'SilentlyContinue'\na\nb\nif ($LASTEXITCODE) { exit $LASTEXITCODE }\n");
+    // sourceValidationOnly: validate the source, no customizers, no sysprep, nothing distributed.
+    let only = r#", "validate": {"sourceValidationOnly": true, "inVMValidations": [{"type": "PowerShell", "name": "check", "inline": ["exit 0"]}]}"#;
+    let p = plan_json(WIN, "[]", only).unwrap();
+    let names: Vec<&str> = p.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names.last(), Some(&"Shutdown"), "{names:?}");
+    assert!(
+        !names.contains(&"Sysprep") && !names.contains(&"Distribute"),
+        "{names:?}"
+    );
+}
