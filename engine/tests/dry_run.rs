@@ -115,7 +115,7 @@ fn every_valid_corpus_template_gets_a_plan() {
             }
             let text = render_text(&p);
             assert!(
-                text.contains("nothing was fetched, booted or written"),
+                text.contains("nothing was fetched, booted or recorded"),
                 "{file}"
             );
         }
@@ -476,4 +476,72 @@ fn windows_validations_and_source_only() {
         !names.contains(&"Sysprep") && !names.contains(&"Distribute"),
         "{names:?}"
     );
+}
+
+#[test]
+fn a_stored_managed_image_decides_the_os() {
+    use kiln_engine::store::{ImageRow, Store};
+    let home = empty_home("store");
+    let sub = "00000000-0000-0000-0000-000000000000";
+    let store = Store::open(&home).unwrap();
+    store
+        .create_group(sub, "rg", "westus2", &serde_json::json!({}), None)
+        .unwrap();
+    let id = |name: &str| {
+        format!("/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Compute/images/{name}")
+    };
+    for (name, os) in [("win", "Windows"), ("lin", "Linux")] {
+        store
+            .insert_image(&ImageRow {
+                id: id(name),
+                subscription: sub.into(),
+                resource_group: "rg".into(),
+                name: name.into(),
+                location: "westus2".into(),
+                os_type: os.into(),
+                hyper_v_generation: "V2".into(),
+                disk: home.join(format!("{name}.vhd")),
+                tags: serde_json::json!({}),
+                source_run: None,
+                created: "2026-01-01T00:00:00Z".into(),
+            })
+            .unwrap();
+    }
+    drop(store);
+    let plan = |image: &str, customize: &str| {
+        let json = format!(
+            r#"{{"location": "westus2", "identity": {{"type": "UserAssigned", "userAssignedIdentities": {{"{IDENTITY}": {{}}}}}},
+                "properties": {{"source": {{"type": "ManagedImage", "imageId": "{}"}}, "customize": {customize}, "distribute": [{{"type": "VHD", "runOutputName": "out"}}]}}}}"#,
+            id(image)
+        );
+        let doc = template::load("t.json", json.as_bytes(), &LoadOptions::default());
+        assert!(doc.is_valid(), "{json}");
+        let t = &doc.templates[0];
+        let req = BuildRequest {
+            template: t.model.clone().unwrap(),
+            api_version: t.api_version,
+            name: "t".into(),
+            template_dir: corpus_dir(),
+            options: options(&home),
+        };
+        dry_run(req).map_err(|e| e.to_string())
+    };
+    let p = plan("win", "[]").unwrap();
+    assert_eq!(p.os, "Windows");
+    assert!(
+        p.os_reason.contains("in kiln's store has osType Windows"),
+        "{}",
+        p.os_reason
+    );
+    // A Linux image with a PowerShell step: refused before anything runs, saying why.
+    let e = plan(
+        "lin",
+        r#"[{"type": "PowerShell", "inline": ["Write-Output hi"]}]"#,
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("needs a Windows source") && e.contains("osType Linux"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&home).unwrap();
 }

@@ -122,7 +122,7 @@ pub fn dry_run(req: BuildRequest) -> Result<DryRunPlan, BuildError> {
         os_reason: os.reason,
         build_timeout_in_minutes: minutes,
         notes: vec![
-            "dry run: nothing was fetched, booted or written; the source was not resolved (the OS comes from the catalog entry when present, else from the template)".into(),
+            "dry run: nothing was fetched, booted or recorded; the source was not resolved (the OS comes from the image catalog or the state store when they know the image, else from the template)".into(),
             "ports, the run id and the per-build credentials are chosen when the build runs".into(),
         ],
         warnings,

@@ -419,7 +419,7 @@ impl Step for Customize {
             Customizer::File(f) => describe_file(f),
             other => serde_json::json!({"unsupported": format!("{} needs a Windows build", other.kind())}),
         };
-        d["onError"] = serde_json::json!(describe_policy(self.failure_policy()));
+        d["onFailure"] = serde_json::json!(describe_policy(self.failure_policy()));
         d
     }
     fn failure_policy(&self) -> FailurePolicy {

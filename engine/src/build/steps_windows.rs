@@ -58,7 +58,8 @@ pub struct TargetOs {
 }
 
 /// Decides the OS before anything runs: the catalog entry's osType for a PlatformImage found
-/// there; else the publisher (Microsoft's Windows publishers); else the customizers (PowerShell,
+/// there; else the publisher (Microsoft's Windows publishers); the store's osType for a
+/// ManagedImage or SharedImageVersion source; else the customizers (PowerShell,
 /// WindowsRestart, WindowsUpdate or PowerShell validations only make sense on Windows).
 pub fn target_os(cx: &BuildCx) -> TargetOs {
     let t = |windows, reason: String| TargetOs { windows, reason };
@@ -90,6 +91,12 @@ pub fn target_os(cx: &BuildCx) -> TargetOs {
             );
         }
     }
+    if let Some((what, os)) = stored_os_type(cx) {
+        return t(
+            os.eq_ignore_ascii_case("Windows"),
+            format!("{what} in kiln's store has osType {os}"),
+        );
+    }
     let p = &cx.template.properties;
     if let Some(c) = p.customize.iter().find(|c| {
         matches!(
@@ -109,6 +116,33 @@ pub fn target_os(cx: &BuildCx) -> TargetOs {
         return t(true, "the template has a PowerShell validation".into());
     }
     t(false, "no Windows source or Windows-only customizer".into())
+}
+
+/// The osType kiln's state store records for a ManagedImage or SharedImageVersion source (only
+/// when a store exists: planning never creates one).
+fn stored_os_type(cx: &BuildCx) -> Option<(String, String)> {
+    if !cx.options.kiln_home.join("kiln.db").exists() {
+        return None;
+    }
+    let store = crate::store::Store::open(&cx.options.kiln_home).ok()?;
+    match &cx.template.properties.source {
+        Source::ManagedImage { image_id } => {
+            let img = store.image(image_id).ok()??;
+            Some((format!("the managed image {image_id}"), img.os_type))
+        }
+        Source::SharedImageVersion { image_version_id } => {
+            // …/galleries/G/images/D/versions/V → the definition …/galleries/G/images/D.
+            let def_id = image_version_id
+                .trim()
+                .trim_end_matches('/')
+                .rsplit_once('/')
+                .and_then(|(a, _)| a.rsplit_once('/'))
+                .map(|(a, _)| a.to_string())?;
+            let def = store.definition(&def_id).ok()??;
+            Some((format!("the image definition {def_id}"), def.os_type))
+        }
+        Source::PlatformImage { .. } => None,
+    }
 }
 
 /// What the Windows steps share: the per-build credential and the WinRM forward.
