@@ -1083,6 +1083,17 @@ async fn exec_streamed(
     }
 }
 
+/// A script file's bytes as Windows PowerShell 5.1 must get them: UTF-8 **with** a byte-order
+/// mark (without one it reads the file in the ANSI code page, mangling non-ASCII text such as
+/// the Japanese in the corpus's localization templates).
+pub fn ps1_bytes(text: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(text.len() + 3);
+    v.extend_from_slice(b"\xEF\xBB\xBF");
+    v.extend_from_slice(text.strip_prefix('\u{feff}').unwrap_or(text).as_bytes());
+    v
+}
+
+/// Uploads a PowerShell script (as [`ps1_bytes`]) to `dest`.
 async fn upload_text(
     cx: &mut BuildCx,
     step: &str,
@@ -1094,9 +1105,10 @@ async fn upload_text(
         .guest
         .as_ref()
         .ok_or_else(|| BuildError::Connect("not connected".into()))?;
-    let mut body = text.as_bytes();
+    let bytes = ps1_bytes(text);
+    let mut body = bytes.as_slice();
     guest
-        .upload(&mut body, text.len() as u64, dest, 0o644)
+        .upload(&mut body, bytes.len() as u64, dest, 0o644)
         .await
         .map_err(|e| step_err(step, format!("uploading {dest}: {e}")))?;
     Ok(())
@@ -1797,6 +1809,16 @@ mod tests {
             direct_command(r"C:\Windows\Temp\k.ps1"),
             r#"powershell -NoProfile -NonInteractive -ExecutionPolicy Bypass -File "C:\Windows\Temp\k.ps1""#
         );
+    }
+
+    #[test]
+    fn scripts_are_uploaded_as_utf8_with_a_bom() {
+        assert_eq!(
+            ps1_bytes("Write-Output 'ja: 日本語'"),
+            [&b"\xEF\xBB\xBF"[..], "Write-Output 'ja: 日本語'".as_bytes()].concat()
+        );
+        // A script that already starts with a BOM does not get a second one.
+        assert_eq!(ps1_bytes("\u{feff}x"), b"\xEF\xBB\xBFx");
     }
 
     #[test]
