@@ -210,6 +210,10 @@ pub(crate) async fn stop_vm(cx: &mut BuildCx, outcome: Outcome) {
         };
         if let (Some(reason), None) = (keep, v.exit_status()) {
             // QEMU dies with kiln (so no VM is ever orphaned): the run keeps it until canceled.
+            if cx.windows.is_some() {
+                crate::build::steps_windows::keep_vm(cx, v, reason);
+                return;
+            }
             let kept = cx.run_dir.join("id_ed25519.kept");
             if let Some(k) = &cx.keys {
                 if let Err(e) = kiln_agents::write_private_key(&k.private, &kept) {

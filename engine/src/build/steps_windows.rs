@@ -694,6 +694,48 @@ impl Step for WinStartVm {
     }
 }
 
+/// Keeps a failed Windows build VM running (`errorHandling: abort`, `--keep-vm-on-error`): the
+/// password goes to `winrm-password.kept` (mode 0600) in the run's directory, removed when the
+/// kept VM stops, and the user is told how to reach WinRM.
+pub(crate) fn keep_vm(cx: &mut BuildCx, v: vm::Vm, reason: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let kept = cx.run_dir.join("winrm-password.kept");
+    let (port, password) = cx
+        .windows
+        .as_ref()
+        .map(|w| (w.winrm_port, w.password.clone()))
+        .unwrap_or((0, Secret(String::new())));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&kept)
+        .and_then(|mut f| f.write_all(password.expose().as_bytes()));
+    if let Err(e) = written {
+        cx.events.warn(format!("writing {}: {e}", kept.display()));
+    }
+    cx.events.emit(super::events::Event::VmKept {
+        reason: reason.into(),
+        pid: v.pid(),
+        ssh_port: port,
+        user: BUILD_USER.into(),
+        key_path: kept.display().to_string(),
+        run_dir: cx.run_dir.display().to_string(),
+    });
+    cx.events.warn(format!(
+        "{reason}: the build VM is still running (QEMU pid {}). Reach it over WinRM (HTTP + NTLM) at http://127.0.0.1:{port}/wsman as {BUILD_USER}; the password is in {} (removed when the VM stops)\n  Cancel the run (Ctrl-C here) to stop it. The staging directory stays for inspection; delete it when done:\n    rm -rf {}",
+        v.pid(),
+        kept.display(),
+        cx.run_dir.display()
+    ));
+    cx.kept_vm = Some(super::context::KeptVm {
+        vm: v,
+        key_path: kept,
+    });
+}
+
 /// Waits for WinRM (20 minutes by default, as AIB) and authenticates with NTLM; every body sealed.
 pub struct ConnectWinRm;
 
