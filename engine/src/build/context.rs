@@ -133,6 +133,8 @@ pub struct BuildCx {
     /// The build VM kept after a failure (`errorHandling: abort`, `--keep-vm-on-error`); the
     /// build stops it when the run is canceled or the VM exits.
     pub kept_vm: Option<KeptVm>,
+    /// A Windows build's password, computer name and WinRM port (set by its provisioning steps).
+    pub windows: Option<super::steps_windows::WindowsState>,
 }
 
 /// A build VM kept running after a failure, for debugging.

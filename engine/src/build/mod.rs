@@ -6,6 +6,7 @@
 //! `runOutputs.json`, the exported VHDs.
 
 pub mod context;
+pub mod dry_run;
 pub mod events;
 pub mod fetch;
 pub mod runner;
@@ -15,6 +16,7 @@ pub mod steps;
 pub mod steps_distribute;
 pub mod steps_source;
 pub mod steps_vm;
+pub mod steps_windows;
 pub mod time;
 
 use context::{BuildCx, BuildOptions};
@@ -178,6 +180,7 @@ pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: Ca
         run_outputs: Vec::new(),
         kept_vm: None,
         partial_failures: Vec::new(),
+        windows: None,
     };
     events.emit(Event::RunStarted { run_id: id.clone(), template: req.name, run_dir: run_dir.display().to_string() });
     let plan = steps::plan(&cx)?;

@@ -47,6 +47,12 @@ pub trait Step: Send {
     fn failure_policy(&self) -> FailurePolicy {
         FailurePolicy::Stop
     }
+    /// What the step will do, as `kiln build --dry-run` prints it: a JSON object of its details
+    /// (scripts as they will be sent, transport, timeouts…), computed from the step itself and
+    /// the context before anything runs.
+    fn describe(&self, _cx: &BuildCx) -> serde_json::Value {
+        serde_json::json!({})
+    }
     /// Does the work.
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError>;
     /// Undoes or releases what `run` set up. Called (in reverse order) for every step whose `run`

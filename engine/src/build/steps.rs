@@ -22,6 +22,10 @@ pub const BUILD_USER: &str = "packer";
 
 /// Plans the steps for `cx.template`. Unsupported features fail here, before anything boots.
 pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
+    let os = crate::build::steps_windows::target_os(cx);
+    if os.windows {
+        return crate::build::steps_windows::plan(cx);
+    }
     let p = &cx.template.properties;
     let source_only = p.validate.as_ref().is_some_and(|v| v.source_validation_only);
     if source_only && !p.customize.is_empty() {
@@ -33,8 +37,9 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     for c in p.customize.iter().filter(|_| !source_only) {
         if !matches!(c, Customizer::Shell(_) | Customizer::File(_)) {
             return Err(BuildError::Template(format!(
-                "customizer type {} needs a Windows build (WinRM), which is not supported yet",
-                c.kind()
+                "customizer type {} needs a Windows source, but this is a Linux build ({})",
+                c.kind(),
+                os.reason
             )));
         }
     }
@@ -42,7 +47,8 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     for (i, v) in validations.iter().enumerate() {
         if matches!(v, Validator::PowerShell(_)) {
             return Err(BuildError::Template(format!(
-                "properties.validate.inVMValidations[{i}]: PowerShell validations need a Windows build (WinRM), which is not supported yet"
+                "properties.validate.inVMValidations[{i}]: PowerShell validations need a Windows source, but this is a Linux build ({})",
+                os.reason
             )));
         }
     }
@@ -88,6 +94,21 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     Ok(steps)
 }
 
+/// The template's source, as the dry-run prints it.
+pub fn describe_source(cx: &BuildCx) -> serde_json::Value {
+    match &cx.template.properties.source {
+        Source::PlatformImage { publisher, offer, sku, version, .. } => serde_json::json!({
+            "type": "PlatformImage",
+            "urn": format!("{publisher}:{offer}:{sku}:{version}"),
+            "resolvedThrough": "kiln's local image catalog (`kiln image list`)",
+        }),
+        Source::ManagedImage { image_id } => serde_json::json!({"type": "ManagedImage", "imageId": image_id, "resolvedThrough": "kiln's state store"}),
+        Source::SharedImageVersion { image_version_id } => {
+            serde_json::json!({"type": "SharedImageVersion", "imageVersionId": image_version_id, "resolvedThrough": "kiln's state store"})
+        }
+    }
+}
+
 /// Resolves `source`: PlatformImage through the local catalog, the others through the store.
 pub struct ResolveSource;
 
@@ -98,6 +119,9 @@ impl Step for ResolveSource {
     }
     fn phase(&self) -> SubState {
         SubState::Building
+    }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        describe_source(cx)
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let Source::PlatformImage { publisher, offer, sku, version, .. } = &cx.template.properties.source else {
@@ -136,6 +160,13 @@ impl Step for PrepareDisk {
     }
     fn phase(&self) -> SubState {
         SubState::Building
+    }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        let gb = cx.template.properties.vm_profile.os_disk_size_gb;
+        serde_json::json!({
+            "overlay": "qcow2 copy-on-write overlay on the source (the source is never modified)",
+            "osDiskSizeGB": if gb == 0 { serde_json::json!("the source's size") } else { serde_json::json!(gb) },
+        })
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let src = cx.source.clone().ok_or_else(|| BuildError::Source("no source resolved".into()))?;
@@ -192,6 +223,11 @@ fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
                 expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
                 label: label("Shell", name),
             }),
+            Customizer::PowerShell(crate::template::model::PowerShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => reqs.push(FetchRequest {
+                uri: u.clone(),
+                expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
+                label: label("PowerShell", name),
+            }),
             Customizer::File(FileCopy { name, source_uri, sha256_checksum, .. }) => reqs.push(FetchRequest {
                 uri: source_uri.clone(),
                 expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
@@ -208,6 +244,7 @@ fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
         let (uri, sha, l) = match v {
             Validator::Shell(ShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => (u, sha256_checksum, label("Shell", name)),
             Validator::File(FileCopy { name, source_uri, sha256_checksum, .. }) => (source_uri, sha256_checksum, label("File", name)),
+            Validator::PowerShell(crate::template::model::PowerShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => (u, sha256_checksum, label("PowerShell", name)),
             _ => continue,
         };
         reqs.push(FetchRequest { uri: uri.clone(), expected_sha256: Some(sha.clone()).filter(|s| !s.is_empty()), label: l });
@@ -226,6 +263,13 @@ impl Step for FetchArtifacts {
     }
     fn phase(&self) -> SubState {
         SubState::Building
+    }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        let reqs: Vec<serde_json::Value> = artifact_requests(cx)
+            .iter()
+            .map(|r| serde_json::json!({"for": r.label, "uri": r.uri, "sha256": r.expected_sha256.clone().unwrap_or_else(|| "(none given: not verified)".into())}))
+            .collect();
+        serde_json::json!({"when": "on the host, before the VM boots; a checksum mismatch fails the build before anything runs", "artifacts": reqs})
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let reqs = artifact_requests(cx);
@@ -267,6 +311,14 @@ impl Step for ProvisioningMedia {
     }
     fn phase(&self) -> SubState {
         SubState::Building
+    }
+    fn describe(&self, _cx: &BuildCx) -> serde_json::Value {
+        serde_json::json!({
+            "media": "NoCloud seed (vfat, label cidata)",
+            "hostname": "aibvm",
+            "user": BUILD_USER,
+            "credential": "a fresh ed25519 key pair for this build (public key in the seed; the private key is deleted when the build ends)",
+        })
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let keys = kiln_agents::generate_ed25519(&format!("kiln-build-{}", cx.run_id)).map_err(|e| BuildError::Vm(e.to_string()))?;
@@ -338,6 +390,9 @@ impl Step for Record {
     }
     fn phase(&self) -> SubState {
         SubState::Distributing
+    }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        serde_json::json!({"file": cx.run_dir.join("runOutputs.json").display().to_string()})
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         for e in cx.exports.clone() {

@@ -129,6 +129,9 @@ impl Step for ExportDisk {
     fn phase(&self) -> SubState {
         SubState::Distributing
     }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        serde_json::json!({"to": export_path(cx).display().to_string(), "format": "fixed VHD (footer verified)"})
+    }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let overlay = cx.overlay.clone().ok_or_else(|| BuildError::Disk {
             what: "export".into(),
@@ -523,6 +526,32 @@ impl Step for Distribute {
     }
     fn phase(&self) -> SubState {
         SubState::Distributing
+    }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        let list: Vec<serde_json::Value> = cx
+            .template
+            .properties
+            .distribute
+            .iter()
+            .map(|d| match d {
+                Distributor::Vhd { run_output_name, uri, .. } => serde_json::json!({
+                    "type": "VHD",
+                    "runOutputName": run_output_name,
+                    "publishesTo": vhd_destination(cx, run_output_name, uri.as_deref()).map(|p| p.display().to_string()).unwrap_or_else(|e| format!("error: {e}")),
+                }),
+                Distributor::ManagedImage { run_output_name, image_id, location, .. } => serde_json::json!({
+                    "type": "ManagedImage",
+                    "runOutputName": run_output_name,
+                    "publishesTo": format!("kiln's image store: {image_id} ({location})"),
+                }),
+                Distributor::SharedImage { run_output_name, gallery_image_id, .. } => serde_json::json!({
+                    "type": "SharedImage",
+                    "runOutputName": run_output_name,
+                    "publishesTo": format!("kiln's gallery store: a version of {gallery_image_id}"),
+                }),
+            })
+            .collect();
+        serde_json::json!({"distributors": list})
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let export = export_path(cx);

@@ -40,7 +40,7 @@ sync"#;
 pub const DEPROVISION_OVERRIDE: &str = "/tmp/DeprovisioningScript.sh";
 
 /// Ends a wait for the guest early: QEMU exited, or the kernel panicked on the console.
-fn interrupt_for(cx: &BuildCx) -> InterruptFuture<'static> {
+pub(crate) fn interrupt_for(cx: &BuildCx) -> InterruptFuture<'static> {
     let Some(v) = cx.vm.as_ref() else { return Box::pin(std::future::pending()) };
     let exited = v.exited();
     let console = v.console_log_path().to_path_buf();
@@ -67,6 +67,59 @@ async fn wait_reset_since(v: &vm::Vm, before: u64, timeout: Duration) -> bool {
     seen
 }
 
+/// The build VM's shape, as the dry-run prints it.
+pub fn describe_vm(cx: &BuildCx, forward: &str) -> serde_json::Value {
+    let shape = |size: &str| sizes::lookup(size, &cx.options.vm_sizes).map(|s| format!("{size}: {} vCPU, {} MiB", s.vcpus, s.memory_mib)).unwrap_or_else(|e| e);
+    let (size, shape) = match cx.template.properties.vm_profile.vm_size.as_str() {
+        "" => (
+            "(default by the source's generation)".to_string(),
+            format!(
+                "Gen1 {}; Gen2 {}",
+                shape(crate::template::defaults::DEFAULT_VM_SIZE_GEN1),
+                shape(crate::template::defaults::DEFAULT_VM_SIZE_GEN2)
+            ),
+        ),
+        s => (s.to_string(), shape(s)),
+    };
+    serde_json::json!({
+        "vmSize": size,
+        "shape": shape,
+        "accelerator": format!("{:?}", cx.options.accel),
+        "firmware": "BIOS/pc for Gen1 sources, UEFI/q35 for Gen2",
+        "network": format!("QEMU user-mode network; {forward}"),
+    })
+}
+
+/// A failure policy in words.
+pub fn describe_policy(p: FailurePolicy) -> &'static str {
+    match p {
+        FailurePolicy::Stop => "stop the build (cleanup)",
+        FailurePolicy::Abort => "stop and keep the build VM (errorHandling abort)",
+        FailurePolicy::Continue => "record the failure and go on (continueDistributeOnFailure); the run ends Failed",
+    }
+}
+
+fn describe_shell(cx: &BuildCx, s: &ShellScript) -> serde_json::Value {
+    let script = match &s.script_uri {
+        Some(u) => serde_json::json!({"scriptUri": u, "sha256": Some(s.sha256_checksum.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "(none given: not verified)".into()), "fetched": "by the host before boot"}),
+        None => serde_json::json!({"inline": s.inline.join("\n") + "\n"}),
+    };
+    serde_json::json!({
+        "script": script,
+        "command": format!("/bin/sh -e /tmp/kiln-script-{}-<n>.sh", cx.run_id),
+        "runAs": BUILD_USER,
+        "success": "exit status 0 (a reboot during the script counts as success; the next step reconnects)",
+    })
+}
+
+fn describe_file(f: &FileCopy) -> serde_json::Value {
+    serde_json::json!({
+        "sourceUri": f.source_uri,
+        "sha256": Some(f.sha256_checksum.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "(none given: not verified)".into()),
+        "destination": f.destination,
+    })
+}
+
 /// Boots the build VM on the overlay, with the seed attached.
 pub struct StartVm;
 
@@ -78,7 +131,21 @@ impl Step for StartVm {
     fn phase(&self) -> SubState {
         SubState::Building
     }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        describe_vm(cx, "127.0.0.1:<free port> → guest 22 (SSH)")
+    }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        start_vm(cx, Vec::new()).await
+    }
+    async fn cleanup(&mut self, cx: &mut BuildCx, outcome: Outcome) {
+        stop_vm(cx, outcome).await
+    }
+}
+
+/// Boots the build VM (the work of [`StartVm`]); `extra_netdev` adds user-network options (e.g.
+/// a Windows build's WinRM `hostfwd`).
+pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>) -> Result<(), BuildError> {
+    {
         let src = cx.source.clone().ok_or_else(|| BuildError::Vm("no source".into()))?;
         let gen2 = src.generation == HyperVGeneration::V2;
         let size_name = match cx.template.properties.vm_profile.vm_size.as_str() {
@@ -110,7 +177,7 @@ impl Step for StartVm {
             memory_mib: shape.memory_mib,
             accel,
             seed_disk: cx.seed.clone(),
-            extra_netdev_options: Vec::new(),
+            extra_netdev_options: extra_netdev,
             smbios: Vec::new(),
             uuid: None,
             ssh_port: None,
@@ -130,7 +197,11 @@ impl Step for StartVm {
         cx.vm = Some(v);
         Ok(())
     }
-    async fn cleanup(&mut self, cx: &mut BuildCx, outcome: Outcome) {
+}
+
+/// Stops the build VM, or keeps it (the cleanup of [`StartVm`]).
+pub(crate) async fn stop_vm(cx: &mut BuildCx, outcome: Outcome) {
+    {
         let Some(v) = cx.vm.take() else { return };
         let keep = match outcome {
             Outcome::Aborted => Some("errorHandling abort"),
@@ -139,6 +210,10 @@ impl Step for StartVm {
         };
         if let (Some(reason), None) = (keep, v.exit_status()) {
             // QEMU dies with kiln (so no VM is ever orphaned): the run keeps it until canceled.
+            if cx.windows.is_some() {
+                crate::build::steps_windows::keep_vm(cx, v, reason);
+                return;
+            }
             let kept = cx.run_dir.join("id_ed25519.kept");
             if let Some(k) = &cx.keys {
                 if let Err(e) = kiln_agents::write_private_key(&k.private, &kept) {
@@ -184,6 +259,15 @@ impl Step for Connect {
     fn phase(&self) -> SubState {
         SubState::Customizing
     }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        serde_json::json!({
+            "transport": "SSH",
+            "address": "127.0.0.1:<the VM's forwarded port> → guest port 22",
+            "user": BUILD_USER,
+            "auth": "publickey (the build's ed25519 key); host key pinned on first connection",
+            "timeoutSeconds": cx.options.ssh_timeout.as_secs(),
+        })
+    }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let v = cx.vm.as_ref().ok_or_else(|| BuildError::Vm("no VM".into()))?;
         let keys = cx.keys.as_ref().ok_or_else(|| BuildError::Vm("no key".into()))?;
@@ -215,7 +299,7 @@ impl Step for Connect {
 
 /// After a guest reboot (a RESET since the last one handled), waits for the guest and
 /// reconnects. `lost`: the connection is known to be gone, so a reboot must follow.
-async fn recover_after_reboot(cx: &mut BuildCx, step: &str, lost: bool) -> Result<bool, BuildError> {
+pub(crate) async fn recover_after_reboot(cx: &mut BuildCx, step: &str, lost: bool) -> Result<bool, BuildError> {
     let v = cx.vm.as_ref().ok_or_else(|| BuildError::Vm("no VM".into()))?;
     let rebooted = if lost {
         wait_reset_since(v, cx.resets_seen, Duration::from_secs(60)).await
@@ -333,6 +417,15 @@ impl Step for Customize {
     fn phase(&self) -> SubState {
         SubState::Customizing
     }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        let mut d = match &self.customizer {
+            Customizer::Shell(s) => describe_shell(cx, s),
+            Customizer::File(f) => describe_file(f),
+            other => serde_json::json!({"unsupported": format!("{} needs a Windows build", other.kind())}),
+        };
+        d["onFailure"] = serde_json::json!(describe_policy(self.failure_policy()));
+        d
+    }
     fn failure_policy(&self) -> FailurePolicy {
         if self.abort_on_error {
             FailurePolicy::Abort
@@ -401,6 +494,15 @@ impl Step for Validate {
     fn phase(&self) -> SubState {
         SubState::Validating
     }
+    fn describe(&self, cx: &BuildCx) -> serde_json::Value {
+        let mut d = match &self.validator {
+            Validator::Shell(s) => describe_shell(cx, s),
+            Validator::File(f) => describe_file(f),
+            Validator::PowerShell(_) => serde_json::json!({"unsupported": "PowerShell validations need a Windows build"}),
+        };
+        d["onFailure"] = serde_json::json!(describe_policy(self.failure_policy()));
+        d
+    }
     fn failure_policy(&self) -> FailurePolicy {
         if self.continue_on_failure {
             FailurePolicy::Continue
@@ -441,6 +543,13 @@ impl Step for Deprovision {
     fn phase(&self) -> SubState {
         self.phase
     }
+    fn describe(&self, _cx: &BuildCx) -> serde_json::Value {
+        serde_json::json!({
+            "runAs": "root (sudo -n), in the existing connection",
+            "override": format!("{DEPROVISION_OVERRIDE} (run with /bin/sh instead of the default when it exists in the guest)"),
+            "script": DEFAULT_DEPROVISION,
+        })
+    }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let step = self.name();
         recover_after_reboot(cx, &step, false).await?;
@@ -473,6 +582,9 @@ impl Step for Shutdown {
     }
     fn phase(&self) -> SubState {
         self.phase
+    }
+    fn describe(&self, _cx: &BuildCx) -> serde_json::Value {
+        serde_json::json!({"ladder": "guest command (`sudo -n poweroff`, 120 s) → ACPI powerdown (60 s) → QMP quit → kill"})
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let guest = cx.guest.take();

@@ -53,6 +53,10 @@ pub struct Args {
     /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
     #[arg(long, hide = true)]
     pub timeout_seconds: Option<u64>,
+    /// Print the plan (every step with its phase and details: transport, scripts as sent,
+    /// restarts, distributors) and exit without fetching, booting or recording anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn render_human(pb: &ProgressBar, e: &Event, color: bool) {
@@ -86,13 +90,19 @@ pub fn run(a: Args) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let store = match super::res::open() {
-        Ok(s) => s,
-        Err(c) => return c,
-    };
-    opts.arm.subscription_id = match super::res::subscription(&store) {
-        Ok(s) => s,
-        Err(c) => return c,
+    // A dry run records nothing: no store.
+    let store = if a.dry_run {
+        None
+    } else {
+        let store = match super::res::open() {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        opts.arm.subscription_id = match super::res::subscription(&store) {
+            Ok(s) => s,
+            Err(c) => return c,
+        };
+        Some(store)
     };
     let bytes = match std::fs::read(&a.template) {
         Ok(b) => b,
@@ -152,6 +162,10 @@ pub fn run(a: Args) -> u8 {
         vm_sizes,
         timeout_override: a.timeout_seconds.map(Duration::from_secs),
     };
+    if a.dry_run {
+        return dry_run(&a, model, t.api_version, name, template_dir, &opts.arm.subscription_id, settings);
+    }
+    let Some(store) = store else { return EXIT_USAGE };
     // The one-shot path records into the store too: the template (created, or replaced when the
     // file changed), the run, its runOutputs.
     let sub = opts.arm.subscription_id.clone();
@@ -228,6 +242,37 @@ pub fn run(a: Args) -> u8 {
                     EXIT_INVALID
                 }
             }
+        }
+    }
+}
+
+/// `--dry-run`: the plan from the build's own planner, as text or JSON on stdout.
+fn dry_run(a: &Args, model: template::model::ImageTemplate, api_version: template::ApiVersion, name: String, template_dir: PathBuf, subscription: &str, settings: RunSettings) -> u8 {
+    use kiln_engine::build::{context::BuildOptions, dry_run, BuildRequest};
+    use std::io::Write;
+    let options = BuildOptions {
+        kiln_home: kiln_engine::home::kiln_home(),
+        resource_group: a.resource_group.clone(),
+        subscription_id: subscription.to_string(),
+        accel: settings.accel,
+        keep_vm_on_error: settings.keep_vm_on_error,
+        ssh_timeout: settings.ssh_timeout,
+        vm_sizes: settings.vm_sizes,
+        timeout_override: settings.timeout_override,
+        run_id: None,
+        run_dir: None,
+    };
+    let req = BuildRequest { template: model, api_version, name, template_dir, options };
+    match dry_run::dry_run(req) {
+        Ok(plan) => {
+            let text = if a.output == Format::Json { serde_json::to_string_pretty(&plan).unwrap_or_default() + "\n" } else { dry_run::render_text(&plan) };
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_INVALID
         }
     }
 }
