@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Build Azure VM Image Builder templates locally with QEMU")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build Azure VM Image Builder templates locally with QEMU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,6 +35,15 @@ enum Command {
     /// The local PlatformImage catalog: import disks, list them.
     #[command(subcommand)]
     Image(cli::image::Command),
+    /// Internal: QEMU runs this per guest connection to the emulated Azure fabric; it relays
+    /// stdin/stdout to the build's fabric socket.
+    #[command(name = "__fabric-connect", hide = true)]
+    FabricConnect {
+        /// The build's fabric socket.
+        socket: std::path::PathBuf,
+        /// `wire` or `imds`.
+        endpoint: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +53,15 @@ fn main() -> ExitCode {
         Command::Image(c) => cli::image::run(c),
         Command::Build(a) => cli::build::run(a),
         Command::Doctor { output } => cli::doctor::run(output),
+        Command::FabricConnect { socket, endpoint } => {
+            match kiln_engine::fabric::relay(&socket, &endpoint) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("kiln __fabric-connect {}: {e}", socket.display());
+                    1
+                }
+            }
+        }
     };
     ExitCode::from(code)
 }
