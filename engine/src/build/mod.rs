@@ -8,6 +8,8 @@
 pub mod context;
 pub mod events;
 pub mod fetch;
+pub mod iso;
+pub mod ovf;
 pub mod runner;
 pub mod seed;
 pub mod sizes;
