@@ -46,12 +46,18 @@ impl Request {
             .map(|(_, v)| v)
     }
 
-    /// Who is asking: `x-ms-agent-name`, else `User-Agent`, else `unknown`.
+    /// Who is asking: `x-ms-agent-name` and `User-Agent` (cloud-init's Azure datasource sends
+    /// `x-ms-agent-name: WALinuxAgent` too, so the user agent tells them apart), else `unknown`.
     pub fn agent(&self) -> String {
-        let a = self
-            .header("x-ms-agent-name")
-            .or_else(|| self.header("user-agent"))
-            .unwrap_or("unknown");
+        let a = match (
+            self.header("x-ms-agent-name").filter(|s| !s.is_empty()),
+            self.header("user-agent").filter(|s| !s.is_empty()),
+        ) {
+            (Some(n), Some(u)) if !u.starts_with(n) => format!("{n} ({u})"),
+            (Some(n), _) => n.to_string(),
+            (None, Some(u)) => u.to_string(),
+            (None, None) => "unknown".to_string(),
+        };
         a.chars().filter(|c| !c.is_control()).take(120).collect()
     }
 }
@@ -354,6 +360,10 @@ mod tests {
             (r.method.as_str(), r.path.as_str(), r.query_param("comp")),
             ("GET", "/machine/", Some("goalstate"))
         );
+        assert_eq!(r.agent(), "WALinuxAgent");
+        let r = read(b"GET / HTTP/1.1\r\nx-ms-agent-name: WALinuxAgent\r\nUser-Agent: Cloud-Init/22.4.2\r\n\r\n").await.unwrap();
+        assert_eq!(r.agent(), "WALinuxAgent (Cloud-Init/22.4.2)");
+        let r = read(b"GET / HTTP/1.1\r\nx-ms-agent-name: WALinuxAgent\r\nUser-Agent: WALinuxAgent/2.7.3.0\r\n\r\n").await.unwrap();
         assert_eq!(r.agent(), "WALinuxAgent");
         let r = read(b"POST /machine?comp=health HTTP/1.1\r\nContent-Length: 5\r\nUser-Agent: Cloud-Init/22.4.2\r\n\r\nhello-and-more").await.unwrap();
         assert_eq!(
