@@ -9,5 +9,6 @@
 //! - [`ssh`]: runs commands with the OpenSSH client.
 
 pub mod guest;
+pub mod inspect;
 
 pub use guest::*;

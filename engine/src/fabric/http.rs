@@ -102,10 +102,11 @@ impl ReadError {
     }
 }
 
+/// A parsed head: method, path, query, headers.
+pub type Head = (String, String, String, Vec<(String, String)>);
+
 /// Parses a request head (everything before the blank line).
-pub fn parse_head(
-    head: &[u8],
-) -> Result<(String, String, String, Vec<(String, String)>), ReadError> {
+pub fn parse_head(head: &[u8]) -> Result<Head, ReadError> {
     let text = std::str::from_utf8(head)
         .map_err(|_| ReadError::Malformed("the head is not UTF-8".into()))?;
     let mut lines = text.split("\r\n").flat_map(|l| l.split('\n'));

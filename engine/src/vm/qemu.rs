@@ -521,14 +521,13 @@ mod tests {
                     mac: Some("52:54:00:12:34:56".into()),
                     ..spec(Firmware::Bios, Accel::Tcg)
                 },
-                format!(
-                    "-name guest=build-1 -machine pc -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
+                "-name guest=build-1 -machine pc -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
                      -drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap -device virtio-blk-pci,drive=os,bootindex=0 \
                      -drive file=/run/kiln/b1/ovf,,env.iso,format=raw,if=none,id=cd0,media=cdrom,readonly=on -device ide-cd,drive=cd0,bus=ide.1,unit=0 \
                      -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56 -device virtio-rng-pci \
                      -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
                      -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
-                ),
+                    .to_string(),
             ),
             (
                 "commas in names and paths are doubled",
