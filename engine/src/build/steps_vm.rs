@@ -36,6 +36,9 @@ if id packer >/dev/null 2>&1; then
 fi
 sync"#;
 
+/// What waagent logs while it cannot find the wireserver through DHCP.
+pub const WAAGENT_NO_ENDPOINT: &str = "WireServer endpoint is not found";
+
 /// With Azure provisioning, how long to wait after SSH connects for the Ready health report.
 pub const AZURE_READY_WAIT: Duration = Duration::from_secs(120);
 
@@ -199,7 +202,23 @@ impl Step for Connect {
                 // fabric): keep retrying a rejected key for longer; a ProvisioningFailed health
                 // report ends the wait at once instead.
                 config.auth_grace = config.auth_grace.max(Duration::from_secs(300));
+                let console = v.console_log_path().to_path_buf();
+                let events = cx.events.clone();
+                let name = vm_name.clone();
                 Box::pin(async move {
+                    // waagent that looks for the wireserver through DHCP (option 245 / a host
+                    // route) never finds it behind QEMU's DHCP: say so instead of a silent wait.
+                    let hint = async {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            if vm::Console::new(console.clone(), 0).contains(WAAGENT_NO_ENDPOINT).unwrap_or(false) {
+                                events.warn(format!(
+                                    "build VM {name}: the Azure Linux agent cannot find the wireserver (\"{WAAGENT_NO_ENDPOINT}\" on the console): it looks for it through DHCP option 245 or a host route to 168.63.129.16, which QEMU's DHCP cannot provide; see docs/provisioning.md (waagent-provisioned images)"
+                                ));
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    };
                     let failed = async {
                         loop {
                             if let Some(h) = rx.borrow_and_update().clone() {
@@ -215,6 +234,7 @@ impl Step for Connect {
                     tokio::select! {
                         i = base => i,
                         why = failed => Interrupt::Aborted(format!("Azure provisioning failed: {why}")),
+                        _ = hint => Interrupt::Aborted(String::new()),
                     }
                 })
             }
