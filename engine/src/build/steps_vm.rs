@@ -36,8 +36,9 @@ if id packer >/dev/null 2>&1; then
 fi
 sync"#;
 
-/// What waagent logs while it cannot find the wireserver through DHCP.
-pub const WAAGENT_NO_ENDPOINT: &str = "WireServer endpoint is not found";
+/// What waagent logs each time it failed to find the wireserver through DHCP (not on its first
+/// look, which always says "WireServer endpoint is not found" before checking the route).
+pub const WAAGENT_NO_ENDPOINT: &str = "WireProtocol endpoint is None";
 
 /// With Azure provisioning, how long to wait after SSH connects for the Ready health report.
 pub const AZURE_READY_WAIT: Duration = Duration::from_secs(120);
