@@ -11,6 +11,7 @@
 //!   and HTTPS, running received commands through a documented shim.
 
 pub mod guest;
+pub mod inspect;
 pub mod winrs_server;
 
 pub use guest::*;

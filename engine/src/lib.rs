@@ -5,6 +5,7 @@
 pub mod arm;
 pub mod build;
 pub mod diag;
+pub mod fabric;
 pub mod home;
 pub mod json;
 pub mod resources;

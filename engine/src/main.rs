@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Build Azure VM Image Builder templates locally with QEMU")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build Azure VM Image Builder templates locally with QEMU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,6 +47,15 @@ enum Command {
     /// The default subscription (az account).
     #[command(subcommand)]
     Account(AccountCommand),
+    /// Internal: QEMU runs this per guest connection to the emulated Azure fabric; it relays
+    /// stdin/stdout to the build's fabric socket.
+    #[command(name = "__fabric-connect", hide = true)]
+    FabricConnect {
+        /// The build's fabric socket.
+        socket: std::path::PathBuf,
+        /// `wire` or `imds`.
+        endpoint: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -62,6 +75,15 @@ fn main() -> ExitCode {
         Command::Template(c) => cli::template::run(c),
         Command::Sig(c) => cli::sig::run(c),
         Command::Account(AccountCommand::Show) => cli::group::account_show(),
+        Command::FabricConnect { socket, endpoint } => {
+            match kiln_engine::fabric::relay(&socket, &endpoint) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("kiln __fabric-connect {}: {e}", socket.display());
+                    1
+                }
+            }
+        }
     };
     ExitCode::from(code)
 }

@@ -22,6 +22,8 @@ fn options(home: &Path) -> BuildOptions {
         ssh_timeout: Duration::from_secs(1200),
         vm_sizes: Default::default(),
         timeout_override: None,
+        provisioning: None,
+        identity_token_command: None,
         run_id: None,
         run_dir: None,
     }

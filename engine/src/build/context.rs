@@ -19,6 +19,39 @@ pub enum AccelChoice {
     Tcg,
 }
 
+/// How the build VM gets its build user and key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// A cloud-init NoCloud seed (vfat, label `cidata`).
+    NoCloud,
+    /// As on Azure: `ovf-env.xml` on a CD-ROM plus the emulated fabric (wireserver, IMDS),
+    /// SMBIOS asset tag and system UUID.
+    Azure,
+    /// Nothing: the image must accept the build's key by itself.
+    None,
+}
+
+impl Provisioning {
+    /// `nocloud`, `azure`, `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provisioning::NoCloud => "nocloud",
+            Provisioning::Azure => "azure",
+            Provisioning::None => "none",
+        }
+    }
+    /// Parses `nocloud`, `azure`, `none`.
+    pub fn parse(s: &str) -> Option<Provisioning> {
+        match s {
+            "nocloud" => Some(Provisioning::NoCloud),
+            "azure" => Some(Provisioning::Azure),
+            "none" => Some(Provisioning::None),
+            _ => None,
+        }
+    }
+}
+
 /// Options of one build (from the CLI).
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -43,6 +76,11 @@ pub struct BuildOptions {
     /// The run's directory (a template's staging directory holds its runs; default:
     /// `KILN_HOME/staging/IT_<rg>_<template>_<run id>`).
     pub run_dir: Option<PathBuf>,
+    /// `--provisioning`: overrides the catalog image's preferred method.
+    pub provisioning: Option<Provisioning>,
+    /// `--identity-token-command`: argv of a program whose stdout IMDS serves as the managed
+    /// identity token (Azure provisioning only).
+    pub identity_token_command: Option<Vec<String>>,
 }
 
 /// A resolved source image.
@@ -58,6 +96,8 @@ pub struct ResolvedSource {
     pub exact_version: Option<String>,
     /// The admin user the image expects (the build user is `packer` regardless).
     pub virtual_size: u64,
+    /// The provisioning methods the catalog image supports, preferred first.
+    pub provisioning: Vec<kiln_images::catalog::ProvisioningMethod>,
 }
 
 /// A customizer artifact fetched on the host.
@@ -116,8 +156,14 @@ pub struct BuildCx {
     pub artifacts: BTreeMap<String, Artifact>,
     /// The ephemeral key pair.
     pub keys: Option<kiln_agents::KeyPair>,
-    /// The provisioning seed image.
+    /// The provisioning method chosen.
+    pub provisioning: Option<Provisioning>,
+    /// The provisioning seed image (NoCloud), attached as a disk.
     pub seed: Option<PathBuf>,
+    /// The provisioning CD (Azure's ovf-env.xml).
+    pub cdrom: Option<PathBuf>,
+    /// The emulated Azure fabric of this build.
+    pub fabric: Option<crate::fabric::Fabric>,
     /// The build VM.
     pub vm: Option<crate::vm::Vm>,
     /// The guest connection.

@@ -97,6 +97,9 @@ pub fn dry_run(req: BuildRequest) -> Result<DryRunPlan, BuildError> {
         kept_vm: None,
         partial_failures: Vec::new(),
         windows: None,
+        provisioning: None,
+        cdrom: None,
+        fabric: None,
     };
     let os = super::steps_windows::target_os(&cx);
     let plan = super::steps::plan(&cx)?;

@@ -109,6 +109,43 @@ pub enum Event {
         /// Total.
         total: u64,
     },
+    /// The emulated Azure fabric answered (or refused) a guest request.
+    #[serde(rename_all = "camelCase")]
+    Fabric {
+        /// `wire` or `imds`.
+        endpoint: String,
+        /// The method (empty when the request was unreadable).
+        method: String,
+        /// Path and query.
+        target: String,
+        /// The status answered.
+        status: u16,
+        /// Who asked (`x-ms-agent-name` or User-Agent).
+        agent: String,
+        /// For a health report: `Ready`, `NotReady/Provisioning`, `NotReady/ProvisioningFailed (…)`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        health: Option<String>,
+        /// Why the request was refused.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The build VM is provisioned and connected.
+    #[serde(rename_all = "camelCase")]
+    Provisioned {
+        /// `azure`, `nocloud`, `none`.
+        method: String,
+        /// The agent whose health report said Ready (Azure), if one did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
+        /// Seconds from QEMU's start to the Ready health report (Azure), if one came.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ready_seconds: Option<f64>,
+        /// Seconds from QEMU's start to an authenticated SSH session.
+        connected_seconds: f64,
+        /// The last health report (Azure), if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        health: Option<String>,
+    },
     /// A distributor's runOutput was recorded.
     #[serde(rename_all = "camelCase")]
     RunOutput {
@@ -241,6 +278,24 @@ fn log_lines(e: &Event) -> Vec<String> {
         Event::Info { message } => vec![format!("PACKER OUT ==> kiln: {message}")],
         Event::Warning { message } => vec![format!("PACKER OUT ==> kiln: WARNING: {message}")],
         Event::Progress { .. } => vec![],
+        Event::Fabric { endpoint, method, target, status, agent, health, error } => {
+            let mut v = vec![format!(
+                "PACKER ERR [INFO] fabric {endpoint}: {} {target} -> {status}{}{}",
+                if method.is_empty() { "-" } else { method },
+                if agent.is_empty() { String::new() } else { format!(" ({agent})") },
+                error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            )];
+            if let Some(h) = health {
+                v.push(format!("PACKER OUT ==> kiln: health report from {}: {h}", if agent.is_empty() { "the guest" } else { agent }));
+            }
+            v
+        }
+        Event::Provisioned { method, agent, ready_seconds, connected_seconds, health } => vec![format!(
+            "PACKER OUT ==> kiln: provisioned ({method}){}{}; connected {connected_seconds:.1}s after QEMU started{}",
+            agent.as_ref().map(|a| format!(" by {a}")).unwrap_or_default(),
+            ready_seconds.map(|s| format!(", Ready after {s:.1}s")).unwrap_or_default(),
+            health.as_ref().map(|h| format!(", last health report {h}")).unwrap_or_default()
+        )],
         Event::RunOutput { run_output } => vec![format!("PACKER OUT ==> kiln: runOutput {run_output}")],
         Event::VmKept { reason, pid, ssh_port, user, key_path, run_dir } => vec![format!(
             "PACKER OUT ==> kiln: {reason}: the build VM is kept running (QEMU pid {pid}); ssh -i {key_path} -p {ssh_port} {user}@127.0.0.1; staging kept in {run_dir}"

@@ -9,6 +9,8 @@ pub mod context;
 pub mod dry_run;
 pub mod events;
 pub mod fetch;
+pub mod iso;
+pub mod ovf;
 pub mod runner;
 pub mod seed;
 pub mod sizes;
@@ -172,7 +174,10 @@ pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: Ca
         overlay: None,
         artifacts: Default::default(),
         keys: None,
+        provisioning: None,
         seed: None,
+        cdrom: None,
+        fabric: None,
         vm: None,
         guest: None,
         resets_seen: 0,

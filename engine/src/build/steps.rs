@@ -2,11 +2,12 @@
 //! fetch artifacts (checksums verified before boot), provisioning media, start the VM, connect,
 //! customizers, deprovision, shut down, export, record.
 
-use super::context::{Artifact, BuildCx, ResolvedSource};
+use super::context::{Artifact, BuildCx, Provisioning, ResolvedSource};
 use super::events::{Event, OutStream, SubState};
 use super::fetch::{self, FetchContext, FetchRequest};
 use super::runner::{Outcome, Step};
-use super::{seed, BuildError};
+use super::{ovf, seed, BuildError};
+use crate::fabric::{self, Fabric, FabricConfig};
 use crate::template::model::{Customizer, FileCopy, ShellScript, Source, Validator};
 use async_trait::async_trait;
 use kiln_images::catalog::Catalog;
@@ -144,6 +145,7 @@ impl Step for ResolveSource {
             generation: r.entry.meta.hyper_v_generation,
             exact_version: Some(r.exact_version),
             virtual_size: r.entry.meta.virtual_size,
+            provisioning: r.entry.meta.provisioning.clone(),
         });
         Ok(())
     }
@@ -301,7 +303,45 @@ impl Step for FetchArtifacts {
     }
 }
 
-/// A fresh ed25519 key for this build and a NoCloud seed that gives it to the build user.
+/// The hostname the build VM gets (AIB's build VMs are named like this too).
+pub const BUILD_HOSTNAME: &str = "aibvm";
+/// The build VM's NIC MAC with Azure provisioning (IMDS reports it; QEMU's first-NIC default).
+pub const AZURE_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// The provisioning method: `--provisioning`, else the catalog image's preferred one.
+pub fn choose_provisioning(cx: &BuildCx) -> Result<(Provisioning, String), BuildError> {
+    use kiln_images::catalog::ProvisioningMethod as M;
+    if let Some(p) = cx.options.provisioning {
+        return Ok((p, "--provisioning".into()));
+    }
+    let supported = cx.source.as_ref().map(|s| s.provisioning.clone()).unwrap_or_default();
+    for m in &supported {
+        match m {
+            M::NoCloud => return Ok((Provisioning::NoCloud, "the catalog image's preferred method".into())),
+            M::Azure => return Ok((Provisioning::Azure, "the catalog image's preferred method".into())),
+            M::Unattend => {}
+        }
+    }
+    if supported.is_empty() {
+        return Ok((Provisioning::NoCloud, "the default".into()));
+    }
+    Err(BuildError::Template(format!(
+        "the source image supports only {supported:?} provisioning, which needs a Windows build (not supported yet); pass --provisioning azure|nocloud|none to override"
+    )))
+}
+
+/// The VM size name the build uses (the template's, else AIB's default for the generation).
+pub fn vm_size_name(cx: &BuildCx) -> String {
+    let gen2 = cx.source.as_ref().is_some_and(|s| s.generation == kiln_images::catalog::HyperVGeneration::V2);
+    match cx.template.properties.vm_profile.vm_size.as_str() {
+        "" if gen2 => crate::template::defaults::DEFAULT_VM_SIZE_GEN2.to_string(),
+        "" => crate::template::defaults::DEFAULT_VM_SIZE_GEN1.to_string(),
+        s => s.to_string(),
+    }
+}
+
+/// A fresh ed25519 key for this build and the media that give it to the build user: a NoCloud
+/// seed, or (Azure) `ovf-env.xml` on a CD plus this build's emulated fabric.
 pub struct ProvisioningMedia;
 
 #[async_trait]
@@ -321,28 +361,78 @@ impl Step for ProvisioningMedia {
         })
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let (method, why) = choose_provisioning(cx)?;
+        cx.events.info(format!("provisioning: {} ({why})", method.as_str()));
+        cx.provisioning = Some(method);
         let keys = kiln_agents::generate_ed25519(&format!("kiln-build-{}", cx.run_id)).map_err(|e| BuildError::Vm(e.to_string()))?;
         let key_path = cx.run_dir.join("id_ed25519");
         kiln_agents::write_private_key(&keys.private, &key_path).map_err(|e| BuildError::Vm(e.to_string()))?;
-        let seed_path = cx.run_dir.join("seed.img");
-        let cfg = seed::SeedConfig {
-            instance_id: format!("kiln-{}", cx.run_id),
-            hostname: "aibvm".into(),
-            user: BUILD_USER.into(),
-            ssh_public_key: keys.public_line.clone(),
-            extra_user_data: None,
-        };
-        seed::write_nocloud_vfat(&seed_path, &cfg).map_err(|e| BuildError::Vm(format!("writing the NoCloud seed: {e}")))?;
+        match method {
+            Provisioning::NoCloud => {
+                let seed_path = cx.run_dir.join("seed.img");
+                let cfg = seed::SeedConfig {
+                    instance_id: format!("kiln-{}", cx.run_id),
+                    hostname: BUILD_HOSTNAME.into(),
+                    user: BUILD_USER.into(),
+                    ssh_public_key: keys.public_line.clone(),
+                    extra_user_data: None,
+                };
+                seed::write_nocloud_vfat(&seed_path, &cfg).map_err(|e| BuildError::Vm(format!("writing the NoCloud seed: {e}")))?;
+                cx.seed = Some(seed_path);
+            }
+            Provisioning::Azure => {
+                let iso = cx.run_dir.join("ovf-env.iso");
+                let env = ovf::OvfEnv { hostname: BUILD_HOSTNAME.into(), user: BUILD_USER.into(), ssh_public_key: keys.public_line.clone(), custom_data_base64: None };
+                ovf::write_media(&iso, &env).map_err(|e| BuildError::Vm(format!("writing the Azure provisioning media: {e}")))?;
+                cx.cdrom = Some(iso);
+                let vm_id = fabric::uuid_from(&format!("kiln-vm/{}/{}", cx.template_name, cx.run_id));
+                let mut cfg = FabricConfig::new(vm_id, BUILD_HOSTNAME, BUILD_USER, &keys.public_line, AZURE_MAC);
+                if !cx.template.location.is_empty() {
+                    cfg.location = cx.template.location.clone();
+                }
+                cfg.vm_size = vm_size_name(cx);
+                cfg.resource_group = cx.run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| cx.options.resource_group.clone());
+                cfg.subscription_id = cx.options.subscription_id.clone();
+                cfg.token_command = cx.options.identity_token_command.clone();
+                let (socket, own_dir) = fabric::socket_path_for(&cx.run_dir, &cx.run_id);
+                let events = cx.events.clone();
+                let sink: fabric::EventSink = std::sync::Arc::new(move |e: fabric::FabricEvent| {
+                    events.emit(Event::Fabric {
+                        endpoint: e.endpoint.as_str().into(),
+                        method: e.method,
+                        target: e.target,
+                        status: e.status,
+                        agent: e.agent,
+                        health: e.health.map(|h| h.to_string()),
+                        error: e.error,
+                    })
+                });
+                let f = Fabric::start(&socket, own_dir.as_deref(), cfg, sink).map_err(|e| BuildError::Vm(e.to_string()))?;
+                cx.events.info(format!(
+                    "Azure fabric for this build on {} (wireserver 168.63.129.16, IMDS 169.254.169.254; vmId {})",
+                    f.socket_path().display(),
+                    f.config().vm_id
+                ));
+                cx.fabric = Some(f);
+            }
+            Provisioning::None => {
+                cx.events.warn("--provisioning none: no provisioning media; the image must accept the build user's key by itself");
+            }
+        }
         cx.keys = Some(keys);
-        cx.seed = Some(seed_path);
         Ok(())
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, _outcome: Outcome) {
-        // The key never outlives the build; the seed holds only the public key.
+        // The key never outlives the build; the media hold only the public key. The fabric
+        // stops (its socket is removed) after the VM has (this cleanup runs after StartVm's).
         let _ = std::fs::remove_file(cx.run_dir.join("id_ed25519"));
         if let Some(s) = cx.seed.take() {
             let _ = std::fs::remove_file(s);
         }
+        if let Some(c) = cx.cdrom.take() {
+            let _ = std::fs::remove_file(c);
+        }
+        cx.fabric = None;
     }
 }
 

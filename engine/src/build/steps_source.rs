@@ -57,6 +57,8 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                 img.disk.display()
             ));
             Ok(ResolvedSource {
+                // Not recorded for stored images yet: the default (NoCloud) or --provisioning.
+                provisioning: Vec::new(),
                 virtual_size: virtual_size(&img.disk)?,
                 disk: img.disk,
                 format: DiskFormat::Vpc,
@@ -104,6 +106,8 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                 replica.disk.display()
             ));
             Ok(ResolvedSource {
+                // Not recorded for stored images yet: the default (NoCloud) or --provisioning.
+                provisioning: Vec::new(),
                 virtual_size: virtual_size(&replica.disk)?,
                 disk: replica.disk.clone(),
                 format: DiskFormat::Vpc,

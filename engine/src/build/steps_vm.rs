@@ -36,6 +36,13 @@ if id packer >/dev/null 2>&1; then
 fi
 sync"#;
 
+/// What waagent logs each time it failed to find the wireserver through DHCP (not on its first
+/// look, which always says "WireServer endpoint is not found" before checking the route).
+pub const WAAGENT_NO_ENDPOINT: &str = "WireProtocol endpoint is None";
+
+/// With Azure provisioning, how long to wait after SSH connects for the Ready health report.
+pub const AZURE_READY_WAIT: Duration = Duration::from_secs(120);
+
 /// Where AIB looks for a user's deprovisioning override on Linux.
 pub const DEPROVISION_OVERRIDE: &str = "/tmp/DeprovisioningScript.sh";
 
@@ -148,11 +155,7 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>) -> Res
     {
         let src = cx.source.clone().ok_or_else(|| BuildError::Vm("no source".into()))?;
         let gen2 = src.generation == HyperVGeneration::V2;
-        let size_name = match cx.template.properties.vm_profile.vm_size.as_str() {
-            "" if gen2 => crate::template::defaults::DEFAULT_VM_SIZE_GEN2.to_string(),
-            "" => crate::template::defaults::DEFAULT_VM_SIZE_GEN1.to_string(),
-            s => s.to_string(),
-        };
+        let size_name = super::steps::vm_size_name(cx);
         let shape = sizes::lookup(&size_name, &cx.options.vm_sizes).map_err(BuildError::Template)?;
         let request = match cx.options.accel {
             AccelChoice::Auto => vm::AccelRequest::Auto,
@@ -168,6 +171,16 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>) -> Res
         }
         let firmware = if gen2 { vm::Firmware::uefi_default().map_err(|e| BuildError::Vm(e.to_string()))? } else { vm::Firmware::Bios };
         let overlay = cx.overlay.clone().ok_or_else(|| BuildError::Vm("no disk".into()))?;
+        let (mut extra_netdev_options, mut smbios, mut uuid, mut mac) = (extra_netdev, Vec::new(), None, None);
+        if let Some(f) = &cx.fabric {
+            // As on Azure: the chassis asset tag and system UUID agents check, the NIC's MAC
+            // that IMDS reports, and the fabric's addresses routed to this build's fabric.
+            let exe = std::env::current_exe().map_err(|e| BuildError::Vm(format!("finding kiln's own executable for the fabric relay: {e}")))?;
+            extra_netdev_options.extend(f.netdev_options(&exe));
+            smbios.push(format!("type=3,asset={}", crate::fabric::AZURE_ASSET_TAG));
+            uuid = Some(f.config().vm_id.clone());
+            mac = Some(f.config().mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
+        }
         let spec = vm::VmSpec {
             name: format!("{}-{}", cx.template_name, cx.run_id),
             run_dir: cx.run_dir.clone(),
@@ -177,9 +190,11 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>) -> Res
             memory_mib: shape.memory_mib,
             accel,
             seed_disk: cx.seed.clone(),
-            extra_netdev_options: extra_netdev,
-            smbios: Vec::new(),
-            uuid: None,
+            cdrom: cx.cdrom.clone(),
+            mac,
+            extra_netdev_options,
+            smbios,
+            uuid,
             ssh_port: None,
             qemu: None,
             // QEMU dies with kiln; --keep-vm-on-error keeps kiln waiting instead.
@@ -275,19 +290,108 @@ impl Step for Connect {
         let mut config = ConnectConfig::new(addr, BUILD_USER, keys.private.clone());
         config.timeout = cx.options.ssh_timeout;
         let started = v.started_at();
-        let interrupt = interrupt_for(cx);
-        let guest = SshCommunicator::connect(config, interrupt).await.map_err(|e| {
+        let vm_name = format!("{}-{}", cx.template_name, cx.run_id);
+        let health = cx.fabric.as_ref().map(|f| f.health());
+        let base = interrupt_for(cx);
+        let interrupt: InterruptFuture<'static> = match health.clone() {
+            None => base,
+            Some(mut rx) => {
+                // Azure agents install the key late (waagent only after it has talked to the
+                // fabric): keep retrying a rejected key for longer; a ProvisioningFailed health
+                // report ends the wait at once instead.
+                config.auth_grace = config.auth_grace.max(Duration::from_secs(300));
+                let console = v.console_log_path().to_path_buf();
+                let events = cx.events.clone();
+                let name = vm_name.clone();
+                Box::pin(async move {
+                    // waagent that looks for the wireserver through DHCP (option 245 / a host
+                    // route) never finds it behind QEMU's DHCP: say so instead of a silent wait.
+                    let hint = async {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            if vm::Console::new(console.clone(), 0).contains(WAAGENT_NO_ENDPOINT).unwrap_or(false) {
+                                events.warn(format!(
+                                    "build VM {name}: the Azure Linux agent cannot find the wireserver (\"{WAAGENT_NO_ENDPOINT}\" on the console): it looks for it through DHCP option 245 or a host route to 168.63.129.16, which QEMU's DHCP cannot provide; see docs/provisioning.md (waagent-provisioned images)"
+                                ));
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    };
+                    let failed = async {
+                        loop {
+                            if let Some(h) = rx.borrow_and_update().clone() {
+                                if h.health.is_failure() {
+                                    return format!("{} reported {}", h.agent, h.health);
+                                }
+                            }
+                            if rx.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        i = base => i,
+                        why = failed => Interrupt::Aborted(format!("Azure provisioning failed: {why}")),
+                        _ = hint => Interrupt::Aborted(String::new()),
+                    }
+                })
+            }
+        };
+        let connected = SshCommunicator::connect(config, interrupt).await;
+        let failure = health.as_ref().and_then(|rx| rx.borrow().clone()).filter(|h| h.health.is_failure());
+        if let Some(h) = failure {
+            return Err(BuildError::Connect(format!(
+                "build VM {vm_name}: Azure provisioning failed: {} reported {} {:.1}s after QEMU started (health report NotReady/ProvisioningFailed; see console.log and customization.log in {})",
+                h.agent,
+                h.health,
+                h.at.saturating_duration_since(started).as_secs_f64(),
+                cx.run_dir.display()
+            )));
+        }
+        let guest = connected.map_err(|e| {
             let tail = cx.vm.as_ref().map(|v| v.console_tail(15)).unwrap_or_default();
-            BuildError::Connect(format!("SSH to the build VM: {e}\n  last console lines:\n{tail}"))
+            BuildError::Connect(format!("SSH to the build VM {vm_name}: {e}\n  last console lines:\n{tail}"))
         })?;
         let rep = guest.connect_report();
+        let connected_s = rep.authenticated.saturating_duration_since(started).as_secs_f64();
         cx.events.info(format!(
-            "SSH ready {:.1}s after QEMU started ({} attempts; host key {} pinned)",
-            rep.authenticated.saturating_duration_since(started).as_secs_f64(),
+            "SSH ready {connected_s:.1}s after QEMU started ({} attempts; host key {} pinned)",
             rep.attempts,
             rep.host_key.as_ref().map(|h| h.0.clone()).unwrap_or_default()
         ));
         cx.guest = Some(Box::new(guest));
+        let method = cx.provisioning.map(|p| p.as_str()).unwrap_or("none").to_string();
+        let Some(mut rx) = health else {
+            cx.events.emit(Event::Provisioned { method, agent: None, ready_seconds: None, connected_seconds: connected_s, health: None });
+            return Ok(());
+        };
+        // The Ready health report is the agent's own "provisioning finished". cloud-init sends
+        // it before SSH works; waagent after creating the user, possibly just after SSH works.
+        let ready = tokio::time::timeout(AZURE_READY_WAIT, rx.wait_for(|h| h.as_ref().is_some_and(|h| h.health.is_ready() || h.health.is_failure()))).await
+            .is_ok_and(|r| r.is_ok());
+        let last = rx.borrow().clone();
+        match (ready, &last) {
+            (_, Some(h)) if h.health.is_failure() => {
+                return Err(BuildError::Connect(format!("build VM {vm_name}: Azure provisioning failed: {} reported {}", h.agent, h.health)));
+            }
+            (true, Some(h)) => {
+                cx.events.emit(Event::Provisioned {
+                    method,
+                    agent: Some(h.agent.clone()),
+                    ready_seconds: Some(h.at.saturating_duration_since(started).as_secs_f64()),
+                    connected_seconds: connected_s,
+                    health: Some(h.health.to_string()),
+                });
+            }
+            _ => {
+                cx.events.warn(format!(
+                    "build VM {vm_name}: SSH works but no agent reported Ready to the fabric within {}s of connecting{}; continuing",
+                    AZURE_READY_WAIT.as_secs(),
+                    last.as_ref().map(|h| format!(" (last health report: {} from {})", h.health, h.agent)).unwrap_or_else(|| " (no health report at all)".into())
+                ));
+                cx.events.emit(Event::Provisioned { method, agent: None, ready_seconds: None, connected_seconds: connected_s, health: last.map(|h| h.health.to_string()) });
+            }
+        }
         Ok(())
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, _outcome: Outcome) {

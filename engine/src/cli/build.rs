@@ -3,7 +3,7 @@
 use super::output::{color_stderr, Format, EXIT_INVALID, EXIT_OK, EXIT_USAGE};
 use super::validate::load_options;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_engine::build::context::AccelChoice;
+use kiln_engine::build::context::{AccelChoice, Provisioning};
 use kiln_engine::build::events::{Event, Listener};
 use kiln_engine::build::sizes;
 use kiln_engine::resources::run::{execute_run, start_run, RunSettings};
@@ -50,6 +50,16 @@ pub struct Args {
     /// How long to wait for SSH, in seconds (AIB: 1200).
     #[arg(long, default_value_t = 1200)]
     pub ssh_timeout: u64,
+    /// How the build VM is provisioned: azure (ovf-env.xml CD + emulated wireserver/IMDS, as on
+    /// Azure), nocloud (cloud-init seed), none. Default: the catalog image's preferred method.
+    #[arg(long, value_parser = ["azure", "nocloud", "none"])]
+    pub provisioning: Option<String>,
+    /// With azure provisioning: a program (split on white space, run without a shell) whose
+    /// stdout (a JSON token response) IMDS serves at /metadata/identity/oauth2/token; the
+    /// request's parameters are in KILN_IDENTITY_<NAME> variables. Without it the endpoint
+    /// answers an Azure-shaped error.
+    #[arg(long, value_name = "PROGRAM")]
+    pub identity_token_command: Option<String>,
     /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
     #[arg(long, hide = true)]
     pub timeout_seconds: Option<u64>,
@@ -75,6 +85,11 @@ fn render_human(pb: &ProgressBar, e: &Event, color: bool) {
         Event::Warning { message } => pb.println(format!("{y}WARNING{r}: {message}")),
         Event::Progress { what, done, total } if *total > 0 => pb.set_message(format!("{what} {}%", done * 100 / total)),
         Event::Progress { .. } | Event::RunOutput { .. } | Event::VmKept { .. } => {}
+        Event::Fabric { .. } | Event::Provisioned { .. } => {
+            if let Some(line) = fabric_line(e) {
+                pb.println(line)
+            }
+        }
         Event::RunFinished { run_state, seconds, message } => {
             pb.println(format!("==> run {run_state} in {seconds:.1}s{}", if message.is_empty() { String::new() } else { format!(": {message}") }))
         }
@@ -161,6 +176,8 @@ pub fn run(a: Args) -> u8 {
         ssh_timeout: Duration::from_secs(a.ssh_timeout),
         vm_sizes,
         timeout_override: a.timeout_seconds.map(Duration::from_secs),
+        provisioning: a.provisioning.as_deref().and_then(Provisioning::parse),
+        identity_token_command: a.identity_token_command.as_ref().map(|c| c.split_ascii_whitespace().map(str::to_string).collect::<Vec<_>>()).filter(|v| !v.is_empty()),
     };
     if a.dry_run {
         return dry_run(&a, model, t.api_version, name, template_dir, &opts.arm.subscription_id, settings);
@@ -259,6 +276,8 @@ fn dry_run(a: &Args, model: template::model::ImageTemplate, api_version: templat
         ssh_timeout: settings.ssh_timeout,
         vm_sizes: settings.vm_sizes,
         timeout_override: settings.timeout_override,
+        provisioning: settings.provisioning,
+        identity_token_command: settings.identity_token_command,
         run_id: None,
         run_dir: None,
     };
@@ -337,10 +356,32 @@ fn plain(e: &Event, color: bool) -> String {
         Event::Output { line, .. } => out.push_str(&format!("    {line}\n")),
         Event::Info { message } => out.push_str(&format!("    {message}\n")),
         Event::Warning { message } => out.push_str(&format!("{y}WARNING{r}: {message}\n")),
+        Event::Fabric { .. } | Event::Provisioned { .. } => {
+            if let Some(line) = fabric_line(e) {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
         Event::RunFinished { run_state, seconds, message } => {
             out.push_str(&format!("==> run {run_state} in {seconds:.1}s{}\n", if message.is_empty() { String::new() } else { format!(": {message}") }))
         }
         _ => {}
     }
     out
+}
+
+/// Health reports, refused requests and the provisioning outcome (not every fabric request).
+fn fabric_line(e: &Event) -> Option<String> {
+    match e {
+        Event::Fabric { health: Some(h), agent, .. } => Some(format!("    health report from {}: {h}", if agent.is_empty() { "the guest" } else { agent })),
+        Event::Fabric { endpoint, method, target, status, error: Some(err), .. } if *status >= 400 && *status != 404 => {
+            Some(format!("    fabric {endpoint}: {} {target} -> {status}: {err}", if method.is_empty() { "-" } else { method }))
+        }
+        Event::Provisioned { method, agent, ready_seconds, connected_seconds, .. } => Some(format!(
+            "    provisioned ({method}){}{}; SSH connected {connected_seconds:.1}s after QEMU started",
+            agent.as_ref().map(|a| format!(" by {a}")).unwrap_or_default(),
+            ready_seconds.map(|s| format!(", health Ready after {s:.1}s")).unwrap_or_default()
+        )),
+        _ => None,
+    }
 }

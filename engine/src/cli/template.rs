@@ -31,6 +31,14 @@ pub struct RunFlags {
     /// How long to wait for SSH, in seconds (AIB: 1200).
     #[arg(long, default_value_t = 1200)]
     pub ssh_timeout: u64,
+    /// Provisioning method: azure (ovf-env.xml + an emulated Azure fabric), nocloud, none.
+    /// Default: the catalog image's preferred method.
+    #[arg(long, value_parser = ["azure", "nocloud", "none"])]
+    pub provisioning: Option<String>,
+    /// With azure provisioning: a program whose stdout IMDS serves as the identity token
+    /// (see `kiln build --help`).
+    #[arg(long, value_name = "PROGRAM")]
+    pub identity_token_command: Option<String>,
     /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
     #[arg(long, hide = true)]
     pub timeout_seconds: Option<u64>,
@@ -61,6 +69,12 @@ impl RunFlags {
             ssh_timeout: Duration::from_secs(self.ssh_timeout),
             vm_sizes,
             timeout_override: self.timeout_seconds.map(Duration::from_secs),
+            provisioning: self.provisioning.as_deref().and_then(kiln_engine::build::context::Provisioning::parse),
+            identity_token_command: self
+                .identity_token_command
+                .as_ref()
+                .map(|c| c.split_ascii_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .filter(|v| !v.is_empty()),
         })
     }
 
@@ -81,6 +95,14 @@ impl RunFlags {
         if let Some(s) = self.timeout_seconds {
             v.push("--timeout-seconds".into());
             v.push(s.to_string());
+        }
+        if let Some(p) = &self.provisioning {
+            v.push("--provisioning".into());
+            v.push(p.clone());
+        }
+        if let Some(c) = &self.identity_token_command {
+            v.push("--identity-token-command".into());
+            v.push(c.clone());
         }
         v
     }

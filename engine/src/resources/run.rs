@@ -28,6 +28,10 @@ pub struct RunSettings {
     pub vm_sizes: BTreeMap<String, VmShape>,
     /// Overrides buildTimeoutInMinutes.
     pub timeout_override: Option<Duration>,
+    /// `--provisioning`: overrides the catalog image's preferred method.
+    pub provisioning: Option<crate::build::context::Provisioning>,
+    /// `--identity-token-command`: argv whose stdout IMDS serves as the identity token.
+    pub identity_token_command: Option<Vec<String>>,
 }
 
 /// Why a run could not start or finish.
@@ -127,6 +131,8 @@ pub async fn execute_run(
         ssh_timeout: settings.ssh_timeout,
         vm_sizes: settings.vm_sizes,
         timeout_override: settings.timeout_override,
+        provisioning: settings.provisioning,
+        identity_token_command: settings.identity_token_command,
         run_id: Some(run.id.clone()),
         run_dir: Some(run.run_dir.clone()),
     };

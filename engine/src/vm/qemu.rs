@@ -67,6 +67,14 @@ pub struct VmSpec {
     /// A raw image (NoCloud seed, ovf-env or unattend media) attached read-only as a second
     /// virtio disk.
     pub seed_disk: Option<PathBuf>,
+    /// An ISO image attached read-only as a CD-ROM (Azure's provisioning media): an IDE
+    /// `ide-cd` on `pc` (Hyper-V Gen1's DVD; `/dev/sr0`), a read-only virtio disk on `q35`,
+    /// whose AHCI many cloud kernels lack (agents find the media by file-system type or as
+    /// `vd[b-z]`).
+    pub cdrom: Option<PathBuf>,
+    /// The NIC's MAC address (`52:54:00:12:34:56` form); `None` leaves QEMU's default, which is
+    /// that address for the first NIC.
+    pub mac: Option<String>,
     /// More `-netdev user` options appended verbatim (e.g. `guestfwd=...`), each already
     /// in QEMU's `key=value` form with commas in values doubled.
     pub extra_netdev_options: Vec<String>,
@@ -102,6 +110,8 @@ impl VmSpec {
             memory_mib: 2048,
             accel,
             seed_disk: None,
+            cdrom: None,
+            mac: None,
             extra_netdev_options: Vec::new(),
             smbios: Vec::new(),
             uuid: None,
@@ -227,16 +237,34 @@ pub fn argv(spec: &VmSpec, launch: &Launch) -> Vec<OsString> {
         push(&[s("-device").as_os_str()]);
         push(&[s("virtio-blk-pci,drive=seed").as_os_str()]);
     }
+    if let Some(cd) = &spec.cdrom {
+        push(&[s("-drive").as_os_str()]);
+        push(&[
+            s("file=").as_os_str(),
+            &escape(cd.as_os_str()),
+            s(",format=raw,if=none,id=cd0,media=cdrom,readonly=on").as_os_str(),
+        ]);
+        push(&[s("-device").as_os_str()]);
+        push(&[s(match spec.firmware {
+            Firmware::Bios => "ide-cd,drive=cd0,bus=ide.1,unit=0",
+            Firmware::Uefi { .. } => "virtio-blk-pci,drive=cd0",
+        })
+        .as_os_str()]);
+    }
     let mut netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:22", launch.ssh_port);
     for opt in &spec.extra_netdev_options {
         netdev.push(',');
         netdev.push_str(opt);
     }
+    let nic = match &spec.mac {
+        Some(mac) => format!("virtio-net-pci,netdev=n0,romfile=,mac={mac}"),
+        None => "virtio-net-pci,netdev=n0,romfile=".to_string(),
+    };
     for arg in [
         "-netdev",
         &netdev,
         "-device",
-        "virtio-net-pci,netdev=n0,romfile=",
+        &nic,
         "-device",
         "virtio-rng-pci",
     ] {
@@ -484,6 +512,21 @@ mod tests {
                  -device virtio-net-pci,netdev=n0,romfile= -device virtio-rng-pci \
                  -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
                  -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
+                    .to_string(),
+            ),
+            (
+                "Azure provisioning CD on pc, MAC",
+                VmSpec {
+                    cdrom: Some("/run/kiln/b1/ovf,env.iso".into()),
+                    mac: Some("52:54:00:12:34:56".into()),
+                    ..spec(Firmware::Bios, Accel::Tcg)
+                },
+                "-name guest=build-1 -machine pc -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
+                     -drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap -device virtio-blk-pci,drive=os,bootindex=0 \
+                     -drive file=/run/kiln/b1/ovf,,env.iso,format=raw,if=none,id=cd0,media=cdrom,readonly=on -device ide-cd,drive=cd0,bus=ide.1,unit=0 \
+                     -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56 -device virtio-rng-pci \
+                     -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
+                     -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
                     .to_string(),
             ),
             (

@@ -40,7 +40,8 @@ mkdir -p /etc/kernel/postinst.d /etc/initramfs/post-update.d
 ln -sf /usr/local/sbin/kiln-esp-sync /etc/kernel/postinst.d/zz-kiln-esp-sync
 ln -sf /usr/local/sbin/kiln-esp-sync /etc/initramfs/post-update.d/zz-kiln-esp-sync
 
-install -m 0644 /tmp/kiln/90_kiln.cfg /etc/cloud/cloud.cfg.d/90_kiln.cfg
+# (variants without cloud-init have no /etc/cloud)
+if [ -d /etc/cloud/cloud.cfg.d ]; then install -m 0644 /tmp/kiln/90_kiln.cfg /etc/cloud/cloud.cfg.d/90_kiln.cfg; fi
 
 # A small initramfs: only the drivers a VM boots from (QEMU's virtio/IDE/SCSI, Hyper-V's
 # storvsc/netvsc, NVMe) instead of MODULES=most. It is read by the firmware and

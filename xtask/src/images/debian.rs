@@ -12,6 +12,11 @@
 //! Note: the guest's package versions come from the mirror at build time and are not
 //! part of the cache key (only the recipe and the host tools are); `--force` rebuilds
 //! with current packages.
+//!
+//! Variants ([`Variant`]) share this recipe and differ only in the packages left out, a
+//! `variant.sh` run in the chroot after `customize.sh` (from `scripts/guest/<name>/`) and
+//! their catalog metadata: `debian-azure` (cloud-init with only its Azure datasource) and
+//! `debian-waagent` (no cloud-init: the Azure Linux agent provisions).
 
 use super::disk::{self, BootEntry, DiskTools, Layout};
 use super::util::{self, cmd, host_file, run, run_streamed, tool, write_file, Progress};
@@ -101,7 +106,54 @@ const REPORTED: &[&str] = &[
     "python3",
 ];
 
-pub struct Debian;
+/// One image built from this recipe.
+pub struct Variant {
+    /// The image's name (cache directory, catalog offer).
+    pub name: &'static str,
+    /// meta.json `description`.
+    pub description: &'static str,
+    /// Packages of [`INCLUDE`] left out.
+    pub without: &'static [&'static str],
+    /// Packages added to [`INCLUDE`].
+    pub with: &'static [&'static str],
+    /// `variant.sh`, run in the chroot after `customize.sh`.
+    pub script: Option<&'static str>,
+    /// meta.json `provisioning`, preferred first.
+    pub provisioning: &'static [&'static str],
+}
+
+/// The plain image: cloud-init (NoCloud, then Azure) and waagent.
+pub const PLAIN: Variant = Variant {
+    name: "debian",
+    description: "kiln debian test guest: Debian 12 cloud-style (cloud-init NoCloud+Azure, waagent), BIOS and UEFI",
+    without: &[],
+    with: &[],
+    script: None,
+    provisioning: &["nocloud", "azure"],
+};
+
+/// cloud-init with only the Azure datasource, as on Azure Marketplace images.
+pub const AZURE: Variant = Variant {
+    name: "debian-azure",
+    description: "kiln debian-azure test guest: Debian 12 with cloud-init's Azure datasource only (and waagent for extensions), BIOS and UEFI",
+    without: &[],
+    with: &[],
+    script: Some(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/guest/debian-azure/variant.sh"))),
+    provisioning: &["azure"],
+};
+
+/// No cloud-init: waagent provisions (`Provisioning.Agent=waagent`).
+pub const WAAGENT: Variant = Variant {
+    name: "debian-waagent",
+    description: "kiln debian-waagent test guest: Debian 12 without cloud-init, provisioned by the Azure Linux agent (Provisioning.Agent=waagent), BIOS and UEFI",
+    without: &["cloud-init", "cloud-guest-utils"],
+    // waagent ejects the provisioning DVD after copying ovf-env.xml (and crashes without it)
+    with: &["eject"],
+    script: Some(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/guest/debian-waagent/variant.sh"))),
+    provisioning: &["azure"],
+};
+
+pub struct Debian(pub &'static Variant);
 
 impl Recipe for Debian {
     fn hash_input(&self) -> Result<Vec<u8>> {
@@ -117,6 +169,11 @@ impl Recipe for Debian {
         }
         for v in util::package_versions(&pkgs)? {
             input.extend_from_slice(format!("\0pkg {v}").as_bytes());
+        }
+        let v = self.0;
+        if v.name != PLAIN.name {
+            input.extend_from_slice(format!("\0variant {} without {:?} with {:?} provisioning {:?}\0", v.name, v.without, v.with, v.provisioning).as_bytes());
+            input.extend_from_slice(v.script.unwrap_or_default().as_bytes());
         }
         Ok(input)
     }
@@ -134,6 +191,9 @@ impl Recipe for Debian {
         for (name, body) in FILES {
             write_file(&files.join(name), body, 0o755)?;
         }
+        if let Some(script) = self.0.script {
+            write_file(&files.join("variant.sh"), script, 0o755)?;
+        }
         let cached = std::fs::read_dir(&debs).map(|d| d.count()).unwrap_or(0);
         p.note(&format!(
             "mmdebstrap {SUITE} ({cached} cached .debs in {})",
@@ -144,7 +204,8 @@ impl Recipe for Debian {
             &mmdebstrap,
             &["--variant=minbase", "--mode=root", "--format=directory"],
         );
-        c.arg(format!("--include={}", INCLUDE.join(",")));
+        let include: Vec<&str> = INCLUDE.iter().copied().filter(|p| !self.0.without.contains(p)).chain(self.0.with.iter().copied()).collect();
+        c.arg(format!("--include={}", include.join(",")));
         for opt in [
             "path-exclude=/usr/share/man/*",
             "path-exclude=/usr/share/doc/*",
@@ -168,12 +229,15 @@ impl Recipe for Debian {
             files.display()
         ));
         c.arg("--customize-hook=chroot \"$1\" sh /tmp/kiln/customize.sh");
+        if self.0.script.is_some() {
+            c.arg("--customize-hook=chroot \"$1\" sh /tmp/kiln/variant.sh");
+        }
         c.arg("--customize-hook=rm -rf \"$1\"/tmp/kiln");
         c.arg(SUITE).arg(&rootfs);
         for s in SOURCES {
             c.arg(s);
         }
-        run_streamed(&mut c, "[images] debian:   ", &work.join("mmdebstrap.log"))
+        run_streamed(&mut c, &format!("[images] {}:   ", self.0.name), &work.join("mmdebstrap.log"))
             .context("mmdebstrap (needs the Debian mirror; see the log)")?;
         remove_partial_debs(&debs);
         p.done("mmdebstrap + customize");
@@ -215,13 +279,13 @@ impl Recipe for Debian {
         disk::to_qcow2(&t, &raw, &qcow, true)?;
         p.done("GPT disk assembled (qcow2, zstd)");
 
-        let mut meta = super::base_meta(&t, "debian", ctx, &qcow)?;
+        let mut meta = super::base_meta(&t, self.0.name, ctx, &qcow)?;
         let extra = serde_json::json!({
-            "name": "debian",
-            "description": "kiln debian test guest: Debian 12 cloud-style (cloud-init NoCloud+Azure, waagent), BIOS and UEFI",
+            "name": self.0.name,
+            "description": self.0.description,
             "defaultAdminUser": "debian",
             "buildUser": "packer",
-            "provisioning": ["nocloud", "azure"],
+            "provisioning": self.0.provisioning,
             "deprovision": "/usr/sbin/waagent -force -deprovision+user && export HISTSIZE=0 && sync",
             "kernel": krel,
             "kernelCmdline": cmdline,

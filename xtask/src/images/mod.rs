@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use util::{DirLock, Progress};
 
 /// The images this module can build.
-pub const NAMES: &[&str] = &["tiny", "debian"];
+pub const NAMES: &[&str] = &["tiny", "debian", "debian-azure", "debian-waagent"];
 
 /// How to get an image.
 #[derive(Clone, Debug, Default)]
@@ -82,7 +82,9 @@ pub fn cache_root() -> PathBuf {
 fn recipe(name: &str) -> Result<Box<dyn Recipe>> {
     match name {
         "tiny" => Ok(Box::new(tiny::Tiny)),
-        "debian" => Ok(Box::new(debian::Debian)),
+        "debian" => Ok(Box::new(debian::Debian(&debian::PLAIN))),
+        "debian-azure" => Ok(Box::new(debian::Debian(&debian::AZURE))),
+        "debian-waagent" => Ok(Box::new(debian::Debian(&debian::WAAGENT))),
         _ => bail!("unknown image `{name}` (known: {})", NAMES.join(", ")),
     }
 }
