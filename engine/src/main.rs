@@ -31,6 +31,9 @@ enum Command {
     /// The local PlatformImage catalog: import disks, list them.
     #[command(subcommand)]
     Image(cli::image::Command),
+    /// kiln's own code paths timed one at a time, for `cargo xtask bench` (docs/bench.md).
+    #[command(subcommand, name = "__bench", hide = true)]
+    Bench(cli::bench::Command),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Image(c) => cli::image::run(c),
         Command::Build(a) => cli::build::run(a),
         Command::Doctor { output } => cli::doctor::run(output),
+        Command::Bench(c) => cli::bench::run(c),
     };
     ExitCode::from(code)
 }
