@@ -223,6 +223,15 @@ pub fn kiln(ctx: &Ctx, dir: &Path, round: usize) -> Result<RunResult> {
             .filter(|m| m.starts_with("SSH ready"))
             .map(str::to_string)
     });
+    // "…; banner after 15.012s, key exchange + login 0.412s; …": the guest-CPU-bound part of the lag
+    let handshake = ssh_info.as_deref().and_then(|m| {
+        m.split("key exchange + login ")
+            .nth(1)?
+            .split('s')
+            .next()?
+            .parse::<f64>()
+            .ok()
+    });
     let internal_total = events
         .iter()
         .find(|(_, e)| e["event"] == "runFinished")
@@ -240,6 +249,8 @@ pub fn kiln(ctx: &Ctx, dir: &Path, round: usize) -> Result<RunResult> {
             "guestSeconds": guest_time,
             "internalTotalSeconds": internal_total,
             "readinessLagSeconds": lag,
+            "handshakeSeconds": handshake,
+            "pollLagSeconds": lag.zip(handshake).map(|(l, h)| l - h),
             "sshReady": ssh_info,
             "peakRssKiB": peak_kb,
             "runDir": result["runDir"],

@@ -16,6 +16,8 @@ pub struct Sizes {
     pub reps: usize,
     pub sha_bytes: u64,
     pub upload_bytes: u64,
+    /// Repetitions of the upload (each moves `upload_bytes` three times: kiln, ssh, scp).
+    pub upload_reps: usize,
     pub concurrency: &'static [usize],
 }
 
@@ -187,7 +189,7 @@ pub fn upload(ctx: &Ctx, dir: &Path, sz: Sizes) -> Result<Value> {
         util::write_random_file(&payload, sz.upload_bytes)?;
         let (mut k, mut kc, mut s, mut c) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let addr = format!("127.0.0.1:{}", vm.port);
-        for _ in 0..sz.reps {
+        for _ in 0..sz.upload_reps {
             let v = kiln_bench(
                 ctx,
                 &[

@@ -235,6 +235,7 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
             reps: 1,
             sha_bytes: 64 << 20,
             upload_bytes: 16 << 20,
+            upload_reps: 1,
             concurrency: &[2],
         }
     } else {
@@ -242,6 +243,7 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
             reps: 3,
             sha_bytes: 1 << 30,
             upload_bytes: 256 << 20,
+            upload_reps: 1,
             concurrency: &[2, 4],
         }
     };
