@@ -31,6 +31,7 @@ fn usage() -> &'static str {
      \x20                     debug kiln, report under target/bench-work/quick/\n\
      \x20        --out DIR    where BENCH.md and bench/ go (default: the repository root)\n\
      \x20        --no-install fail instead of apt-get installing packer / libguestfs-tools\n\
+     \x20        --render F   only re-render BENCH.md from a raw result <out>/bench/<date>.json\n\
      \n\
      Cache: ${KILN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/guests/\n\
      Host packages: sudo scripts/setup-host.sh\n"
@@ -118,6 +119,16 @@ fn bench_cmd(args: &[String]) -> Result<()> {
                 )
             }
             "--no-install" => opts.no_install = true,
+            "--render" => {
+                let json = it
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--render needs a bench/<date>.json"))?;
+                println!(
+                    "{}",
+                    bench::report::render(std::path::Path::new(json))?.display()
+                );
+                return Ok(());
+            }
             "-h" | "--help" => {
                 print!("{}", usage());
                 return Ok(());

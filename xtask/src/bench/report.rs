@@ -511,6 +511,40 @@ pub fn markdown(raw: &Value, json_name: &str) -> String {
     s
 }
 
+/// Re-renders `<out>/BENCH.md` from a raw result `<out>/bench/<date>.json` (after a change to
+/// this renderer), keeping the hand-written analysis. Returns BENCH.md's path.
+pub fn render(json_path: &Path) -> Result<PathBuf> {
+    let raw: Value = serde_json::from_slice(
+        &std::fs::read(json_path).with_context(|| format!("reading {}", json_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", json_path.display()))?;
+    let out = json_path
+        .parent()
+        .and_then(Path::parent)
+        .context("the JSON must be in <out>/bench/")?;
+    let name = format!(
+        "bench/{}",
+        json_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    write_md(out, &raw, &name)
+}
+
+fn write_md(out: &Path, raw: &Value, name: &str) -> Result<PathBuf> {
+    let md_path = out.join("BENCH.md");
+    let mut md = markdown(raw, name);
+    if let Ok(old) = std::fs::read_to_string(&md_path) {
+        if let Some(i) = old.find("<!-- analysis -->") {
+            md.push('\n');
+            md.push_str(&old[i..]);
+        }
+    }
+    std::fs::write(&md_path, md)?;
+    Ok(md_path)
+}
+
 /// Writes `<out>/bench/<date>.json` and `<out>/BENCH.md`; returns BENCH.md's path. Analysis
 /// written by hand below the generated part of an existing BENCH.md (after the line
 /// `<!-- analysis -->`) is kept.
@@ -520,14 +554,80 @@ pub fn write(out: &Path, raw: &Value) -> Result<PathBuf> {
     let stamp = raw["started"].as_str().unwrap_or("run").replace(':', "");
     let name = format!("bench/{stamp}.json");
     std::fs::write(out.join(&name), serde_json::to_vec_pretty(raw)?)?;
-    let md_path = out.join("BENCH.md");
-    let mut md = markdown(raw, &name);
-    if let Ok(old) = std::fs::read_to_string(&md_path) {
-        if let Some(i) = old.find("<!-- analysis -->") {
-            md.push('\n');
-            md.push_str(&old[i..]);
-        }
+    write_md(out, raw, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(contender: &str, round: u64, total: f64, extra: Value) -> Value {
+        json!({"contender": contender, "round": round, "ok": true, "totalSeconds": total,
+               "phases": [{"phase": "boot→SSH ready", "seconds": total / 2.0}], "extra": extra})
     }
-    std::fs::write(&md_path, md)?;
-    Ok(md_path)
+
+    fn raw() -> Value {
+        let k = |oh: f64| json!({"engineOverheadSeconds": oh, "pollLagSeconds": 0.05, "readinessLagSeconds": 0.4, "handshakeSeconds": 0.35, "peakRssKiB": 20000});
+        json!({
+            "command": "cargo xtask bench", "started": "2026-01-01T00:00:00Z", "finished": "2026-01-01T00:10:00Z",
+            "runs": 2, "machine": {"cores": "2"}, "load": {"before": "1", "after": "1"}, "job": {},
+            "contenderRuns": [
+                run("kiln", 0, 20.0, k(0.2)), run("floor", 0, 19.0, json!({})), run("packer", 0, 40.0, json!({})),
+                run("kiln", 1, 22.0, k(0.3)), run("floor", 1, 20.0, json!({})), run("packer", 1, 30.0, json!({})),
+                {"contender": "virt-customize", "round": 0, "ok": false, "error": "boom\nsecond line"}
+            ],
+            "micro": {"prep": {"ratio64to1": 1.5}, "upload": {"error": "no guest"}}
+        })
+    }
+
+    #[test]
+    fn targets_use_per_round_ratios() {
+        let t = targets(&raw());
+        let get = |p: &str| t.iter().find(|x| x.0.starts_with(p)).unwrap().clone();
+        // kiln/floor per round: 20/19 = 1.053, 22/20 = 1.1 → median 1.076: missed
+        assert_eq!(get("kiln end to end vs the floor").3, Some(false));
+        // kiln/packer: 0.5, 0.733 → median 0.617: missed
+        assert_eq!(get("kiln end to end vs Packer").1, "0.62×");
+        assert_eq!(get("engine overhead").3, Some(true));
+        assert_eq!(get("readiness lag").3, Some(true));
+        assert_eq!(get("source prep").3, Some(false));
+        assert_eq!(get("VHD export").3, None, "not measured");
+        assert_eq!(get("engine peak RSS").3, Some(true));
+    }
+
+    #[test]
+    fn markdown_has_the_tables_failures_on_one_line_and_ratios() {
+        let md = markdown(&raw(), "bench/x.json");
+        assert!(
+            md.contains("| kiln | 2/2 | 21.0 | 20.0 | 22.0 | 1 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| floor | 2/2 | 19.5 | 19.0 | 20.0 | 0.93× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- virt-customize round 0: boom ⏎ second line"),
+            "{md}"
+        );
+        assert!(md.contains("| upload | failed: no guest |"), "{md}");
+        assert!(md.contains("**missed**") && md.contains("| met |"));
+    }
+
+    #[test]
+    fn render_keeps_the_analysis() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let md = write(&dir, &raw()).unwrap();
+        let text = std::fs::read_to_string(&md).unwrap();
+        std::fs::write(&md, format!("{text}\n<!-- analysis -->\nhand-written\n")).unwrap();
+        let again = render(&dir.join("bench/2026-01-01T000000Z.json")).unwrap();
+        let text = std::fs::read_to_string(again).unwrap();
+        assert!(
+            text.starts_with("# kiln benchmarks")
+                && text.ends_with("<!-- analysis -->\nhand-written\n")
+        );
+        assert_eq!(text.matches("# kiln benchmarks").count(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -351,3 +351,36 @@ pub fn kill(child: &mut Child) {
         let _ = child.wait();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_median_min_max() {
+        assert_eq!(stats(&[]), None);
+        assert_eq!(stats(&[3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
+        assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0]), Some((2.5, 1.0, 4.0)));
+    }
+
+    #[test]
+    fn pseudo_random_is_deterministic_and_not_constant() {
+        let a = pseudo_random(1000, 7);
+        assert_eq!(a.len(), 1000);
+        assert_eq!(a, pseudo_random(1000, 7));
+        assert_ne!(a, pseudo_random(1000, 8));
+        assert!(a.iter().any(|b| *b != a[0]));
+    }
+
+    #[test]
+    fn http_server_serves_files_and_404s() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-http-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f.txt"), b"hello").unwrap();
+        let port = serve(dir.clone()).unwrap();
+        assert_eq!(http_get(port, "f.txt").unwrap(), b"hello");
+        let err = http_get(port, "missing").unwrap_err().to_string();
+        assert!(err.contains("404"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
