@@ -193,6 +193,8 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
     std::fs::create_dir_all(work.join("guestfs-cache"))?;
     let ctx = job::Ctx::new(&repo, &work, &kiln, &tiny.disk, &version)?;
     let started = report::now_utc();
+    // the commit and tools as built and run, before anything can change them
+    let machine = report::machine(&repo, opts.release);
     let load_before = util::loadavg();
 
     // --- contenders, interleaved -------------------------------------------------------
@@ -278,7 +280,6 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
     }
 
     let load_after = util::loadavg();
-    let machine = report::machine(&repo, opts.release);
     let raw = json!({
         "command": opts.command,
         "started": started,
