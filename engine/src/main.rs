@@ -56,6 +56,9 @@ enum Command {
         /// `wire` or `imds`.
         endpoint: String,
     },
+    /// kiln's own code paths timed one at a time, for `cargo xtask bench` (docs/bench.md).
+    #[command(subcommand, name = "__bench", hide = true)]
+    Bench(cli::bench::Command),
 }
 
 #[derive(Subcommand)]
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench(c) => cli::bench::run(c),
     };
     ExitCode::from(code)
 }

@@ -354,8 +354,11 @@ impl Step for Connect {
         })?;
         let rep = guest.connect_report();
         let connected_s = rep.authenticated.saturating_duration_since(started).as_secs_f64();
+        // The banner is the guest's sshd answering; banner → authenticated is key exchange and
+        // login, bounded by the guest's CPU (cargo xtask bench reads both: docs/bench.md).
+        let banner = rep.banner.map(|b| format!("; banner after {:.3}s, key exchange + login {:.3}s", b.saturating_duration_since(started).as_secs_f64(), rep.authenticated.saturating_duration_since(b).as_secs_f64())).unwrap_or_default();
         cx.events.info(format!(
-            "SSH ready {connected_s:.1}s after QEMU started ({} attempts; host key {} pinned)",
+            "SSH ready {connected_s:.1}s after QEMU started ({} attempts{banner}; host key {} pinned)",
             rep.attempts,
             rep.host_key.as_ref().map(|h| h.0.clone()).unwrap_or_default()
         ));

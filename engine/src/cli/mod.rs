@@ -1,5 +1,6 @@
 //! Subcommands of the `kiln` binary.
 
+pub mod bench;
 pub mod build;
 pub mod doctor;
 pub mod group;

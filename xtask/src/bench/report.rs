@@ -1,0 +1,633 @@
+//! BENCH.md and bench/<date>.json from one run's raw results.
+
+use super::util::stats;
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `2026-11-28T11:30:00Z`.
+pub fn now_utc() -> String {
+    sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+}
+
+/// What the numbers were measured on.
+pub fn machine(repo: &Path, release: bool) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse::<u64>().ok())
+        .unwrap_or(0);
+    let dirty = !sh(
+        "git",
+        &[
+            "-C",
+            &repo.display().to_string(),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
+    )
+    .is_empty();
+    json!({
+        "cores": sh("nproc", &[]),
+        "cpu": model,
+        "memoryGiB": (mem as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        "kernel": sh("uname", &["-r"]),
+        "accelerator": "TCG (every contender forced to TCG: /dev/kvm exists here but a KVM guest hangs)",
+        "qemu": sh("qemu-system-x86_64", &["--version"]).lines().next().unwrap_or("").to_string(),
+        "qemuImg": sh("qemu-img", &["--version"]).lines().next().unwrap_or("").to_string(),
+        "packer": super::contenders::packer_version(),
+        "libguestfs": sh("virt-customize", &["--version"]),
+        "openssh": Command::new("ssh").arg("-V").output().map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string()).unwrap_or_default(),
+        "kilnCommit": format!("{}{}", sh("git", &["-C", &repo.display().to_string(), "rev-parse", "--short", "HEAD"]), if dirty { " (with uncommitted changes)" } else { "" }),
+        "kilnProfile": if release { "release" } else { "debug" },
+    })
+}
+
+fn f(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    stats(v).map(|s| s.0).unwrap_or(f64::NAN)
+}
+
+/// Per contender: total seconds by round (successful runs only).
+fn totals(raw: &Value) -> BTreeMap<String, BTreeMap<u64, f64>> {
+    let mut m: BTreeMap<String, BTreeMap<u64, f64>> = BTreeMap::new();
+    for r in raw["contenderRuns"].as_array().into_iter().flatten() {
+        if r["ok"] == true {
+            m.entry(r["contender"].as_str().unwrap_or("").to_string())
+                .or_default()
+                .insert(
+                    r["round"].as_u64().unwrap_or(0),
+                    r["totalSeconds"].as_f64().unwrap_or(f64::NAN),
+                );
+        }
+    }
+    m
+}
+
+/// Pairwise ratios `a/b` over the rounds both completed.
+fn pair_ratios(t: &BTreeMap<String, BTreeMap<u64, f64>>, a: &str, b: &str) -> Vec<f64> {
+    let (Some(ra), Some(rb)) = (t.get(a), t.get(b)) else {
+        return vec![];
+    };
+    ra.iter()
+        .filter_map(|(round, va)| rb.get(round).map(|vb| va / vb))
+        .collect()
+}
+
+fn kiln_extra(raw: &Value, key: &str) -> Vec<f64> {
+    raw["contenderRuns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["contender"] == "kiln" && r["ok"] == true)
+        .filter_map(|r| r["extra"][key].as_f64())
+        .collect()
+}
+
+/// The targets of issue #7: (what, measured, target, met).
+pub fn targets(raw: &Value) -> Vec<(String, String, String, Option<bool>)> {
+    let t = totals(raw);
+    let m = &raw["micro"];
+    let mut out = Vec::new();
+    let mut add = |what: &str, val: f64, shown: String, target: &str, ok: fn(f64) -> bool| {
+        let met = if val.is_nan() { None } else { Some(ok(val)) };
+        out.push((
+            what.to_string(),
+            if val.is_nan() {
+                "not measured".into()
+            } else {
+                shown
+            },
+            target.to_string(),
+            met,
+        ));
+    };
+    let kf = median(&pair_ratios(&t, "kiln", "floor"));
+    add(
+        "kiln end to end vs the floor",
+        kf,
+        format!("{}×", f(kf)),
+        "≤ 1.05×",
+        |v| v <= 1.05,
+    );
+    let kp = median(&pair_ratios(&t, "kiln", "packer"));
+    add(
+        "kiln end to end vs Packer",
+        kp,
+        format!("{}×", f(kp)),
+        "≤ 0.6×",
+        |v| v <= 0.6,
+    );
+    let oh = median(&kiln_extra(raw, "engineOverheadSeconds"));
+    add(
+        "engine overhead (total − guest − export)",
+        oh,
+        format!("{} s", f(oh)),
+        "≤ 0.5 s",
+        |v| v <= 0.5,
+    );
+    let lag = median(&kiln_extra(raw, "pollLagSeconds"));
+    add(
+        "readiness lag (guest sshd listening → kiln's login starts: lag − key exchange/login)",
+        lag,
+        format!("{} ms", f(lag * 1000.0)),
+        "≤ 100 ms",
+        |v| v <= 0.1,
+    );
+    let prep = m["prep"]["ratio64to1"].as_f64().unwrap_or(f64::NAN);
+    add(
+        "source prep 64 GiB / 1 GiB",
+        prep,
+        format!("{}×", f(prep)),
+        "≤ 1.1×",
+        |v| v <= 1.1,
+    );
+    let ex = m["export"]["ratio"].as_f64().unwrap_or(f64::NAN);
+    add(
+        "VHD export vs bare qemu-img convert",
+        ex,
+        format!("{}×", f(ex)),
+        "≤ 1.1×",
+        |v| v <= 1.1,
+    );
+    let sha = m["sha256"]["kilnHashMBps"].as_f64().unwrap_or(f64::NAN)
+        / m["sha256"]["sha256sumMBps"].as_f64().unwrap_or(f64::NAN);
+    add(
+        "SHA-256 throughput vs sha256sum (kiln's hash)",
+        sha,
+        format!("{}×", f(sha)),
+        "≥ 1×",
+        |v| v >= 1.0,
+    );
+    let up = m["upload"]["ratioToOpensshCat"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    add(
+        "SSH upload throughput vs OpenSSH `ssh cat >`",
+        up,
+        format!("{}×", f(up)),
+        "≥ 0.8×",
+        |v| v >= 0.8,
+    );
+    let rss = median(&kiln_extra(raw, "peakRssKiB")) * 1024.0 / 1e6;
+    add(
+        "engine peak RSS per build",
+        rss,
+        format!("{} MB", f(rss)),
+        "≤ 30 MB",
+        |v| v <= 30.0,
+    );
+    out
+}
+
+/// Phase name → seconds per run, for one contender (phases in first-seen order).
+fn phases(raw: &Value, contender: &str) -> Vec<(String, Vec<f64>)> {
+    let mut order: Vec<(String, Vec<f64>)> = Vec::new();
+    for r in raw["contenderRuns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["contender"] == contender && r["ok"] == true)
+    {
+        for p in r["phases"].as_array().into_iter().flatten() {
+            let name = p["phase"].as_str().unwrap_or("").to_string();
+            let s = p["seconds"].as_f64().unwrap_or(f64::NAN);
+            match order.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(s),
+                None => order.push((name, vec![s])),
+            }
+        }
+    }
+    order
+}
+
+/// `median (min–max)` of a summary, in seconds.
+fn sum_row(v: &Value) -> String {
+    format!(
+        "{} s ({}–{})",
+        f(v["median"].as_f64().unwrap_or(f64::NAN)),
+        f(v["min"].as_f64().unwrap_or(f64::NAN)),
+        f(v["max"].as_f64().unwrap_or(f64::NAN))
+    )
+}
+
+/// An error on one line, its last 400 characters (where the cause is).
+fn one_line(e: &str) -> String {
+    let s = e.replace('\n', " ⏎ ").replace('|', "\\|");
+    let n = s.chars().count();
+    if n > 400 {
+        format!("…{}", s.chars().skip(n - 400).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Renders BENCH.md.
+pub fn markdown(raw: &Value, json_name: &str) -> String {
+    let mut s = String::new();
+    let m = &raw["machine"];
+    let _ = writeln!(s, "# kiln benchmarks\n");
+    let _ = writeln!(s, "Generated by `cargo xtask bench` (docs/bench.md); raw results: [`{json_name}`]({json_name}).\n");
+    let _ = writeln!(
+        s,
+        "- **Command**: `{}`",
+        raw["command"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "- **Date**: {} → {}",
+        raw["started"].as_str().unwrap_or(""),
+        raw["finished"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "- **Machine**: {} cores ({}), {} GiB RAM, kernel {}",
+        m["cores"].as_str().unwrap_or(""),
+        m["cpu"].as_str().unwrap_or(""),
+        m["memoryGiB"],
+        m["kernel"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "- **Accelerator**: {}",
+        m["accelerator"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "- **Tools**: {}; {}; {}; {}; {}",
+        m["qemu"].as_str().unwrap_or(""),
+        m["qemuImg"].as_str().unwrap_or(""),
+        m["packer"].as_str().unwrap_or(""),
+        m["libguestfs"].as_str().unwrap_or(""),
+        m["openssh"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "- **kiln**: commit {}, {} build",
+        m["kilnCommit"].as_str().unwrap_or(""),
+        m["kilnProfile"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "- **Load** (1/5/15-min load average; the machine is shared, which inflates absolute times — compare ratios within this run): before {}, after {}",
+        raw["load"]["before"].as_str().unwrap_or(""),
+        raw["load"]["after"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "- **Job** (same source for every contender: the `tiny` test guest, {}; build VM {}): {}\n",
+        raw["job"]["sourceVersion"].as_str().unwrap_or(""),
+        raw["job"]["vm"].as_str().unwrap_or(""),
+        raw["job"]["steps"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(" → "))
+            .unwrap_or_default()
+    );
+
+    // end to end
+    let t = totals(raw);
+    let _ = writeln!(
+        s,
+        "## End to end (wall seconds, {} interleaved round(s))\n",
+        raw["runs"]
+    );
+    let _ = writeln!(s, "| contender | runs ok | median | min | max | ratio to kiln (median of per-round contender/kiln) |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for name in super::contenders::NAMES {
+        let attempted = raw["contenderRuns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["contender"] == *name)
+            .count();
+        if attempted == 0 {
+            continue;
+        }
+        let v: Vec<f64> = t
+            .get(*name)
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default();
+        let (med, min, max) = stats(&v).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+        let ratio = if *name == "kiln" {
+            "1".to_string()
+        } else {
+            format!("{}×", f(median(&pair_ratios(&t, name, "kiln"))))
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {}/{attempted} | {} | {} | {} | {ratio} |",
+            v.len(),
+            f(med),
+            f(min),
+            f(max)
+        );
+    }
+    let failures: Vec<String> = raw["contenderRuns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["ok"] != true)
+        .map(|r| {
+            format!(
+                "- {} round {}: {}",
+                r["contender"].as_str().unwrap_or(""),
+                r["round"],
+                one_line(r["error"].as_str().unwrap_or(""))
+            )
+        })
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(s, "\nFailed runs:\n{}", failures.join("\n"));
+    }
+
+    // targets
+    let _ = writeln!(s, "\n## Targets (issue #7)\n");
+    let _ = writeln!(s, "| target | measured | wanted | |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (what, val, target, met) in targets(raw) {
+        let mark = match met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "–",
+        };
+        let _ = writeln!(s, "| {what} | {val} | {target} | {mark} |");
+    }
+
+    // phases
+    let _ = writeln!(s, "\n## Phases (median seconds over the successful runs)\n");
+    for name in super::contenders::NAMES {
+        let ph = phases(raw, name);
+        if ph.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "**{name}**: {}\n",
+            ph.iter()
+                .map(|(n, v)| format!("{n} {}", f(median(v))))
+                .collect::<Vec<_>>()
+                .join(" · ")
+        );
+    }
+    let oh = kiln_extra(raw, "engineOverheadSeconds");
+    if !oh.is_empty() {
+        let lag = kiln_extra(raw, "readinessLagSeconds");
+        let floor_lag: Vec<f64> = raw["contenderRuns"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["contender"] == "floor" && r["ok"] == true)
+            .filter_map(|r| r["extra"]["readinessLagSeconds"].as_f64())
+            .collect();
+        let rss = kiln_extra(raw, "peakRssKiB");
+        let _ = writeln!(
+            s,
+            "kiln: engine overhead (wall − guest steps Start VM…Shutdown − export) median {} s (min {}, max {}); console `KILN-READY` (sshd listening) → kiln's `Connect` step done: median {} ms, of which key exchange + login in the guest {} ms (the floor's OpenSSH poll with its ControlMaster login: {} ms); peak RSS median {} MiB.\n",
+            f(median(&oh)),
+            f(stats(&oh).map(|x| x.1).unwrap_or(f64::NAN)),
+            f(stats(&oh).map(|x| x.2).unwrap_or(f64::NAN)),
+            f(median(&lag) * 1000.0),
+            f(median(&kiln_extra(raw, "handshakeSeconds")) * 1000.0),
+            f(median(&floor_lag) * 1000.0),
+            f(median(&rss) / 1024.0)
+        );
+    }
+
+    // micro
+    let mi = &raw["micro"];
+    if mi.as_object().is_some_and(|o| !o.is_empty()) {
+        let _ = writeln!(
+            s,
+            "## Micro-benchmarks (each beside its baseline, interleaved; median (min–max))\n"
+        );
+        let _ = writeln!(s, "| benchmark | kiln | baseline | ratio / note |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        let p = &mi["prep"];
+        if p.get("kiln1GiB").is_some() {
+            let _ = writeln!(
+                s,
+                "| source prep (overlay), 1 GiB source | {} | – | |",
+                sum_row(&p["kiln1GiB"])
+            );
+            let _ = writeln!(s, "| source prep (overlay), 64 GiB sparse source | {} | bare `qemu-img create -b`: {} | 64/1 = {}× |", sum_row(&p["kiln64GiB"]), sum_row(&p["bareQemuImgCreate64GiB"]), f(p["ratio64to1"].as_f64().unwrap_or(f64::NAN)));
+        }
+        let e = &mi["export"];
+        if e.get("kiln").is_some() {
+            let _ = writeln!(
+                s,
+                "| fixed VHD export of a 1 GiB disk (process wall) | {} | `qemu-img convert -O vpc`: {} | {}×; bytes written: kiln {} MiB, bare {} MiB |",
+                sum_row(&e["kiln"]),
+                sum_row(&e["bareQemuImg"]),
+                f(e["ratio"].as_f64().unwrap_or(f64::NAN)),
+                e["kilnBytesWritten"].as_u64().unwrap_or(0) >> 20,
+                e["bareBytesWritten"].as_u64().unwrap_or(0) >> 20
+            );
+        }
+        let h = &mi["sha256"];
+        if h.get("kilnHash").is_some() {
+            let mib = h["bytes"].as_u64().unwrap_or(0) >> 20;
+            let _ = writeln!(s, "| SHA-256 of {mib} MiB: kiln's hash (sha2, 64 KiB reads) | {} | `sha256sum`: {} | {} vs {} MB/s |", sum_row(&h["kilnHash"]), sum_row(&h["sha256sum"]), f(h["kilnHashMBps"].as_f64().unwrap_or(f64::NAN)), f(h["sha256sumMBps"].as_f64().unwrap_or(f64::NAN)));
+            let _ = writeln!(s, "| SHA-256 of {mib} MiB: kiln's artifact fetch (hash + copy + fsync) | {} | `sha256sum`: {} | {} MB/s |", sum_row(&h["kilnFetch"]), sum_row(&h["sha256sum"]), f(h["kilnFetchMBps"].as_f64().unwrap_or(f64::NAN)));
+        }
+        let u = &mi["upload"];
+        if u.get("kiln").is_some() {
+            let mib = u["bytes"].as_u64().unwrap_or(0) >> 20;
+            let _ = writeln!(
+                s,
+                "| SSH upload of {mib} MiB to the tiny guest's dropbear (tmpfs) | {} | `ssh cat >` (mux): {}; `scp`: {} | kiln {} MB/s, ssh cat {} MB/s, scp {} MB/s; ratio {}× |",
+                sum_row(&u["kiln"]),
+                sum_row(&u["opensshCat"]),
+                sum_row(&u["scp"]),
+                f(u["kilnMBps"].as_f64().unwrap_or(f64::NAN)),
+                f(u["opensshCatMBps"].as_f64().unwrap_or(f64::NAN)),
+                f(u["scpMBps"].as_f64().unwrap_or(f64::NAN)),
+                f(u["ratioToOpensshCat"].as_f64().unwrap_or(f64::NAN))
+            );
+        }
+        let c = &mi["concurrency"];
+        if let Some(o) = c.as_object() {
+            for (n, v) in o.iter().filter(|(k, _)| *k != "single" && *k != "error") {
+                let _ = writeln!(
+                    s,
+                    "| {n} concurrent kiln builds: wall until all done | {} | 1 build: {} | {}× the single wall; throughput {}× one build; per build {} s; peak RSS per build {} MiB |",
+                    f(v["wall"].as_f64().unwrap_or(f64::NAN)),
+                    f(c["single"].as_f64().unwrap_or(f64::NAN)),
+                    f(v["wallRatioToSingle"].as_f64().unwrap_or(f64::NAN)),
+                    f(v["throughputRatio"].as_f64().unwrap_or(f64::NAN)),
+                    f(v["perBuild"]["median"].as_f64().unwrap_or(f64::NAN)),
+                    f(v["peakRssKiB"]["median"].as_f64().unwrap_or(f64::NAN) / 1024.0)
+                );
+            }
+        }
+        for (k, v) in mi.as_object().into_iter().flatten() {
+            if let Some(e) = v.get("error") {
+                let _ = writeln!(
+                    s,
+                    "| {k} | failed: {} | | |",
+                    one_line(e.as_str().unwrap_or(""))
+                );
+            }
+        }
+    }
+    s
+}
+
+/// Re-renders `<out>/BENCH.md` from a raw result `<out>/bench/<date>.json` (after a change to
+/// this renderer), keeping the hand-written analysis. Returns BENCH.md's path.
+pub fn render(json_path: &Path) -> Result<PathBuf> {
+    let raw: Value = serde_json::from_slice(
+        &std::fs::read(json_path).with_context(|| format!("reading {}", json_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", json_path.display()))?;
+    let out = json_path
+        .parent()
+        .and_then(Path::parent)
+        .context("the JSON must be in <out>/bench/")?;
+    let name = format!(
+        "bench/{}",
+        json_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    write_md(out, &raw, &name)
+}
+
+fn write_md(out: &Path, raw: &Value, name: &str) -> Result<PathBuf> {
+    let md_path = out.join("BENCH.md");
+    let mut md = markdown(raw, name);
+    if let Ok(old) = std::fs::read_to_string(&md_path) {
+        if let Some(i) = old.find("<!-- analysis -->") {
+            md.push('\n');
+            md.push_str(&old[i..]);
+        }
+    }
+    std::fs::write(&md_path, md)?;
+    Ok(md_path)
+}
+
+/// Writes `<out>/bench/<date>.json` and `<out>/BENCH.md`; returns BENCH.md's path. Analysis
+/// written by hand below the generated part of an existing BENCH.md (after the line
+/// `<!-- analysis -->`) is kept.
+pub fn write(out: &Path, raw: &Value) -> Result<PathBuf> {
+    let dir = out.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stamp = raw["started"].as_str().unwrap_or("run").replace(':', "");
+    let name = format!("bench/{stamp}.json");
+    std::fs::write(out.join(&name), serde_json::to_vec_pretty(raw)?)?;
+    write_md(out, raw, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(contender: &str, round: u64, total: f64, extra: Value) -> Value {
+        json!({"contender": contender, "round": round, "ok": true, "totalSeconds": total,
+               "phases": [{"phase": "boot→SSH ready", "seconds": total / 2.0}], "extra": extra})
+    }
+
+    fn raw() -> Value {
+        let k = |oh: f64| json!({"engineOverheadSeconds": oh, "pollLagSeconds": 0.05, "readinessLagSeconds": 0.4, "handshakeSeconds": 0.35, "peakRssKiB": 20000});
+        json!({
+            "command": "cargo xtask bench", "started": "2026-01-01T00:00:00Z", "finished": "2026-01-01T00:10:00Z",
+            "runs": 2, "machine": {"cores": "2"}, "load": {"before": "1", "after": "1"}, "job": {},
+            "contenderRuns": [
+                run("kiln", 0, 20.0, k(0.2)), run("floor", 0, 19.0, json!({})), run("packer", 0, 40.0, json!({})),
+                run("kiln", 1, 22.0, k(0.3)), run("floor", 1, 20.0, json!({})), run("packer", 1, 30.0, json!({})),
+                {"contender": "virt-customize", "round": 0, "ok": false, "error": "boom\nsecond line"}
+            ],
+            "micro": {"prep": {"ratio64to1": 1.5}, "upload": {"error": "no guest"}}
+        })
+    }
+
+    #[test]
+    fn targets_use_per_round_ratios() {
+        let t = targets(&raw());
+        let get = |p: &str| t.iter().find(|x| x.0.starts_with(p)).unwrap().clone();
+        // kiln/floor per round: 20/19 = 1.053, 22/20 = 1.1 → median 1.076: missed
+        assert_eq!(get("kiln end to end vs the floor").3, Some(false));
+        // kiln/packer: 0.5, 0.733 → median 0.617: missed
+        assert_eq!(get("kiln end to end vs Packer").1, "0.62×");
+        assert_eq!(get("engine overhead").3, Some(true));
+        assert_eq!(get("readiness lag").3, Some(true));
+        assert_eq!(get("source prep").3, Some(false));
+        assert_eq!(get("VHD export").3, None, "not measured");
+        assert_eq!(get("engine peak RSS").3, Some(true));
+    }
+
+    #[test]
+    fn markdown_has_the_tables_failures_on_one_line_and_ratios() {
+        let md = markdown(&raw(), "bench/x.json");
+        assert!(
+            md.contains("| kiln | 2/2 | 21.0 | 20.0 | 22.0 | 1 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| floor | 2/2 | 19.5 | 19.0 | 20.0 | 0.93× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- virt-customize round 0: boom ⏎ second line"),
+            "{md}"
+        );
+        assert!(md.contains("| upload | failed: no guest |"), "{md}");
+        assert!(md.contains("**missed**") && md.contains("| met |"));
+    }
+
+    #[test]
+    fn render_keeps_the_analysis() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let md = write(&dir, &raw()).unwrap();
+        let text = std::fs::read_to_string(&md).unwrap();
+        std::fs::write(&md, format!("{text}\n<!-- analysis -->\nhand-written\n")).unwrap();
+        let again = render(&dir.join("bench/2026-01-01T000000Z.json")).unwrap();
+        let text = std::fs::read_to_string(again).unwrap();
+        assert!(
+            text.starts_with("# kiln benchmarks")
+                && text.ends_with("<!-- analysis -->\nhand-written\n")
+        );
+        assert_eq!(text.matches("# kiln benchmarks").count(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
