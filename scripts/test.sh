@@ -10,3 +10,6 @@ if [ "$(id -u)" -eq 0 ]; then scripts/setup-host.sh; else sudo scripts/setup-hos
 cargo build --workspace --all-targets
 cargo xtask images
 cargo test --workspace "$@"
+# The benchmark harness's smoke run (kiln + floor once, small micro-benchmarks; BENCH.md untouched):
+# benchmarks are not tests, but the harness must keep working (docs/bench.md).
+cargo xtask bench --quick
