@@ -19,6 +19,7 @@ struct Built {
 fn build(
     dir: &Path,
     image: &str,
+    sku: &str,
     import_args: &[&str],
     build_args: &[&str],
     customize: Value,
@@ -35,7 +36,7 @@ fn build(
             "--offer",
             image,
             "--sku",
-            "gen1",
+            sku,
             "--version",
             "1.0.0",
         ])
@@ -55,7 +56,7 @@ fn build(
             "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/kiln/providers/Microsoft.ManagedIdentity/userAssignedIdentities/aib": {}}},
         "properties": {
             "vmProfile": {"vmSize": "Standard_D2s_v3"},
-            "source": {"type": "PlatformImage", "publisher": "kiln", "offer": image, "sku": "gen1", "version": "latest"},
+            "source": {"type": "PlatformImage", "publisher": "kiln", "offer": image, "sku": sku, "version": "latest"},
             "customize": customize,
             "distribute": [{"type": "VHD", "runOutputName": "vhd", "uri": vhd.display().to_string()}]
         }
@@ -203,6 +204,7 @@ fn debian_azure_cloud_init_provisions_through_the_fabric_and_survives_hostile_re
     let b = build(
         &dir.path,
         "debian-azure",
+        "gen1",
         &[],
         &["--provisioning", "azure"],
         Value::Array(customize),
@@ -239,6 +241,7 @@ fn debian_waagent_provisions_through_the_fabric_from_the_catalogs_preference() {
     let b = build(
         &dir.path,
         "debian-waagent",
+        "gen1",
         &["--provisioning", "azure"],
         &[],
         Value::Array(customizers()),
@@ -260,5 +263,31 @@ fn debian_waagent_provisions_through_the_fabric_from_the_catalogs_preference() {
         b.stdout
     );
     check_customizer(&b);
+    check_image(&dir.path);
+}
+
+#[test]
+fn debian_azure_gen2_finds_the_provisioning_media_on_a_virtio_disk() {
+    // q35 (Gen2/UEFI): the media are a read-only virtio disk (Debian's cloud kernel has no AHCI)
+    let dir = kiln_tests::TestDir::new("build-azure-g2").expect("dir");
+    let mut customize = customizers();
+    customize.push(serde_json::json!({"type": "Shell", "name": "media", "inline": ["lsblk -n -o NAME,FSTYPE | grep iso9660"]}));
+    let b = build(
+        &dir.path,
+        "debian-azure",
+        "gen2",
+        &["--hyper-v-generation", "V2"],
+        &["--provisioning", "azure"],
+        Value::Array(customize),
+    );
+    check_provisioned(&b, "Cloud-Init");
+    check_customizer(&b);
+    assert!(
+        outputs(&b, "media")
+            .iter()
+            .any(|l| l.starts_with("vdb") && l.contains("iso9660")),
+        "{}",
+        b.stdout
+    );
     check_image(&dir.path);
 }
