@@ -24,6 +24,8 @@ fn options(home: &Path) -> BuildOptions {
         timeout_override: None,
         provisioning: None,
         identity_token_command: None,
+        disk_bus: None,
+        nic_model: None,
         run_id: None,
         run_dir: None,
     }

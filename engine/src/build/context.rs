@@ -81,6 +81,10 @@ pub struct BuildOptions {
     /// `--identity-token-command`: argv of a program whose stdout IMDS serves as the managed
     /// identity token (Azure provisioning only).
     pub identity_token_command: Option<Vec<String>>,
+    /// `--disk-bus`: the OS disk's controller (default: virtio for Linux, AHCI for Windows).
+    pub disk_bus: Option<crate::vm::DiskBus>,
+    /// `--nic-model`: the NIC's model (default: virtio-net-pci for Linux, e1000 for Windows).
+    pub nic_model: Option<crate::vm::NicModel>,
 }
 
 /// A resolved source image.

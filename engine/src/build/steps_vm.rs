@@ -75,7 +75,7 @@ async fn wait_reset_since(v: &vm::Vm, before: u64, timeout: Duration) -> bool {
 }
 
 /// The build VM's shape, as the dry-run prints it.
-pub fn describe_vm(cx: &BuildCx, forward: &str) -> serde_json::Value {
+pub fn describe_vm(cx: &BuildCx, forward: &str, devices: Devices) -> serde_json::Value {
     let shape = |size: &str| sizes::lookup(size, &cx.options.vm_sizes).map(|s| format!("{size}: {} vCPU, {} MiB", s.vcpus, s.memory_mib)).unwrap_or_else(|e| e);
     let (size, shape) = match cx.template.properties.vm_profile.vm_size.as_str() {
         "" => (
@@ -94,6 +94,7 @@ pub fn describe_vm(cx: &BuildCx, forward: &str) -> serde_json::Value {
         "accelerator": format!("{:?}", cx.options.accel),
         "firmware": "BIOS/pc for Gen1 sources, UEFI/q35 for Gen2",
         "network": format!("QEMU user-mode network; {forward}"),
+        "devices": devices.describe(),
     })
 }
 
@@ -139,10 +140,10 @@ impl Step for StartVm {
         SubState::Building
     }
     fn describe(&self, cx: &BuildCx) -> serde_json::Value {
-        describe_vm(cx, "127.0.0.1:<free port> → guest 22 (SSH)")
+        describe_vm(cx, "127.0.0.1:<free port> → guest 22 (SSH)", Devices::linux(cx))
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
-        start_vm(cx, Vec::new()).await
+        start_vm(cx, Vec::new(), Devices::linux(cx)).await
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, outcome: Outcome) {
         stop_vm(cx, outcome).await
@@ -151,7 +152,52 @@ impl Step for StartVm {
 
 /// Boots the build VM (the work of [`StartVm`]); `extra_netdev` adds user-network options (e.g.
 /// a Windows build's WinRM `hostfwd`).
-pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>) -> Result<(), BuildError> {
+/// The build VM's device models: the guest OS's defaults, with the `--disk-bus` and
+/// `--nic-model` overrides applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Devices {
+    /// the OS disk's controller
+    pub disk_bus: vm::DiskBus,
+    /// the NIC
+    pub nic_model: vm::NicModel,
+    /// how the provisioning media (seed) is attached
+    pub seed_attach: vm::SeedAttach,
+}
+
+impl Devices {
+    /// Linux: virtio everything (the seed a second virtio disk), unless overridden.
+    pub fn linux(cx: &BuildCx) -> Devices {
+        Devices {
+            disk_bus: cx.options.disk_bus.unwrap_or_default(),
+            nic_model: cx.options.nic_model.unwrap_or_default(),
+            seed_attach: vm::SeedAttach::VirtioDisk,
+        }
+    }
+    /// Windows: an AHCI disk and an e1000 NIC unless overridden (Azure's Windows images carry
+    /// Hyper-V drivers, not virtio ones; AHCI and Intel e1000 drivers are inbox), and the
+    /// unattend media as a removable USB stick (Windows Setup searches removable media for
+    /// `Unattend.xml`).
+    pub fn windows(cx: &BuildCx) -> Devices {
+        Devices {
+            disk_bus: cx.options.disk_bus.unwrap_or(vm::DiskBus::Ahci),
+            nic_model: cx.options.nic_model.unwrap_or(vm::NicModel::E1000),
+            seed_attach: vm::SeedAttach::UsbRemovable,
+        }
+    }
+    /// For `--dry-run`.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "diskBus": self.disk_bus.as_str(),
+            "nicModel": self.nic_model.as_str(),
+            "provisioningMedia": match self.seed_attach {
+                vm::SeedAttach::VirtioDisk => "read-only virtio disk",
+                vm::SeedAttach::UsbRemovable => "read-only removable USB stick (usb-storage,removable=on on qemu-xhci)",
+            },
+        })
+    }
+}
+
+pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>, devices: Devices) -> Result<(), BuildError> {
     {
         let src = cx.source.clone().ok_or_else(|| BuildError::Vm("no source".into()))?;
         let gen2 = src.generation == HyperVGeneration::V2;
@@ -185,11 +231,14 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>) -> Res
             name: format!("{}-{}", cx.template_name, cx.run_id),
             run_dir: cx.run_dir.clone(),
             disk: overlay,
+            disk_bus: devices.disk_bus,
+            nic_model: devices.nic_model,
             firmware,
             cpus: shape.vcpus,
             memory_mib: shape.memory_mib,
             accel,
             seed_disk: cx.seed.clone(),
+            seed_attach: devices.seed_attach,
             cdrom: cx.cdrom.clone(),
             mac,
             extra_netdev_options,
@@ -201,11 +250,13 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>) -> Res
             detachable: false,
         };
         cx.events.info(format!(
-            "{size_name}: {} vCPU, {} MiB, {} ({}), accelerator {accel:?}",
+            "{size_name}: {} vCPU, {} MiB, {} ({}), accelerator {accel:?}, disk {}, NIC {}",
             shape.vcpus,
             shape.memory_mib,
             if gen2 { "Gen2" } else { "Gen1" },
-            if gen2 { "UEFI/q35" } else { "BIOS/pc" }
+            if gen2 { "UEFI/q35" } else { "BIOS/pc" },
+            devices.disk_bus.as_str(),
+            devices.nic_model.as_str()
         ));
         let v = vm::Vm::start(spec).await.map_err(|e| BuildError::Vm(e.to_string()))?;
         cx.events.info(format!("QEMU pid {} , SSH forwarded on 127.0.0.1:{}", v.pid(), v.ssh_port()));

@@ -585,7 +585,7 @@ impl Step for WinProvisioningMedia {
             .map(|(w, c)| format!("{w}: {c}"))
             .collect();
         serde_json::json!({
-            "media": "FAT disk (label UNATTEND) with Unattend.xml at its root, attached read-only; deleted when the build ends",
+            "media": "FAT image (label UNATTEND) with Unattend.xml at its root, attached read-only as a removable USB stick (Windows Setup searches removable media); deleted when the build ends",
             "computerName": computer_name(&cx.run_id),
             "user": format!("{BUILD_USER} (local Administrators member) and Administrator"),
             "password": "random per build (24 characters, /dev/urandom); never logged or printed",
@@ -670,6 +670,7 @@ impl Step for WinStartVm {
         describe_vm(
             cx,
             &format!("127.0.0.1:<free port> → guest {WINRM_PORT} (WinRM HTTP)"),
+            super::steps_vm::Devices::windows(cx),
         )
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
@@ -680,6 +681,7 @@ impl Step for WinStartVm {
         super::steps_vm::start_vm(
             cx,
             vec![format!("hostfwd=tcp:127.0.0.1:{port}-:{WINRM_PORT}")],
+            super::steps_vm::Devices::windows(cx),
         )
         .await?;
         if let Some(w) = cx.windows.as_mut() {

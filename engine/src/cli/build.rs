@@ -60,6 +60,15 @@ pub struct Args {
     /// answers an Azure-shaped error.
     #[arg(long, value_name = "PROGRAM")]
     pub identity_token_command: Option<String>,
+    /// The build VM's OS disk controller: virtio (virtio-blk), ahci (SATA), ide. Default: virtio
+    /// for Linux sources, ahci for Windows sources (Azure's Windows images carry Hyper-V
+    /// drivers, not virtio ones; Windows has inbox AHCI drivers).
+    #[arg(long, value_parser = ["virtio", "ahci", "sata", "ide"])]
+    pub disk_bus: Option<String>,
+    /// The build VM's NIC model: virtio-net-pci, e1000, e1000e. Default: virtio-net-pci for
+    /// Linux sources, e1000 for Windows sources (Windows has an inbox Intel e1000 driver).
+    #[arg(long, value_parser = ["virtio-net-pci", "virtio", "e1000", "e1000e"])]
+    pub nic_model: Option<String>,
     /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
     #[arg(long, hide = true)]
     pub timeout_seconds: Option<u64>,
@@ -178,6 +187,8 @@ pub fn run(a: Args) -> u8 {
         timeout_override: a.timeout_seconds.map(Duration::from_secs),
         provisioning: a.provisioning.as_deref().and_then(Provisioning::parse),
         identity_token_command: a.identity_token_command.as_ref().map(|c| c.split_ascii_whitespace().map(str::to_string).collect::<Vec<_>>()).filter(|v| !v.is_empty()),
+        disk_bus: a.disk_bus.as_deref().and_then(kiln_engine::vm::DiskBus::parse),
+        nic_model: a.nic_model.as_deref().and_then(kiln_engine::vm::NicModel::parse),
     };
     if a.dry_run {
         return dry_run(&a, model, t.api_version, name, template_dir, &opts.arm.subscription_id, settings);
@@ -278,6 +289,8 @@ fn dry_run(a: &Args, model: template::model::ImageTemplate, api_version: templat
         timeout_override: settings.timeout_override,
         provisioning: settings.provisioning,
         identity_token_command: settings.identity_token_command,
+        disk_bus: settings.disk_bus,
+        nic_model: settings.nic_model,
         run_id: None,
         run_dir: None,
     };

@@ -39,6 +39,12 @@ pub struct RunFlags {
     /// (see `kiln build --help`).
     #[arg(long, value_name = "PROGRAM")]
     pub identity_token_command: Option<String>,
+    /// The build VM's OS disk controller: virtio, ahci (sata), ide (see `kiln build --help`).
+    #[arg(long, value_parser = ["virtio", "ahci", "sata", "ide"])]
+    pub disk_bus: Option<String>,
+    /// The build VM's NIC model: virtio-net-pci, e1000, e1000e (see `kiln build --help`).
+    #[arg(long, value_parser = ["virtio-net-pci", "virtio", "e1000", "e1000e"])]
+    pub nic_model: Option<String>,
     /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
     #[arg(long, hide = true)]
     pub timeout_seconds: Option<u64>,
@@ -75,6 +81,8 @@ impl RunFlags {
                 .as_ref()
                 .map(|c| c.split_ascii_whitespace().map(str::to_string).collect::<Vec<_>>())
                 .filter(|v| !v.is_empty()),
+            disk_bus: self.disk_bus.as_deref().and_then(kiln_engine::vm::DiskBus::parse),
+            nic_model: self.nic_model.as_deref().and_then(kiln_engine::vm::NicModel::parse),
         })
     }
 
@@ -103,6 +111,14 @@ impl RunFlags {
         if let Some(c) = &self.identity_token_command {
             v.push("--identity-token-command".into());
             v.push(c.clone());
+        }
+        if let Some(b) = &self.disk_bus {
+            v.push("--disk-bus".into());
+            v.push(b.clone());
+        }
+        if let Some(n) = &self.nic_model {
+            v.push("--nic-model".into());
+            v.push(n.clone());
         }
         v
     }

@@ -32,6 +32,10 @@ pub struct RunSettings {
     pub provisioning: Option<crate::build::context::Provisioning>,
     /// `--identity-token-command`: argv whose stdout IMDS serves as the identity token.
     pub identity_token_command: Option<Vec<String>>,
+    /// `--disk-bus` (None: the guest OS's default).
+    pub disk_bus: Option<crate::vm::DiskBus>,
+    /// `--nic-model` (None: the guest OS's default).
+    pub nic_model: Option<crate::vm::NicModel>,
 }
 
 /// Why a run could not start or finish.
@@ -133,6 +137,8 @@ pub async fn execute_run(
         timeout_override: settings.timeout_override,
         provisioning: settings.provisioning,
         identity_token_command: settings.identity_token_command,
+        disk_bus: settings.disk_bus,
+        nic_model: settings.nic_model,
         run_id: Some(run.id.clone()),
         run_dir: Some(run.run_dir.clone()),
     };

@@ -46,6 +46,84 @@ impl Firmware {
     }
 }
 
+/// The controller the OS disk is attached to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskBus {
+    /// `virtio-blk-pci` (the default; Linux guests carry the driver).
+    #[default]
+    Virtio,
+    /// A SATA disk (`ide-hd`) on an `ahci` controller kiln adds (`sata0`), on both machine
+    /// types. Windows has an inbox AHCI driver (storahci).
+    Ahci,
+    /// An IDE disk (`ide-hd`) on the machine's first IDE bus (`ide.0`, unit 0): PIIX IDE on
+    /// `pc`; on `q35` `ide.0` is the ICH9 controller's first port, which is AHCI.
+    Ide,
+}
+
+impl DiskBus {
+    /// `virtio`, `ahci`, `ide` (the CLI's spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Ahci => "ahci",
+            DiskBus::Ide => "ide",
+        }
+    }
+    /// Parses `virtio`, `ahci` (or `sata`), `ide`.
+    pub fn parse(s: &str) -> Option<DiskBus> {
+        match s {
+            "virtio" => Some(DiskBus::Virtio),
+            "ahci" | "sata" => Some(DiskBus::Ahci),
+            "ide" => Some(DiskBus::Ide),
+            _ => None,
+        }
+    }
+}
+
+/// The NIC's device model (always on the one user-mode netdev, without an option ROM).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NicModel {
+    /// `virtio-net-pci` (the default).
+    #[default]
+    VirtioNet,
+    /// `e1000` (Intel 82540EM; Windows has an inbox driver).
+    E1000,
+    /// `e1000e` (Intel 82574L).
+    E1000e,
+}
+
+impl NicModel {
+    /// The QEMU device name, which is also the CLI's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NicModel::VirtioNet => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+            NicModel::E1000e => "e1000e",
+        }
+    }
+    /// Parses `virtio-net-pci` (or `virtio`), `e1000`, `e1000e`.
+    pub fn parse(s: &str) -> Option<NicModel> {
+        match s {
+            "virtio-net-pci" | "virtio" => Some(NicModel::VirtioNet),
+            "e1000" => Some(NicModel::E1000),
+            "e1000e" => Some(NicModel::E1000e),
+            _ => None,
+        }
+    }
+}
+
+/// How [`VmSpec::seed_disk`] is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeedAttach {
+    /// A read-only second `virtio-blk-pci` disk (the default; cloud-init finds it by label).
+    #[default]
+    VirtioDisk,
+    /// A read-only USB stick with the removable bit set (`usb-storage,removable=on`) on a
+    /// `qemu-xhci` controller kiln adds: removable media, which Windows Setup searches for
+    /// `Unattend.xml` (Windows has inbox xHCI and USB mass-storage drivers).
+    UsbRemovable,
+}
+
 /// Everything needed to start one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSpec {
@@ -53,9 +131,13 @@ pub struct VmSpec {
     pub name: String,
     /// Where `console.log`, `qemu.stderr` and the UEFI variables go; created if missing.
     pub run_dir: PathBuf,
-    /// The OS disk: a qcow2 overlay kiln made for this build (attached as virtio-blk, boot
-    /// disk).
+    /// The OS disk: a qcow2 overlay kiln made for this build (the boot disk, on
+    /// [`VmSpec::disk_bus`]).
     pub disk: PathBuf,
+    /// The OS disk's controller (default virtio).
+    pub disk_bus: DiskBus,
+    /// The NIC's model (default virtio-net-pci).
+    pub nic_model: NicModel,
     /// BIOS or UEFI (and with it the machine type).
     pub firmware: Firmware,
     /// Virtual CPUs.
@@ -64,9 +146,11 @@ pub struct VmSpec {
     pub memory_mib: u32,
     /// KVM or TCG; see [`super::choose_accel`].
     pub accel: Accel,
-    /// A raw image (NoCloud seed, ovf-env or unattend media) attached read-only as a second
-    /// virtio disk.
+    /// A raw image (NoCloud seed, ovf-env or unattend media) attached read-only, as
+    /// [`VmSpec::seed_attach`] says (default: a second virtio disk).
     pub seed_disk: Option<PathBuf>,
+    /// How the seed disk is attached.
+    pub seed_attach: SeedAttach,
     /// An ISO image attached read-only as a CD-ROM (Azure's provisioning media): an IDE
     /// `ide-cd` on `pc` (Hyper-V Gen1's DVD; `/dev/sr0`), a read-only virtio disk on `q35`,
     /// whose AHCI many cloud kernels lack (agents find the media by file-system type or as
@@ -105,11 +189,14 @@ impl VmSpec {
             name: name.into(),
             run_dir: run_dir.into(),
             disk: disk.into(),
+            disk_bus: DiskBus::default(),
+            nic_model: NicModel::default(),
             firmware,
             cpus: 2,
             memory_mib: 2048,
             accel,
             seed_disk: None,
+            seed_attach: SeedAttach::default(),
             cdrom: None,
             mac: None,
             extra_netdev_options: Vec::new(),
@@ -225,8 +312,19 @@ pub fn argv(spec: &VmSpec, launch: &Launch) -> Vec<OsString> {
         &escape(spec.disk.as_os_str()),
         s(",format=qcow2,if=none,id=os,discard=unmap").as_os_str(),
     ]);
-    push(&[s("-device").as_os_str()]);
-    push(&[s("virtio-blk-pci,drive=os,bootindex=0").as_os_str()]);
+    let os_devices: &[&str] = match spec.disk_bus {
+        DiskBus::Virtio => &["-device", "virtio-blk-pci,drive=os,bootindex=0"],
+        DiskBus::Ahci => &[
+            "-device",
+            "ahci,id=sata0",
+            "-device",
+            "ide-hd,drive=os,bus=sata0.0,bootindex=0",
+        ],
+        DiskBus::Ide => &["-device", "ide-hd,drive=os,bus=ide.0,unit=0,bootindex=0"],
+    };
+    for arg in os_devices {
+        push(&[s(arg).as_os_str()]);
+    }
     if let Some(seed) = &spec.seed_disk {
         push(&[s("-drive").as_os_str()]);
         push(&[
@@ -234,8 +332,18 @@ pub fn argv(spec: &VmSpec, launch: &Launch) -> Vec<OsString> {
             &escape(seed.as_os_str()),
             s(",format=raw,if=none,id=seed,readonly=on").as_os_str(),
         ]);
-        push(&[s("-device").as_os_str()]);
-        push(&[s("virtio-blk-pci,drive=seed").as_os_str()]);
+        let seed_devices: &[&str] = match spec.seed_attach {
+            SeedAttach::VirtioDisk => &["-device", "virtio-blk-pci,drive=seed"],
+            SeedAttach::UsbRemovable => &[
+                "-device",
+                "qemu-xhci,id=xhci0",
+                "-device",
+                "usb-storage,bus=xhci0.0,drive=seed,removable=on",
+            ],
+        };
+        for arg in seed_devices {
+            push(&[s(arg).as_os_str()]);
+        }
     }
     if let Some(cd) = &spec.cdrom {
         push(&[s("-drive").as_os_str()]);
@@ -256,9 +364,10 @@ pub fn argv(spec: &VmSpec, launch: &Launch) -> Vec<OsString> {
         netdev.push(',');
         netdev.push_str(opt);
     }
+    let model = spec.nic_model.as_str();
     let nic = match &spec.mac {
-        Some(mac) => format!("virtio-net-pci,netdev=n0,romfile=,mac={mac}"),
-        None => "virtio-net-pci,netdev=n0,romfile=".to_string(),
+        Some(mac) => format!("{model},netdev=n0,romfile=,mac={mac}"),
+        None => format!("{model},netdev=n0,romfile="),
     };
     for arg in [
         "-netdev",
@@ -530,6 +639,43 @@ mod tests {
                     .to_string(),
             ),
             (
+                "Windows devices on pc: AHCI disk, e1000 NIC, unattend media as a removable USB stick",
+                VmSpec {
+                    disk_bus: DiskBus::Ahci,
+                    nic_model: NicModel::E1000,
+                    seed_disk: Some("/run/kiln/b1/unattend.img".into()),
+                    seed_attach: SeedAttach::UsbRemovable,
+                    ..spec(Firmware::Bios, Accel::Tcg)
+                },
+                "-name guest=build-1 -machine pc -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
+                 -drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap \
+                 -device ahci,id=sata0 -device ide-hd,drive=os,bus=sata0.0,bootindex=0 \
+                 -drive file=/run/kiln/b1/unattend.img,format=raw,if=none,id=seed,readonly=on \
+                 -device qemu-xhci,id=xhci0 -device usb-storage,bus=xhci0.0,drive=seed,removable=on \
+                 -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device e1000,netdev=n0,romfile= -device virtio-rng-pci \
+                 -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
+                 -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
+                    .to_string(),
+            ),
+            (
+                "IDE disk and e1000e NIC (with MAC) on q35",
+                VmSpec {
+                    disk_bus: DiskBus::Ide,
+                    nic_model: NicModel::E1000e,
+                    mac: Some("52:54:00:12:34:56".into()),
+                    ..spec(uefi(), Accel::Tcg)
+                },
+                "-name guest=build-1 -machine q35 -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
+                 -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+                 -drive if=pflash,format=raw,unit=1,file=/run/kiln/b1/OVMF_VARS.fd \
+                 -drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap \
+                 -device ide-hd,drive=os,bus=ide.0,unit=0,bootindex=0 \
+                 -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device e1000e,netdev=n0,romfile=,mac=52:54:00:12:34:56 -device virtio-rng-pci \
+                 -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
+                 -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
+                    .to_string(),
+            ),
+            (
                 "commas in names and paths are doubled",
                 VmSpec {
                     name: "a,b".into(),
@@ -553,6 +699,26 @@ mod tests {
             let want: Vec<&str> = want.split_whitespace().collect();
             assert_eq!(line(&spec).split(' ').collect::<Vec<_>>(), want, "{what}");
         }
+    }
+
+    #[test]
+    fn device_names_parse_back() {
+        for b in [DiskBus::Virtio, DiskBus::Ahci, DiskBus::Ide] {
+            assert_eq!(DiskBus::parse(b.as_str()), Some(b));
+        }
+        assert_eq!(DiskBus::parse("sata"), Some(DiskBus::Ahci));
+        assert_eq!(DiskBus::parse("scsi"), None);
+        for n in [NicModel::VirtioNet, NicModel::E1000, NicModel::E1000e] {
+            assert_eq!(NicModel::parse(n.as_str()), Some(n));
+        }
+        assert_eq!(NicModel::parse("virtio"), Some(NicModel::VirtioNet));
+        assert_eq!(NicModel::parse("rtl8139"), None);
+        let d = VmSpec::new("x", "/r", "/r/d", Firmware::Bios, Accel::Tcg);
+        assert_eq!(
+            (d.disk_bus, d.nic_model, d.seed_attach),
+            (DiskBus::Virtio, NicModel::VirtioNet, SeedAttach::VirtioDisk),
+            "Linux defaults stay virtio"
+        );
     }
 
     #[test]
