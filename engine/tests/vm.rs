@@ -563,3 +563,109 @@ fn doctor_reports_every_item() {
     let kvm_ok = check("KVM").state == CheckState::Ok;
     assert_eq!(kvm_ok, kvm_probe_cached().usable, "{r}");
 }
+
+/// QEMU accepts every device model option's argv on both machine types and the devices are
+/// there: the OS disk on its controller, the NIC's PCI id, the seed as removable USB media.
+/// (It proves the command line, not how a guest OS drives these devices.) The disks are blank:
+/// the firmware finds nothing to boot, which is all this needs.
+#[tokio::test]
+async fn device_models_are_accepted_by_qemu() {
+    let dir = TestDir::new("devices");
+    let seed = dir.0.join("seed.img");
+    std::fs::write(&seed, vec![0u8; 1 << 20]).unwrap();
+    // (firmware, disk bus, NIC, seed attach, the NIC's PCI device id)
+    let cases = [
+        (
+            Firmware::Bios,
+            DiskBus::Ahci,
+            NicModel::E1000,
+            SeedAttach::UsbRemovable,
+            0x100e,
+        ),
+        (
+            Firmware::Bios,
+            DiskBus::Ide,
+            NicModel::E1000e,
+            SeedAttach::VirtioDisk,
+            0x10d3,
+        ),
+        (
+            Firmware::uefi_default().unwrap(),
+            DiskBus::Ahci,
+            NicModel::E1000e,
+            SeedAttach::UsbRemovable,
+            0x10d3,
+        ),
+        (
+            Firmware::uefi_default().unwrap(),
+            DiskBus::Ide,
+            NicModel::E1000,
+            SeedAttach::UsbRemovable,
+            0x100e,
+        ),
+    ];
+    for (i, (firmware, bus, nic, attach, nic_id)) in cases.into_iter().enumerate() {
+        let what = format!("{firmware:?} {bus:?} {nic:?} {attach:?}");
+        let q35 = matches!(firmware, Firmware::Uefi { .. });
+        let run = dir.0.join(format!("r{i}"));
+        std::fs::create_dir_all(&run).unwrap();
+        let vm = Vm::start(VmSpec {
+            disk_bus: bus,
+            nic_model: nic,
+            seed_disk: Some(seed.clone()),
+            seed_attach: attach,
+            ..spec(&run, &format!("dev{i}"), blank_disk(&run), firmware)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let blocks = vm.execute("query-block", None).await.unwrap();
+        let block = |dev: &str| {
+            blocks
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["device"] == dev)
+                .unwrap_or_else(|| panic!("{what}: no block device {dev}: {blocks}"))
+                .clone()
+        };
+        assert_eq!(block("os")["inserted"]["ro"], false, "{what}");
+        let s = block("seed");
+        assert_eq!(s["inserted"]["ro"], true, "{what}: {s}");
+        assert_eq!(
+            s["removable"],
+            attach == SeedAttach::UsbRemovable,
+            "{what}: {s}"
+        );
+        let pci = vm.execute("query-pci", None).await.unwrap();
+        let ids: Vec<(u64, u64)> = pci[0]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["id"]["vendor"].as_u64().unwrap(),
+                    d["id"]["device"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert!(
+            ids.contains(&(0x8086, nic_id)),
+            "{what}: NIC not on the bus: {ids:x?}"
+        );
+        assert!(
+            !ids.iter()
+                .any(|&(v, d)| v == 0x1af4 && (d == 0x1000 || d == 0x1041)),
+            "{what}: a virtio NIC is there too: {ids:x?}"
+        );
+        if bus == DiskBus::Ahci {
+            // a second AHCI controller (ICH9 AHCI, 8086:2922): on q35 besides the built-in one
+            let n = ids.iter().filter(|&&x| x == (0x8086, 0x2922)).count();
+            assert_eq!(n, 1 + usize::from(q35), "{what}: {ids:x?}");
+        }
+        if attach == SeedAttach::UsbRemovable {
+            // qemu-xhci is 1b36:000d
+            assert!(ids.contains(&(0x1b36, 0x000d)), "{what}: no xHCI: {ids:x?}");
+        }
+        drop(vm);
+    }
+}
