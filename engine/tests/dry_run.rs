@@ -40,6 +40,11 @@ fn empty_home(tag: &str) -> PathBuf {
 
 /// Plans every template of `file` (None when the file does not validate).
 fn plans(file: &str, home: &Path) -> Option<Vec<DryRunPlan>> {
+    plans_with(file, options(home))
+}
+
+/// [`plans`] with the given options.
+fn plans_with(file: &str, opts: BuildOptions) -> Option<Vec<DryRunPlan>> {
     let bytes = std::fs::read(corpus_dir().join(file)).expect("corpus file");
     let doc = template::load(file, &bytes, &LoadOptions::default());
     if !doc.is_valid() {
@@ -54,7 +59,7 @@ fn plans(file: &str, home: &Path) -> Option<Vec<DryRunPlan>> {
                     api_version: t.api_version,
                     name: t.name.clone().unwrap_or_else(|| file.to_string()),
                     template_dir: corpus_dir(),
-                    options: options(home),
+                    options: opts.clone(),
                 };
                 dry_run(req).unwrap_or_else(|e| panic!("{file}: dry run failed: {e}"))
             })
@@ -166,6 +171,17 @@ fn windows_plan_of_the_2025_rest_example() {
             "Distribute",
             "Record runOutputs",
         ]
+    );
+    // Windows: devices with inbox drivers, the unattend media on removable USB.
+    let devices = &step(&p, "Start VM")["devices"];
+    assert_eq!(devices["diskBus"], "ahci", "{devices}");
+    assert_eq!(devices["nicModel"], "e1000", "{devices}");
+    assert!(
+        devices["provisioningMedia"]
+            .as_str()
+            .unwrap()
+            .contains("removable USB stick"),
+        "{devices}"
     );
     let c = step(&p, "Connect (WinRM)");
     assert_eq!(c["transport"], "WinRM");
@@ -311,6 +327,13 @@ fn linux_plan_keeps_ssh_and_deprovision() {
         .remove(0);
     assert_eq!(p.os, "Linux");
     assert_eq!(step(&p, "Connect (SSH)")["transport"], "SSH");
+    let devices = &step(&p, "Start VM")["devices"];
+    assert_eq!(
+        (&devices["diskBus"], &devices["nicModel"]),
+        (&"virtio".into(), &"virtio-net-pci".into()),
+        "Linux stays virtio: {devices}"
+    );
+    assert_eq!(devices["provisioningMedia"], "read-only virtio disk");
     let d = step(&p, "Deprovision");
     assert!(d["script"]
         .as_str()
@@ -547,5 +570,25 @@ fn a_stored_managed_image_decides_the_os() {
         e.contains("needs a Windows source") && e.contains("osType Linux"),
         "{e}"
     );
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[test]
+fn disk_bus_and_nic_model_override_the_defaults() {
+    use kiln_engine::vm::{DiskBus, NicModel};
+    let home = empty_home("devices");
+    let opts = BuildOptions {
+        disk_bus: Some(DiskBus::Virtio),
+        nic_model: Some(NicModel::E1000e),
+        ..options(&home)
+    };
+    let win = "Azure__azure-rest-api-specs__specification__imagebuilder__resource-manager__Microsoft.VirtualMachineImages__ImageBuilder__stable__2025-10-01__examples__CreateImageTemplateWindows.json";
+    let lin = "Azure__azure-rest-api-specs__specification__imagebuilder__resource-manager__Microsoft.VirtualMachineImages__ImageBuilder__stable__2025-10-01__examples__CreateImageTemplateLinux.json";
+    for file in [win, lin] {
+        let p = plans_with(file, opts.clone()).expect("valid").remove(0);
+        let devices = &step(&p, "Start VM")["devices"];
+        assert_eq!(devices["diskBus"], "virtio", "{}: {devices}", p.os);
+        assert_eq!(devices["nicModel"], "e1000e", "{}: {devices}", p.os);
+    }
     std::fs::remove_dir_all(&home).unwrap();
 }
