@@ -187,6 +187,43 @@ pub struct BuildCx {
     pub windows: Option<super::steps_windows::WindowsState>,
 }
 
+impl BuildCx {
+    /// The context at the start of a run of `req`: nothing resolved, booted or recorded yet.
+    pub fn new(req: super::BuildRequest, run_id: String, run_dir: PathBuf, events: Reporter, deadline: Instant, timeout_minutes: u64) -> BuildCx {
+        BuildCx {
+            template: req.template,
+            api_version: req.api_version,
+            template_name: req.name,
+            template_dir: req.template_dir,
+            options: req.options,
+            run_id,
+            run_dir,
+            events,
+            deadline,
+            timeout_minutes,
+            sub_state: SubState::Queued,
+            current_step: String::new(),
+            outcome: None,
+            source: None,
+            overlay: None,
+            artifacts: Default::default(),
+            keys: None,
+            provisioning: None,
+            seed: None,
+            cdrom: None,
+            fabric: None,
+            vm: None,
+            guest: None,
+            resets_seen: 0,
+            exports: Vec::new(),
+            run_outputs: Vec::new(),
+            kept_vm: None,
+            partial_failures: Vec::new(),
+            windows: None,
+        }
+    }
+}
+
 /// A build VM kept running after a failure, for debugging.
 pub struct KeptVm {
     /// The VM.

@@ -70,37 +70,8 @@ pub fn dry_run(req: BuildRequest) -> Result<DryRunPlan, BuildError> {
             ))
     });
     let minutes = u64::from(req.template.properties.build_timeout_in_minutes.max(1));
-    let cx = BuildCx {
-        template: req.template,
-        api_version: req.api_version,
-        template_name: req.name.clone(),
-        template_dir: req.template_dir,
-        options: req.options,
-        run_id: id,
-        run_dir,
-        events: Reporter::detached(Some(listener)),
-        deadline: Instant::now() + Duration::from_secs(minutes * 60),
-        timeout_minutes: minutes,
-        sub_state: SubState::Queued,
-        current_step: String::new(),
-        outcome: None,
-        source: None,
-        overlay: None,
-        artifacts: Default::default(),
-        keys: None,
-        seed: None,
-        vm: None,
-        guest: None,
-        resets_seen: 0,
-        exports: Vec::new(),
-        run_outputs: Vec::new(),
-        kept_vm: None,
-        partial_failures: Vec::new(),
-        windows: None,
-        provisioning: None,
-        cdrom: None,
-        fabric: None,
-    };
+    let events = Reporter::detached(Some(listener));
+    let cx = BuildCx::new(req, id, run_dir, events, Instant::now() + Duration::from_secs(minutes * 60), minutes);
     let os = super::steps_windows::target_os(&cx);
     let plan = super::steps::plan(&cx)?;
     let steps = plan
@@ -120,7 +91,7 @@ pub fn dry_run(req: BuildRequest) -> Result<DryRunPlan, BuildError> {
         .collect();
     let warnings = warnings.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(DryRunPlan {
-        template: req.name,
+        template: cx.template_name.clone(),
         os: if os.windows { "Windows".into() } else { "Linux".into() },
         os_reason: os.reason,
         build_timeout_in_minutes: minutes,

@@ -22,7 +22,7 @@ pub mod steps_windows;
 pub mod time;
 
 use context::{BuildCx, BuildOptions};
-use events::{Event, Listener, Reporter, SubState};
+use events::{Event, Listener, Reporter};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -156,38 +156,9 @@ pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: Ca
     let minutes = u64::from(req.template.properties.build_timeout_in_minutes.max(1));
     let budget = req.options.timeout_override.unwrap_or(Duration::from_secs(minutes * 60));
     let started = Instant::now();
-    let mut cx = BuildCx {
-        template: req.template,
-        api_version: req.api_version,
-        template_name: req.name.clone(),
-        template_dir: req.template_dir,
-        options: req.options,
-        run_id: id.clone(),
-        run_dir: run_dir.clone(),
-        events: events.clone(),
-        deadline: started + budget,
-        timeout_minutes: budget.as_secs().div_ceil(60),
-        sub_state: SubState::Queued,
-        current_step: String::new(),
-        outcome: None,
-        source: None,
-        overlay: None,
-        artifacts: Default::default(),
-        keys: None,
-        provisioning: None,
-        seed: None,
-        cdrom: None,
-        fabric: None,
-        vm: None,
-        guest: None,
-        resets_seen: 0,
-        exports: Vec::new(),
-        run_outputs: Vec::new(),
-        kept_vm: None,
-        partial_failures: Vec::new(),
-        windows: None,
-    };
-    events.emit(Event::RunStarted { run_id: id.clone(), template: req.name, run_dir: run_dir.display().to_string() });
+    let req_name = req.name.clone();
+    let mut cx = BuildCx::new(req, id.clone(), run_dir.clone(), events.clone(), started + budget, budget.as_secs().div_ceil(60));
+    events.emit(Event::RunStarted { run_id: id.clone(), template: req_name, run_dir: run_dir.display().to_string() });
     let plan = steps::plan(&cx)?;
     let result = runner::run_steps(plan, &mut cx, &cancel).await;
     let (state, message) = match &result {

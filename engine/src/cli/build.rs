@@ -276,24 +276,9 @@ pub fn run(a: Args) -> u8 {
 
 /// `--dry-run`: the plan from the build's own planner, as text or JSON on stdout.
 fn dry_run(a: &Args, model: template::model::ImageTemplate, api_version: template::ApiVersion, name: String, template_dir: PathBuf, subscription: &str, settings: RunSettings) -> u8 {
-    use kiln_engine::build::{context::BuildOptions, dry_run, BuildRequest};
+    use kiln_engine::build::{dry_run, BuildRequest};
     use std::io::Write;
-    let options = BuildOptions {
-        kiln_home: kiln_engine::home::kiln_home(),
-        resource_group: a.resource_group.clone(),
-        subscription_id: subscription.to_string(),
-        accel: settings.accel,
-        keep_vm_on_error: settings.keep_vm_on_error,
-        ssh_timeout: settings.ssh_timeout,
-        vm_sizes: settings.vm_sizes,
-        timeout_override: settings.timeout_override,
-        provisioning: settings.provisioning,
-        identity_token_command: settings.identity_token_command,
-        disk_bus: settings.disk_bus,
-        nic_model: settings.nic_model,
-        run_id: None,
-        run_dir: None,
-    };
+    let options = settings.into_options(kiln_engine::home::kiln_home(), &a.resource_group, subscription, None);
     let req = BuildRequest { template: model, api_version, name, template_dir, options };
     match dry_run::dry_run(req) {
         Ok(plan) => {

@@ -38,6 +38,30 @@ pub struct RunSettings {
     pub nic_model: Option<crate::vm::NicModel>,
 }
 
+impl RunSettings {
+    /// The build's options: these settings for a template in `resource_group` of
+    /// `subscription`; `run` names the run's id and directory (the store allocates them).
+    pub fn into_options(self, kiln_home: std::path::PathBuf, resource_group: &str, subscription: &str, run: Option<(String, std::path::PathBuf)>) -> BuildOptions {
+        let (run_id, run_dir) = run.map_or((None, None), |(i, d)| (Some(i), Some(d)));
+        BuildOptions {
+            kiln_home,
+            resource_group: resource_group.to_string(),
+            subscription_id: subscription.to_string(),
+            accel: self.accel,
+            keep_vm_on_error: self.keep_vm_on_error,
+            ssh_timeout: self.ssh_timeout,
+            vm_sizes: self.vm_sizes,
+            timeout_override: self.timeout_override,
+            provisioning: self.provisioning,
+            identity_token_command: self.identity_token_command,
+            disk_bus: self.disk_bus,
+            nic_model: self.nic_model,
+            run_id,
+            run_dir,
+        }
+    }
+}
+
 /// Why a run could not start or finish.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -126,22 +150,7 @@ pub async fn execute_run(
             l(e);
         }
     });
-    let options = BuildOptions {
-        kiln_home: home,
-        resource_group: t.resource_group.clone(),
-        subscription_id: t.subscription.clone(),
-        accel: settings.accel,
-        keep_vm_on_error: settings.keep_vm_on_error,
-        ssh_timeout: settings.ssh_timeout,
-        vm_sizes: settings.vm_sizes,
-        timeout_override: settings.timeout_override,
-        provisioning: settings.provisioning,
-        identity_token_command: settings.identity_token_command,
-        disk_bus: settings.disk_bus,
-        nic_model: settings.nic_model,
-        run_id: Some(run.id.clone()),
-        run_dir: Some(run.run_dir.clone()),
-    };
+    let options = settings.into_options(home, &t.resource_group, &t.subscription, Some((run.id.clone(), run.run_dir.clone())));
     let req = BuildRequest {
         template: model,
         api_version: api,
