@@ -3,9 +3,7 @@
 use super::output::{color_stderr, Format, EXIT_INVALID, EXIT_OK, EXIT_USAGE};
 use super::validate::load_options;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln_engine::build::context::{AccelChoice, Provisioning};
 use kiln_engine::build::events::{Event, Listener};
-use kiln_engine::build::sizes;
 use kiln_engine::resources::run::{execute_run, start_run, RunSettings};
 use kiln_engine::resources::{self, CreateRequest};
 use kiln_engine::template;
@@ -38,40 +36,9 @@ pub struct Args {
     /// Output: human (progress on stderr, runOutput JSON on stdout) or json (events as JSON lines).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
-    /// On failure, keep the build VM running and print how to reach it.
-    #[arg(long)]
-    pub keep_vm_on_error: bool,
-    /// Accelerator: auto (KVM if it really runs a guest, else TCG with a warning), kvm, tcg.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
-    pub accel: String,
-    /// A JSON file of extra VM sizes: {"Standard_X": {"vcpus": 2, "memoryMiB": 4096}}.
-    #[arg(long)]
-    pub vm_size_map: Option<PathBuf>,
-    /// How long to wait for SSH, in seconds (AIB: 1200).
-    #[arg(long, default_value_t = 1200)]
-    pub ssh_timeout: u64,
-    /// How the build VM is provisioned: azure (ovf-env.xml CD + emulated wireserver/IMDS, as on
-    /// Azure), nocloud (cloud-init seed), none. Default: the catalog image's preferred method.
-    #[arg(long, value_parser = ["azure", "nocloud", "none"])]
-    pub provisioning: Option<String>,
-    /// With azure provisioning: a program (split on white space, run without a shell) whose
-    /// stdout (a JSON token response) IMDS serves at /metadata/identity/oauth2/token; the
-    /// request's parameters are in KILN_IDENTITY_<NAME> variables. Without it the endpoint
-    /// answers an Azure-shaped error.
-    #[arg(long, value_name = "PROGRAM")]
-    pub identity_token_command: Option<String>,
-    /// The build VM's OS disk controller: virtio (virtio-blk), ahci (SATA), ide. Default: virtio
-    /// for Linux sources, ahci for Windows sources (Azure's Windows images carry Hyper-V
-    /// drivers, not virtio ones; Windows has inbox AHCI drivers).
-    #[arg(long, value_parser = ["virtio", "ahci", "sata", "ide"])]
-    pub disk_bus: Option<String>,
-    /// The build VM's NIC model: virtio-net-pci, e1000, e1000e. Default: virtio-net-pci for
-    /// Linux sources, e1000 for Windows sources (Windows has an inbox Intel e1000 driver).
-    #[arg(long, value_parser = ["virtio-net-pci", "virtio", "e1000", "e1000e"])]
-    pub nic_model: Option<String>,
-    /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
-    #[arg(long, hide = true)]
-    pub timeout_seconds: Option<u64>,
+    /// How the build VM runs (accelerator, provisioning, devices, timeouts).
+    #[command(flatten)]
+    pub run: super::template::RunFlags,
     /// Print the plan (every step with its phase and details: transport, scripts as sent,
     /// restarts, distributors) and exit without fetching, booting or recording anything.
     #[arg(long)]
@@ -163,32 +130,11 @@ pub fn run(a: Args) -> u8 {
         .clone()
         .or_else(|| t.name.clone())
         .unwrap_or_else(|| a.template.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "template".into()));
-    let mut vm_sizes = std::collections::BTreeMap::new();
-    if let Some(p) = &a.vm_size_map {
-        match std::fs::read(p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<std::collections::BTreeMap<String, sizes::VmShape>>(&b).map_err(|e| e.to_string())) {
-            Ok(m) => vm_sizes = m,
-            Err(e) => {
-                eprintln!("error: --vm-size-map {}: {e}", p.display());
-                return EXIT_USAGE;
-            }
-        }
-    }
     let template_dir = a.template.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| PathBuf::from("."));
     let template_dir = std::fs::canonicalize(&template_dir).unwrap_or(template_dir);
-    let settings = RunSettings {
-        accel: match a.accel.as_str() {
-            "kvm" => AccelChoice::Kvm,
-            "tcg" => AccelChoice::Tcg,
-            _ => AccelChoice::Auto,
-        },
-        keep_vm_on_error: a.keep_vm_on_error,
-        ssh_timeout: Duration::from_secs(a.ssh_timeout),
-        vm_sizes,
-        timeout_override: a.timeout_seconds.map(Duration::from_secs),
-        provisioning: a.provisioning.as_deref().and_then(Provisioning::parse),
-        identity_token_command: a.identity_token_command.as_ref().map(|c| c.split_ascii_whitespace().map(str::to_string).collect::<Vec<_>>()).filter(|v| !v.is_empty()),
-        disk_bus: a.disk_bus.as_deref().and_then(kiln_engine::vm::DiskBus::parse),
-        nic_model: a.nic_model.as_deref().and_then(kiln_engine::vm::NicModel::parse),
+    let settings = match a.run.settings() {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     if a.dry_run {
         return dry_run(&a, model, t.api_version, name, template_dir, &opts.arm.subscription_id, settings);

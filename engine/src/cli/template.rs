@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Build flags of `run` (and of the detached worker).
+/// Build flags shared by `kiln build`, `template run` and the detached worker.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunFlags {
     /// Accelerator: auto (KVM if it really runs a guest, else TCG with a warning), kvm, tcg.
@@ -31,18 +31,23 @@ pub struct RunFlags {
     /// How long to wait for SSH, in seconds (AIB: 1200).
     #[arg(long, default_value_t = 1200)]
     pub ssh_timeout: u64,
-    /// Provisioning method: azure (ovf-env.xml + an emulated Azure fabric), nocloud, none.
-    /// Default: the catalog image's preferred method.
+    /// How the build VM is provisioned: azure (ovf-env.xml CD + emulated wireserver/IMDS, as on
+    /// Azure), nocloud (cloud-init seed), none. Default: the catalog image's preferred method.
     #[arg(long, value_parser = ["azure", "nocloud", "none"])]
     pub provisioning: Option<String>,
-    /// With azure provisioning: a program whose stdout IMDS serves as the identity token
-    /// (see `kiln build --help`).
+    /// With azure provisioning: a program (split on white space, run without a shell) whose
+    /// stdout (a JSON token response) IMDS serves at /metadata/identity/oauth2/token; the
+    /// request's parameters are in KILN_IDENTITY_<NAME> variables. Without it the endpoint
+    /// answers an Azure-shaped error.
     #[arg(long, value_name = "PROGRAM")]
     pub identity_token_command: Option<String>,
-    /// The build VM's OS disk controller: virtio, ahci (sata), ide (see `kiln build --help`).
+    /// The build VM's OS disk controller: virtio (virtio-blk), ahci (SATA), ide. Default: virtio
+    /// for Linux sources, ahci for Windows sources (Azure's Windows images carry Hyper-V
+    /// drivers, not virtio ones; Windows has inbox AHCI drivers).
     #[arg(long, value_parser = ["virtio", "ahci", "sata", "ide"])]
     pub disk_bus: Option<String>,
-    /// The build VM's NIC model: virtio-net-pci, e1000, e1000e (see `kiln build --help`).
+    /// The build VM's NIC model: virtio-net-pci, e1000, e1000e. Default: virtio-net-pci for
+    /// Linux sources, e1000 for Windows sources (Windows has an inbox Intel e1000 driver).
     #[arg(long, value_parser = ["virtio-net-pci", "virtio", "e1000", "e1000e"])]
     pub nic_model: Option<String>,
     /// Override buildTimeoutInMinutes, in seconds (for tests and experiments).
@@ -51,7 +56,8 @@ pub struct RunFlags {
 }
 
 impl RunFlags {
-    fn settings(&self) -> Result<RunSettings, u8> {
+    /// The build settings these flags ask for (a bad --vm-size-map file: usage error).
+    pub(crate) fn settings(&self) -> Result<RunSettings, u8> {
         let mut vm_sizes = std::collections::BTreeMap::new();
         if let Some(p) = &self.vm_size_map {
             match std::fs::read(p).map_err(|e| e.to_string()).and_then(|b| {
