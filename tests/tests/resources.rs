@@ -387,7 +387,7 @@ fn one_export_many_distributors_and_templates_built_on_them() {
     create(
         "t2",
         json!({"type": "ManagedImage", "imageId": img1}),
-        json!([{"type": "Shell", "name": "check", "inline": ["cat /tmp/stage1", "echo two > /tmp/stage2"]}]),
+        json!([{"type": "Shell", "name": "check", "inline": ["cat /tmp/stage1", "echo two > /tmp/stage2", "sleep 3"]}]),
         json!([{"type": "SharedImage", "runOutputName": "sig", "galleryImageId": def, "replicationRegions": ["westus2"], "excludeFromLatest": true}]),
     );
     let out = kiln(&[
@@ -405,6 +405,16 @@ fn one_export_many_distributors_and_templates_built_on_them() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // While t2 boots from img1, img1 cannot be deleted (the build's lease on its disk).
+    wait_for("t2", "Customizing", |l| {
+        l["runSubState"] == "Customizing" || l["runState"] != "Running"
+    });
+    let refused = kiln(&["image", "delete", "--ids", &img1]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("OperationNotAllowed"),
+        "deleting a running build's source is refused: {err}"
     );
     let s = wait_for("t2", "finished", |l| l["runState"] != "Running");
     let runs = ok_json(&["template", "show-runs", "-g", "rg", "-n", "t2"]);
@@ -518,6 +528,44 @@ fn one_export_many_distributors_and_templates_built_on_them() {
         kiln(&["image", "show", "--ids", &img1]).status.success(),
         "the artifacts stay"
     );
+    // Deleting a version removes its record and replica files; then the managed image.
+    let v2 = versions()[1].clone();
+    let out = kiln(&[
+        "sig",
+        "image-version",
+        "delete",
+        "-g",
+        "rg",
+        "-r",
+        "gal",
+        "-i",
+        "def",
+        "-e",
+        "0.0.2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        versions()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["0.0.1", "0.0.3"]
+    );
+    for r in v2["kiln"]["replicas"].as_array().expect("replicas") {
+        let p = PathBuf::from(r["path"].as_str().unwrap_or(""));
+        assert!(!p.exists(), "{} removed", p.display());
+    }
+    let out = kiln(&["image", "delete", "--ids", &img1]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!kiln(&["image", "show", "--ids", &img1]).status.success());
 }
 
 fn long_template(name: &str) {

@@ -102,6 +102,9 @@ pub struct ResolvedSource {
     pub virtual_size: u64,
     /// The provisioning methods the catalog image supports, preferred first.
     pub provisioning: Vec<kiln_images::catalog::ProvisioningMethod>,
+    /// A stored (managed or gallery) image's shared lease, held while the build lives so that
+    /// `kiln image delete` / `sig image-version delete` refuse to remove it (`store::lease`).
+    pub lease: Option<std::sync::Arc<std::fs::File>>,
 }
 
 /// A customizer artifact fetched on the host.

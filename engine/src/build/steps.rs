@@ -146,6 +146,7 @@ impl Step for ResolveSource {
             exact_version: Some(r.exact_version),
             virtual_size: r.entry.meta.virtual_size,
             provisioning: r.entry.meta.provisioning.clone(),
+            lease: None,
         });
         Ok(())
     }

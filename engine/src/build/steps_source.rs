@@ -34,6 +34,13 @@ fn virtual_size(disk: &Path) -> Result<u64, BuildError> {
         .map_err(|e| BuildError::Source(format!("reading {}: {e}", disk.display())))
 }
 
+/// The shared lease on a stored image's disk, held for the build (see `store::lease`).
+fn take_lease(disk: &Path, id: &str) -> Result<std::sync::Arc<std::fs::File>, BuildError> {
+    crate::store::lease::shared(disk)
+        .map(std::sync::Arc::new)
+        .map_err(|e| BuildError::Source(format!("source {id}: {}: {e}", disk.display())))
+}
+
 /// Resolves a ManagedImage or SharedImageVersion source. (PlatformImage sources resolve through
 /// the catalog in `steps::ResolveSource`.)
 pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
@@ -50,6 +57,7 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                     parsed.resource_group
                 ))
             })?;
+            let lease = take_lease(&img.disk, &img.id)?;
             cx.events.info(format!(
                 "source ManagedImage {} ({}) at {}",
                 img.id,
@@ -64,6 +72,7 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                 format: DiskFormat::Vpc,
                 generation: generation(&img.hyper_v_generation),
                 exact_version: None,
+                lease: Some(lease),
             })
         }
         Source::SharedImageVersion { image_version_id } => {
@@ -99,6 +108,7 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                     v.replicas.iter().map(|r| r.region.as_str()).collect::<Vec<_>>().join(", ")
                 ))
             })?;
+            let lease = take_lease(&replica.disk, &v.id)?;
             cx.events.info(format!(
                 "source SharedImageVersion {} ({}) at {}",
                 v.id,
@@ -113,6 +123,7 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                 format: DiskFormat::Vpc,
                 generation: generation(&def.hyper_v_generation),
                 exact_version: Some(v.id.clone()),
+                lease: Some(lease),
             })
         }
         Source::PlatformImage { .. } => Err(BuildError::Source(

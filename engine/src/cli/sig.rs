@@ -139,6 +139,22 @@ pub enum VersionCommand {
         #[arg(short = 'e', long = "gallery-image-version")]
         version: String,
     },
+    /// Delete a version: its record and its replica files in every region. Refused while a
+    /// build boots from it.
+    Delete {
+        /// Resource group.
+        #[arg(short = 'g', long)]
+        resource_group: String,
+        /// Gallery name.
+        #[arg(short = 'r', long = "gallery-name")]
+        gallery_name: String,
+        /// Definition name.
+        #[arg(short = 'i', long = "gallery-image-definition")]
+        definition: String,
+        /// The version (exact: `1.0.2`).
+        #[arg(short = 'e', long = "gallery-image-version")]
+        version: String,
+    },
 }
 
 fn gallery_json(g: &GalleryRow) -> Value {
@@ -378,6 +394,20 @@ pub fn run(cmd: Command) -> u8 {
                     message: format!("The Resource 'Microsoft.Compute/galleries/{gallery_name}/images/{def}/versions/{version}' under resource group '{resource_group}' was not found."),
                 })?;
                 res::print(&version_json(&v));
+            }
+            Command::ImageVersion(VersionCommand::Delete {
+                resource_group,
+                gallery_name,
+                definition: def,
+                version,
+            }) => {
+                let d = definition(&store, &sub, &resource_group, &gallery_name, &def)?;
+                let v = store.delete_version(&format!("{}/versions/{version}", d.id))?;
+                eprintln!(
+                    "deleted the image version {} ({} replica file(s))",
+                    v.id,
+                    v.replicas.len()
+                );
             }
         }
         Ok(())

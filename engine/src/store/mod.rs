@@ -12,6 +12,7 @@
 //!   is gone, the next `kiln` command marks the run `Failed` ([`Store::recover`], in `runs`).
 
 pub mod ids;
+pub mod lease;
 pub mod runs;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -842,6 +843,7 @@ impl Store {
             code: "ResourceNotFound",
             message: format!("the managed image {id} was not found"),
         })?;
+        let _lease = Self::lease_for_delete(&img.disk, &format!("the managed image {id}"))?;
         self.conn
             .execute("DELETE FROM images WHERE key=?1", params![ids::key(id)])
             .map_err(self.db())?;
@@ -849,6 +851,59 @@ impl Store {
             let _ = std::fs::remove_dir_all(dir);
         }
         Ok(img)
+    }
+
+    /// The exclusive lease a delete holds while it removes a stored disk; refused while a build
+    /// boots from it (see [`lease`]).
+    fn lease_for_delete(disk: &Path, what: &str) -> Result<Option<std::fs::File>, StoreError> {
+        match lease::exclusive_now(disk).map_err(|source| StoreError::Io {
+            what: format!("locking {}", disk.display()),
+            source,
+        })? {
+            lease::Exclusive::Held(f) => Ok(Some(f)),
+            lease::Exclusive::Missing => Ok(None),
+            lease::Exclusive::InUse => Err(StoreError::Conflict {
+                code: "OperationNotAllowed",
+                message: format!(
+                    "{what} is the source of a build that is running now ({}); wait for it to end or cancel it (`kiln template cancel`, or stop `kiln build`), then delete",
+                    disk.display()
+                ),
+            }),
+        }
+    }
+
+    /// Deletes an image version (an exact version, not `latest`): its rows and its replica files.
+    pub fn delete_version(&self, id: &str) -> Result<VersionRow, StoreError> {
+        let v = match ids::ResourceId::parse(id) {
+            Some(p) if !p.name().eq_ignore_ascii_case("latest") => self.version(id)?,
+            _ => None,
+        }
+        .ok_or_else(|| StoreError::NotFound {
+            code: "ResourceNotFound",
+            message: format!("the image version {id} was not found (give an exact version; `latest` is not deleted)"),
+        })?;
+        let mut leases = Vec::new();
+        for r in &v.replicas {
+            leases.push(Self::lease_for_delete(&r.disk, &format!("the image version {}", v.id))?);
+        }
+        let key = ids::key(&v.id);
+        let r = (|| -> rusqlite::Result<()> {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.conn.execute("DELETE FROM replicas WHERE version_key=?1", params![key])?;
+            self.conn.execute("DELETE FROM image_versions WHERE key=?1", params![key])?;
+            self.conn.execute_batch("COMMIT")
+        })();
+        if let Err(source) = r {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(StoreError::Db { path: self.path.clone(), source });
+        }
+        for r in &v.replicas {
+            if let Some(dir) = r.disk.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        drop(leases);
+        Ok(v)
     }
 
     // ---- galleries ----
@@ -1261,7 +1316,12 @@ mod tests {
                     region: "westus".into(),
                     replica_count: 1,
                     storage_account_type: "Standard_LRS".into(),
-                    disk: PathBuf::from("/x"),
+                    disk: {
+                        let f = d.join("regions").join(name).join("disk.vhd");
+                        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                        std::fs::write(&f, name).unwrap();
+                        f
+                    },
                 }],
             };
             s.insert_version(&v).unwrap();
@@ -1278,6 +1338,26 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(latest.name, "1.2.0");
+        // Deleting: refused while a build holds the replica; then rows and files go, and
+        // `latest` moves back; `latest` itself is never a delete target.
+        let v12 = ids::version_id("sub", "rg", "gal", "def", "1.2.0");
+        let build = lease::shared(&latest.replicas[0].disk).unwrap();
+        assert_eq!(s.delete_version(&v12).unwrap_err().code(), "OperationNotAllowed");
+        assert!(s.version(&v12).unwrap().is_some());
+        drop(build);
+        let gone = s.delete_version(&v12.to_uppercase()).unwrap();
+        assert!(!gone.replicas[0].disk.exists());
+        assert!(s.version(&v12).unwrap().is_none());
+        assert_eq!(
+            s.version(&format!("{def_id}/versions/latest")).unwrap().unwrap().name,
+            "1.0.0"
+        );
+        assert_eq!(
+            s.delete_version(&format!("{def_id}/versions/latest")).unwrap_err().code(),
+            "ResourceNotFound"
+        );
+        assert_eq!(s.delete_version(&v12).unwrap_err().code(), "ResourceNotFound");
+        assert_eq!(s.versions(&def_id).unwrap().len(), 2);
         assert_eq!(parse_version("1.2"), None);
         assert_eq!(parse_version("1.2.x"), None);
         let _ = std::fs::remove_dir_all(d);
