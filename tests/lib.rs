@@ -15,3 +15,30 @@ pub mod inspect;
 pub mod winrs_server;
 
 pub use guest::*;
+
+/// A fresh per-process scratch directory `<tmp>/<prefix>-<pid>` for a test binary's shared
+/// KILN_HOME. Test binaries cannot clean up after their statics, so each start removes the
+/// directories of earlier runs of the same prefix whose process is gone (a running one — another
+/// test binary of the same kind — is left alone): a run leaves at most its own behind.
+pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(prefix))
+                .and_then(|rest| rest.strip_prefix('-'))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}

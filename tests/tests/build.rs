@@ -24,7 +24,7 @@ fn home() -> &'static Path {
     static HOME: OnceLock<PathBuf> = OnceLock::new();
     HOME.get_or_init(|| {
         let img = kiln_tests::image("tiny").expect("tiny test guest");
-        let home = std::env::temp_dir().join(format!("kiln-build-tests-{}", std::process::id()));
+        let home = kiln_tests::scratch_dir("kiln-build-tests");
         let _ = std::fs::remove_dir_all(&home);
         for (sku, gen) in [("gen1", "V1"), ("gen2", "V2")] {
             let out = Command::new(kiln_bin())

@@ -39,7 +39,7 @@ fn root_partition(disk: &Path, dest: &Path) {
 #[test]
 fn debian_builds_with_the_default_waagent_deprovision() {
     let img = kiln_tests::image("debian").expect("debian test guest");
-    let dir = std::env::temp_dir().join(format!("kiln-build-debian-{}", std::process::id()));
+    let dir = kiln_tests::scratch_dir("kiln-build-debian");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let home = dir.join("home");

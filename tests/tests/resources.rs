@@ -37,7 +37,7 @@ fn home() -> &'static Home {
     static HOME: OnceLock<Home> = OnceLock::new();
     HOME.get_or_init(|| {
         let img = kiln_tests::image("tiny").expect("tiny test guest");
-        let dir = std::env::temp_dir().join(format!("kiln-resources-tests-{}", std::process::id()));
+        let dir = kiln_tests::scratch_dir("kiln-resources-tests");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("home");
         std::fs::write(
