@@ -531,6 +531,7 @@ fn a_stored_managed_image_decides_the_os() {
                 tags: serde_json::json!({}),
                 source_run: None,
                 created: "2026-01-01T00:00:00Z".into(),
+                provisioning: Vec::new(),
             })
             .unwrap();
     }

@@ -313,6 +313,11 @@ fn one_export_many_distributors_and_templates_built_on_them() {
         .expect("a managed image listed");
     assert_eq!(mi["id"], img1.as_str());
     assert_eq!(mi["tags"]["built"], "t1");
+    assert_eq!(
+        mi["kiln"]["provisioning"][0], "nocloud",
+        "the image remembers how its build provisioned, first: {mi}"
+    );
+    assert_eq!(mi["properties"]["storageProfile"]["osDisk"]["osType"], "Linux");
     assert!(imgs
         .as_array()
         .expect("list")

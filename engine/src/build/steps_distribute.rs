@@ -238,6 +238,39 @@ pub fn source_version(source: &Source, exact: Option<&str>) -> Result<(i64, i64,
     parse_version(&text).ok_or_else(|| format!("versioning scheme Source: the source version `{text}` is not Major.Minor.Patch with integers; use scheme Latest"))
 }
 
+/// How builds from a stored image provision it: the method this build used first (it worked),
+/// then the source's other methods; Windows builds `unattend`. Recorded with managed images and
+/// gallery versions so that a build on them provisions as its parent did.
+pub fn stored_provisioning(cx: &BuildCx) -> Vec<String> {
+    use kiln_images::catalog::ProvisioningMethod as M;
+    let mut out: Vec<M> = Vec::new();
+    if crate::build::steps_windows::target_os(cx).windows {
+        out.push(M::Unattend);
+    }
+    match cx.provisioning {
+        Some(crate::build::context::Provisioning::NoCloud) => out.push(M::NoCloud),
+        Some(crate::build::context::Provisioning::Azure) => out.push(M::Azure),
+        _ => {}
+    }
+    for m in cx.source.iter().flat_map(|s| s.provisioning.iter()) {
+        if !out.contains(m) {
+            out.push(*m);
+        }
+    }
+    out.iter()
+        .filter_map(|m| serde_json::to_value(m).ok())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+/// The stored form back: unknown names are skipped.
+pub fn parse_stored_provisioning(names: &[String]) -> Vec<kiln_images::catalog::ProvisioningMethod> {
+    names
+        .iter()
+        .filter_map(|n| serde_json::from_value(serde_json::Value::String(n.clone())).ok())
+        .collect()
+}
+
 impl Distribute {
     fn managed_image(
         cx: &BuildCx,
@@ -274,12 +307,17 @@ impl Distribute {
             resource_group: id.resource_group.clone(),
             name: id.name().to_string(),
             location: location.to_string(),
-            os_type: "Linux".into(),
+            os_type: if crate::build::steps_windows::target_os(cx).windows {
+                "Windows".into()
+            } else {
+                "Linux".into()
+            },
             hyper_v_generation: gen_name(gen).into(),
             disk: disk.clone(),
             tags: json!(tags),
             source_run: Some(cx.run_id.clone()),
             created: crate::build::time::now_rfc3339(),
+            provisioning: stored_provisioning(cx),
         };
         if let Err(e) = store.insert_image(&row) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -434,6 +472,7 @@ impl Distribute {
                 source_run: Some(cx.run_id.clone()),
                 created: crate::build::time::now_rfc3339(),
                 replicas,
+                provisioning: stored_provisioning(cx),
             };
             match store.insert_version(&row) {
                 Ok(()) => {

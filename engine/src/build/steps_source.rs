@@ -65,8 +65,7 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                 img.disk.display()
             ));
             Ok(ResolvedSource {
-                // Not recorded for stored images yet: the default (NoCloud) or --provisioning.
-                provisioning: Vec::new(),
+                provisioning: super::steps_distribute::parse_stored_provisioning(&img.provisioning),
                 virtual_size: virtual_size(&img.disk)?,
                 disk: img.disk,
                 format: DiskFormat::Vpc,
@@ -116,8 +115,7 @@ pub fn resolve(cx: &BuildCx) -> Result<ResolvedSource, BuildError> {
                 replica.disk.display()
             ));
             Ok(ResolvedSource {
-                // Not recorded for stored images yet: the default (NoCloud) or --provisioning.
-                provisioning: Vec::new(),
+                provisioning: super::steps_distribute::parse_stored_provisioning(&v.provisioning),
                 virtual_size: virtual_size(&replica.disk)?,
                 disk: replica.disk.clone(),
                 format: DiskFormat::Vpc,

@@ -58,7 +58,8 @@ pub fn managed_json(i: &ImageRow) -> serde_json::Value {
             },
             "provisioningState": "Succeeded",
             "hyperVGeneration": i.hyper_v_generation,
-        }
+        },
+        "kiln": {"provisioning": i.provisioning, "sourceRun": i.source_run},
     })
 }
 

@@ -198,7 +198,7 @@ pub fn version_json(v: &VersionRow) -> Value {
             "storageProfile": {"osDiskImage": {"sizeInGB": size, "hostCaching": "ReadWrite", "source": {"uri": v.replicas.first().map(|r| format!("file://{}", r.disk.display()))}}},
             "provisioningState": "Succeeded",
         },
-        "kiln": {"replicas": v.replicas.iter().map(|r| json!({"region": r.region, "path": r.disk})).collect::<Vec<_>>(), "sourceRun": v.source_run},
+        "kiln": {"replicas": v.replicas.iter().map(|r| json!({"region": r.region, "path": r.disk})).collect::<Vec<_>>(), "sourceRun": v.source_run, "provisioning": v.provisioning},
     })
 }
 

@@ -154,6 +154,7 @@ fn template_and_run_output_json_have_azures_shape() {
             tags: json!({}),
             source_run: None,
             created: "2026-01-01T00:00:00Z".into(),
+            provisioning: vec!["nocloud".into()],
         })
         .unwrap();
     let req = request(

@@ -80,7 +80,7 @@ impl StoreError {
 }
 
 /// The newest schema.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
@@ -120,6 +120,12 @@ CREATE TABLE image_versions (
 CREATE TABLE replicas (
   version_key TEXT NOT NULL, region TEXT NOT NULL, replica_count INTEGER NOT NULL, storage_account_type TEXT NOT NULL,
   disk TEXT NOT NULL, PRIMARY KEY (version_key, region));
+"#,
+    // 2: how a stored image is provisioned (the method its build used, then its source's others),
+    //    as a JSON list of kiln's method names (`["azure"]`); `[]` for rows written before.
+    r#"
+ALTER TABLE images ADD COLUMN provisioning TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE image_versions ADD COLUMN provisioning TEXT NOT NULL DEFAULT '[]';
 "#,
 ];
 
@@ -283,6 +289,9 @@ pub struct ImageRow {
     pub source_run: Option<String>,
     /// RFC 3339.
     pub created: String,
+    /// Provisioning methods a build from it uses, preferred first (`nocloud`, `azure`,
+    /// `unattend`); empty: unknown (written by an older kiln).
+    pub provisioning: Vec<String>,
 }
 
 /// A gallery.
@@ -359,6 +368,8 @@ pub struct VersionRow {
     pub created: String,
     /// Per-region replicas.
     pub replicas: Vec<ReplicaRow>,
+    /// Provisioning methods, as [`ImageRow::provisioning`].
+    pub provisioning: Vec<String>,
 }
 
 fn now() -> String {
@@ -367,6 +378,10 @@ fn now() -> String {
 
 fn json_col(s: String) -> Value {
     serde_json::from_str(&s).unwrap_or(Value::Null)
+}
+
+fn list_col(s: String) -> Vec<String> {
+    serde_json::from_str(&s).unwrap_or_default()
 }
 
 /// Parses `major.minor.patch` (each a non-negative integer, as galleries require).
@@ -774,17 +789,18 @@ impl Store {
             tags: json_col(r.get(8)?),
             source_run: r.get(9)?,
             created: r.get(10)?,
+            provisioning: list_col(r.get(11)?),
         })
     }
 
-    const IMAGE_COLS: &'static str = "id, subscription, resource_group, name, location, os_type, hyper_v_generation, disk, tags, source_run, created";
+    const IMAGE_COLS: &'static str = "id, subscription, resource_group, name, location, os_type, hyper_v_generation, disk, tags, source_run, created, provisioning";
 
     /// Commits a managed image whose disk is complete. Fails if the ID exists.
     pub fn insert_image(&self, i: &ImageRow) -> Result<(), StoreError> {
         let n = self
             .conn
             .execute(
-                &format!("INSERT OR IGNORE INTO images(key, {}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)", Self::IMAGE_COLS),
+                &format!("INSERT OR IGNORE INTO images(key, {}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)", Self::IMAGE_COLS),
                 params![
                     ids::key(&i.id),
                     i.id,
@@ -797,7 +813,8 @@ impl Store {
                     i.disk.display().to_string(),
                     i.tags.to_string(),
                     i.source_run,
-                    i.created
+                    i.created,
+                    serde_json::to_string(&i.provisioning).unwrap_or_else(|_| "[]".into())
                 ],
             )
             .map_err(self.db())?;
@@ -1049,7 +1066,7 @@ impl Store {
         let mut st = self
             .conn
             .prepare(
-                "SELECT id, definition_key, name, major, minor, patch, exclude_from_latest, location, tags, source_run, created, key FROM image_versions WHERE definition_key=?1 ORDER BY major, minor, patch",
+                "SELECT id, definition_key, name, major, minor, patch, exclude_from_latest, location, tags, source_run, created, key, provisioning FROM image_versions WHERE definition_key=?1 ORDER BY major, minor, patch",
             )
             .map_err(self.db())?;
         let rows = st
@@ -1066,6 +1083,7 @@ impl Store {
                         source_run: r.get(9)?,
                         created: r.get(10)?,
                         replicas: Vec::new(),
+                        provisioning: list_col(r.get(12)?),
                     },
                     r.get::<_, String>(11)?,
                 ))
@@ -1120,8 +1138,8 @@ impl Store {
         let r = (|| -> rusqlite::Result<usize> {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
             let n = self.conn.execute(
-                "INSERT OR IGNORE INTO image_versions(key, id, definition_key, name, major, minor, patch, exclude_from_latest, location, tags, source_run, created) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)",
-                params![key, v.id, v.definition_key, v.name, v.version.0, v.version.1, v.version.2, v.exclude_from_latest, v.location, v.tags.to_string(), v.source_run, v.created],
+                "INSERT OR IGNORE INTO image_versions(key, id, definition_key, name, major, minor, patch, exclude_from_latest, location, tags, source_run, created, provisioning) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)",
+                params![key, v.id, v.definition_key, v.name, v.version.0, v.version.1, v.version.2, v.exclude_from_latest, v.location, v.tags.to_string(), v.source_run, v.created, serde_json::to_string(&v.provisioning).unwrap_or_else(|_| "[]".into())],
             )?;
             if n == 1 {
                 for rep in &v.replicas {
@@ -1226,6 +1244,27 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_store_gains_provisioning_columns() {
+        let d = tmp("migrate-v1");
+        std::fs::create_dir_all(&d).unwrap();
+        {
+            let c = Connection::open(d.join("kiln.db")).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute_batch("PRAGMA user_version = 1").unwrap();
+            c.execute(
+                "INSERT INTO images(key, id, subscription, resource_group, name, location, os_type, hyper_v_generation, disk, created) VALUES ('/x','/x','s','rg','n','westus','Linux','V1','/d','t')",
+                [],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&d).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 2);
+        let img = s.image("/x").unwrap().expect("the old row");
+        assert!(img.provisioning.is_empty(), "unknown for old rows");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
     fn refuses_a_newer_schema() {
         let d = tmp("newer");
         let s = Store::open(&d).unwrap();
@@ -1323,6 +1362,7 @@ mod tests {
                         f
                     },
                 }],
+                provisioning: vec!["azure".into(), "nocloud".into()],
             };
             s.insert_version(&v).unwrap();
             assert_eq!(s.insert_version(&v).unwrap_err().code(), "Conflict");
@@ -1333,6 +1373,7 @@ mod tests {
             ["1.0.0", "1.2.0", "1.10.0"]
         );
         assert_eq!(all[0].replicas.len(), 1);
+        assert_eq!(all[0].provisioning, ["azure", "nocloud"]);
         let latest = s
             .version(&format!("{}/versions/latest", def_id.to_uppercase()))
             .unwrap()
