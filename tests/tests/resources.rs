@@ -195,21 +195,18 @@ fn run_fg(name: &str) -> (Value, Vec<String>) {
     (result, lines)
 }
 
+/// `sig image-version VERB -g rg -r gal -i def [EXTRA…]`.
+fn sig_version<'a>(verb: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["sig", "image-version", verb, "-g", "rg", "-r", "gal", "-i", "def"];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn versions() -> Vec<Value> {
-    ok_json(&[
-        "sig",
-        "image-version",
-        "list",
-        "-g",
-        "rg",
-        "-r",
-        "gal",
-        "-i",
-        "def",
-    ])
-    .as_array()
-    .cloned()
-    .unwrap_or_default()
+    ok_json(&sig_version("list", &[]))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn qemu_naming(dir: &str) -> String {
@@ -446,19 +443,7 @@ fn one_export_many_distributors_and_templates_built_on_them() {
         v[1]["properties"]["publishingProfile"]["excludeFromLatest"],
         true
     );
-    let latest = ok_json(&[
-        "sig",
-        "image-version",
-        "show",
-        "-g",
-        "rg",
-        "-r",
-        "gal",
-        "-i",
-        "def",
-        "-e",
-        "latest",
-    ]);
+    let latest = ok_json(&sig_version("show", &["-e", "latest"]));
     assert_eq!(latest["name"], "0.0.1", "excludeFromLatest is honoured");
 
     // 3. …/versions/latest (= 0.0.1: without t2's change) → an automatic version, and an explicit
@@ -535,19 +520,7 @@ fn one_export_many_distributors_and_templates_built_on_them() {
     );
     // Deleting a version removes its record and replica files; then the managed image.
     let v2 = versions()[1].clone();
-    let out = kiln(&[
-        "sig",
-        "image-version",
-        "delete",
-        "-g",
-        "rg",
-        "-r",
-        "gal",
-        "-i",
-        "def",
-        "-e",
-        "0.0.2",
-    ]);
+    let out = kiln(&sig_version("delete", &["-e", "0.0.2"]));
     assert!(
         out.status.success(),
         "{}",

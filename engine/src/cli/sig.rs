@@ -6,29 +6,42 @@ use super::res::{self, Out};
 use kiln_engine::store::{ids, DefinitionRow, GalleryRow, Store, StoreError, VersionRow};
 use serde_json::{json, Value};
 
+/// A gallery: `-g RG -r GALLERY`.
+#[derive(Debug, clap::Args)]
+pub struct GalleryRef {
+    /// Resource group.
+    #[arg(short = 'g', long)]
+    resource_group: String,
+    /// Gallery name.
+    #[arg(short = 'r', long = "gallery-name")]
+    gallery_name: String,
+}
+
+/// An image definition: `-g RG -r GALLERY -i DEF`.
+#[derive(Debug, clap::Args)]
+pub struct DefRef {
+    #[command(flatten)]
+    gallery: GalleryRef,
+    /// Definition name.
+    #[arg(short = 'i', long = "gallery-image-definition")]
+    definition: String,
+}
+
 /// `kiln sig …`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Create a gallery (idempotent).
     Create {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
+        #[command(flatten)]
+        at: GalleryRef,
         /// Location (default: the resource group's).
         #[arg(short = 'l', long)]
         location: Option<String>,
     },
     /// Show a gallery.
     Show {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
+        #[command(flatten)]
+        at: GalleryRef,
     },
     /// List galleries.
     List {
@@ -52,15 +65,8 @@ pub enum Command {
 pub enum DefCommand {
     /// Create an image definition in an existing gallery.
     Create {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
-        /// Definition name.
-        #[arg(short = 'i', long = "gallery-image-definition")]
-        definition: String,
+        #[command(flatten)]
+        at: DefRef,
         /// Publisher.
         #[arg(short = 'p', long)]
         publisher: String,
@@ -82,27 +88,16 @@ pub enum DefCommand {
     },
     /// List the definitions of a gallery.
     List {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
+        #[command(flatten)]
+        at: GalleryRef,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "json")]
         output: Out,
     },
     /// Show a definition.
     Show {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
-        /// Definition name.
-        #[arg(short = 'i', long = "gallery-image-definition")]
-        definition: String,
+        #[command(flatten)]
+        at: DefRef,
     },
 }
 
@@ -111,30 +106,16 @@ pub enum DefCommand {
 pub enum VersionCommand {
     /// List the versions of a definition.
     List {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
-        /// Definition name.
-        #[arg(short = 'i', long = "gallery-image-definition")]
-        definition: String,
+        #[command(flatten)]
+        at: DefRef,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "json")]
         output: Out,
     },
     /// Show a version (`latest` resolves to the highest version not excluded from latest).
     Show {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
-        /// Definition name.
-        #[arg(short = 'i', long = "gallery-image-definition")]
-        definition: String,
+        #[command(flatten)]
+        at: DefRef,
         /// The version.
         #[arg(short = 'e', long = "gallery-image-version")]
         version: String,
@@ -142,15 +123,8 @@ pub enum VersionCommand {
     /// Delete a version: its record and its replica files in every region. Refused while a
     /// build boots from it.
     Delete {
-        /// Resource group.
-        #[arg(short = 'g', long)]
-        resource_group: String,
-        /// Gallery name.
-        #[arg(short = 'r', long = "gallery-name")]
-        gallery_name: String,
-        /// Definition name.
-        #[arg(short = 'i', long = "gallery-image-definition")]
-        definition: String,
+        #[command(flatten)]
+        at: DefRef,
         /// The version (exact: `1.0.2`).
         #[arg(short = 'e', long = "gallery-image-version")]
         version: String,
@@ -202,13 +176,12 @@ pub fn version_json(v: &VersionRow) -> Value {
     })
 }
 
-fn definition(
-    store: &Store,
-    sub: &str,
-    rg: &str,
-    gallery: &str,
-    def: &str,
-) -> Result<DefinitionRow, StoreError> {
+fn definition(store: &Store, sub: &str, at: &DefRef) -> Result<DefinitionRow, StoreError> {
+    let (rg, gallery, def) = (
+        &at.gallery.resource_group,
+        &at.gallery.gallery_name,
+        &at.definition,
+    );
     store.require_group(sub, rg)?;
     store.definition(&ids::definition_id(sub, rg, gallery, def))?.ok_or_else(|| StoreError::NotFound {
         code: "ResourceNotFound",
@@ -229,8 +202,11 @@ pub fn run(cmd: Command) -> u8 {
     let r: Result<(), StoreError> = (|| {
         match cmd {
             Command::Create {
-                resource_group,
-                gallery_name,
+                at:
+                    GalleryRef {
+                        resource_group,
+                        gallery_name,
+                    },
                 location,
             } => {
                 let g = store.require_group(&sub, &resource_group)?;
@@ -243,8 +219,11 @@ pub fn run(cmd: Command) -> u8 {
                 res::print(&gallery_json(&gal));
             }
             Command::Show {
-                resource_group,
-                gallery_name,
+                at:
+                    GalleryRef {
+                        resource_group,
+                        gallery_name,
+                    },
             } => {
                 store.require_group(&sub, &resource_group)?;
                 let g = store.gallery(&ids::gallery_id(&sub, &resource_group, &gallery_name))?.ok_or_else(|| StoreError::NotFound {
@@ -273,9 +252,15 @@ pub fn run(cmd: Command) -> u8 {
                 }
             }
             Command::ImageDefinition(DefCommand::Create {
-                resource_group,
-                gallery_name,
-                definition,
+                at:
+                    DefRef {
+                        gallery:
+                            GalleryRef {
+                                resource_group,
+                                gallery_name,
+                            },
+                        definition,
+                    },
                 publisher,
                 offer,
                 sku,
@@ -303,8 +288,11 @@ pub fn run(cmd: Command) -> u8 {
                 res::print(&definition_json(&d));
             }
             Command::ImageDefinition(DefCommand::List {
-                resource_group,
-                gallery_name,
+                at:
+                    GalleryRef {
+                        resource_group,
+                        gallery_name,
+                    },
                 output,
             }) => {
                 store.require_group(&sub, &resource_group)?;
@@ -338,26 +326,11 @@ pub fn run(cmd: Command) -> u8 {
                     ),
                 }
             }
-            Command::ImageDefinition(DefCommand::Show {
-                resource_group,
-                gallery_name,
-                definition: def,
-            }) => {
-                res::print(&definition_json(&definition(
-                    &store,
-                    &sub,
-                    &resource_group,
-                    &gallery_name,
-                    &def,
-                )?));
+            Command::ImageDefinition(DefCommand::Show { at }) => {
+                res::print(&definition_json(&definition(&store, &sub, &at)?));
             }
-            Command::ImageVersion(VersionCommand::List {
-                resource_group,
-                gallery_name,
-                definition: def,
-                output,
-            }) => {
-                let d = definition(&store, &sub, &resource_group, &gallery_name, &def)?;
+            Command::ImageVersion(VersionCommand::List { at, output }) => {
+                let d = definition(&store, &sub, &at)?;
                 let vs = store.versions(&d.id)?;
                 match output {
                     Out::Json => {
@@ -382,26 +355,16 @@ pub fn run(cmd: Command) -> u8 {
                     ),
                 }
             }
-            Command::ImageVersion(VersionCommand::Show {
-                resource_group,
-                gallery_name,
-                definition: def,
-                version,
-            }) => {
-                let d = definition(&store, &sub, &resource_group, &gallery_name, &def)?;
+            Command::ImageVersion(VersionCommand::Show { at, version }) => {
+                let d = definition(&store, &sub, &at)?;
                 let v = store.version(&format!("{}/versions/{version}", d.id))?.ok_or_else(|| StoreError::NotFound {
                     code: "ResourceNotFound",
-                    message: format!("The Resource 'Microsoft.Compute/galleries/{gallery_name}/images/{def}/versions/{version}' under resource group '{resource_group}' was not found."),
+                    message: format!("The Resource 'Microsoft.Compute/galleries/{}/images/{}/versions/{version}' under resource group '{}' was not found.", at.gallery.gallery_name, at.definition, at.gallery.resource_group),
                 })?;
                 res::print(&version_json(&v));
             }
-            Command::ImageVersion(VersionCommand::Delete {
-                resource_group,
-                gallery_name,
-                definition: def,
-                version,
-            }) => {
-                let d = definition(&store, &sub, &resource_group, &gallery_name, &def)?;
+            Command::ImageVersion(VersionCommand::Delete { at, version }) => {
+                let d = definition(&store, &sub, &at)?;
                 let v = store.delete_version(&format!("{}/versions/{version}", d.id))?;
                 eprintln!(
                     "deleted the image version {} ({} replica file(s))",
