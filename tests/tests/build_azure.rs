@@ -272,13 +272,34 @@ fn debian_azure_gen2_finds_the_provisioning_media_on_a_virtio_disk() {
     let dir = kiln_tests::TestDir::new("build-azure-g2").expect("dir");
     let mut customize = customizers();
     customize.push(serde_json::json!({"type": "Shell", "name": "media", "inline": ["lsblk -n -o NAME,FSTYPE | grep iso9660"]}));
+    // The build VM's identity gets the token the --identity-token-command prints, for the
+    // resource the guest asked for.
+    let token_cmd = dir.path.join("token.sh");
+    std::fs::write(
+        &token_cmd,
+        "#!/bin/sh\nprintf '{\"access_token\":\"kiln-test-%s\",\"token_type\":\"Bearer\"}' \"$KILN_IDENTITY_RESOURCE\"\n",
+    )
+    .expect("token command");
+    std::fs::set_permissions(&token_cmd, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    customize.push(serde_json::json!({"type": "Shell", "name": "token", "inline": [
+        "curl -sS -m 30 -H Metadata:true 'http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net'; echo"
+    ]}));
+    let token_arg = token_cmd.display().to_string();
     let b = build(
         &dir.path,
         "debian-azure",
         "gen2",
         &["--hyper-v-generation", "V2"],
-        &["--provisioning", "azure"],
+        &["--provisioning", "azure", "--identity-token-command", &token_arg],
         Value::Array(customize),
+    );
+    assert!(
+        outputs(&b, "token")
+            .iter()
+            .any(|l| l.contains("\"access_token\":\"kiln-test-https://vault.azure.net\"")),
+        "{}",
+        b.stdout
     );
     check_provisioned(&b, "Cloud-Init");
     check_customizer(&b);
