@@ -1221,6 +1221,11 @@ async fn run_powershell(
     }
 }
 
+/// The File step's check that `destination`'s directory exists (exit 3 when it does not).
+pub fn destination_dir_check(destination: &str) -> String {
+    format!("$d = Split-Path -Parent {}; if ($d -and -not (Test-Path -LiteralPath $d -PathType Container)) {{ exit 3 }}; exit 0", powershell::quote(destination))
+}
+
 async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), BuildError> {
     let a = cx
         .artifacts
@@ -1228,7 +1233,7 @@ async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), Buil
         .cloned()
         .ok_or_else(|| step_err(step, format!("{} was not fetched", f.source_uri)))?;
     recover_after_reboot(cx, step, false).await?;
-    let check = format!("$d = Split-Path -Parent {}; if ($d -and -not (Test-Path -LiteralPath $d -PathType Container)) {{ exit 3 }}; exit 0", powershell::quote(&f.destination));
+    let check = destination_dir_check(&f.destination);
     let code = exec_streamed(cx, step, &powershell::command_line(&check), false)
         .await
         .map_err(|e| step_err(step, e))?;
