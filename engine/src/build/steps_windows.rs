@@ -1329,10 +1329,18 @@ async fn restart(
         .ok_or_else(|| BuildError::Connect("not connected".into()))?;
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, guest.reconnect(interrupt)).await {
-        Ok(Ok(rep)) => cx.events.info(format!(
-            "reconnected after {:.1}s",
-            rep.wait().as_secs_f64()
-        )),
+        Ok(Ok(rep)) => {
+            // One reboot of a BIOS guest is two RESETs (SeaBIOS resets again on a warm reset),
+            // the second after the first was seen: count them all once WinRM is back, or the
+            // next step takes the late one for another reboot.
+            if let Some(v) = cx.vm.as_ref() {
+                cx.resets_seen = v.reboot_count();
+            }
+            cx.events.info(format!(
+                "reconnected after {:.1}s",
+                rep.wait().as_secs_f64()
+            ))
+        }
         Ok(Err(e)) => {
             return Err(BuildError::Connect(format!(
                 "{step}: reconnecting after the restart: {e}"
