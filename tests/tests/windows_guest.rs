@@ -403,6 +403,7 @@ fn an_exit_code_outside_valid_exit_codes_fails_the_build_naming_the_step() {
             {"type": "PowerShell", "name": "never", "inline": ["echo never-runs"]}
         ]),
     );
+    let t0 = Instant::now();
     let out = c.build(&t);
     let r = result(&out);
     let all = format!(
@@ -411,6 +412,10 @@ fn an_exit_code_outside_valid_exit_codes_fails_the_build_naming_the_step() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(r["runState"], "Failed", "{all}");
+    eprintln!(
+        "winrs guest failing build took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     let err = r["error"].as_str().unwrap_or("");
     assert!(
         err.contains("Customize: PowerShell \"bad exit\"")

@@ -14,13 +14,14 @@
 //!
 //! The server binary: `$KILN_WINRS_SERVER` when set (the integration tests pass cargo's
 //! `CARGO_BIN_EXE_kiln-winrs-server`), else `cargo build -p kiln-tests --bin kiln-winrs-server`
-//! in this workspace. Its SHA-256 is part of the recipe hash.
+//! in this workspace. Its sources (tests/winrs_server.rs, tests/bin/kiln-winrs-server.rs,
+//! agents/src, Cargo.lock and the two manifests) are part of the recipe hash.
 
 use super::tiny::{self, Extras};
 use super::util::{self, cmd, run, Progress};
 use super::{BuildCtx, Recipe};
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const RCS: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -35,6 +36,26 @@ pub const DESCRIPTION: &str =
 
 pub struct Winrs;
 
+fn workspace() -> Result<PathBuf> {
+    Ok(PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf())
+}
+
+/// Every `.rs` file below `dir`.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            rust_files(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
 /// The server program to put in the guest.
 fn server_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KILN_WINRS_SERVER").filter(|p| !p.is_empty()) {
@@ -44,10 +65,7 @@ fn server_binary() -> Result<PathBuf> {
         }
         return Ok(p);
     }
-    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_path_buf();
+    let ws = workspace()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(cmd(
         cargo,
@@ -68,8 +86,24 @@ impl Recipe for Winrs {
         input.extend_from_slice(util::normalized_source(include_str!("winrs.rs")).as_bytes());
         input.extend_from_slice(b"\0file rcS\0");
         input.extend_from_slice(RCS.as_bytes());
-        let bin = server_binary()?;
-        input.extend_from_slice(format!("\0server {}", util::sha256_file(&bin)?).as_bytes());
+        // The server by its sources (not its bytes: `cargo build` and `cargo test` link it with
+        // different dependency features), so a cache hit needs no cargo build.
+        let ws = workspace()?;
+        let mut files = vec![
+            ws.join("Cargo.lock"),
+            ws.join("tests/Cargo.toml"),
+            ws.join("agents/Cargo.toml"),
+            ws.join("tests/winrs_server.rs"),
+            ws.join("tests/bin/kiln-winrs-server.rs"),
+        ];
+        rust_files(&ws.join("agents/src"), &mut files)?;
+        files.sort();
+        for f in files {
+            let rel = f.strip_prefix(&ws).unwrap_or(&f).display().to_string();
+            let body = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+            input.extend_from_slice(format!("\0server-source {rel}\0").as_bytes());
+            input.extend_from_slice(&body);
+        }
         Ok(input)
     }
 
