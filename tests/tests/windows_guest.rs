@@ -16,8 +16,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-/// One KILN_HOME for the test binary, with the winrs guest imported as kiln:winrs:gen1 with
-/// the osType its catalog metadata gives (Windows).
+/// One KILN_HOME for the test binary, with the winrs guest imported as kiln:winrs:gen1 (BIOS)
+/// and kiln:winrs:gen2 (UEFI, q35) with the osType its catalog metadata gives (Windows).
 fn home() -> &'static Path {
     static HOME: OnceLock<PathBuf> = OnceLock::new();
     HOME.get_or_init(|| {
@@ -34,34 +34,36 @@ fn home() -> &'static Path {
         );
         let home = std::env::temp_dir().join(format!("kiln-wguest-tests-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&home);
-        let out = Command::new(kiln_bin())
-            .env("KILN_HOME", &home)
-            .args([
-                "image",
-                "import",
-                "--publisher",
-                "kiln",
-                "--offer",
-                "winrs",
-                "--sku",
-                "gen1",
-                "--version",
-                "1.0.0",
-                "--hyper-v-generation",
-                "V1",
-                "--provisioning",
-                "unattend",
-                "--os-type",
-            ])
-            .arg(img.meta["osType"].as_str().unwrap_or("Linux"))
-            .arg(&img.disk)
-            .output()
-            .expect("kiln image import");
-        assert!(
-            out.status.success(),
-            "import: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for (sku, generation) in [("gen1", "V1"), ("gen2", "V2")] {
+            let out = Command::new(kiln_bin())
+                .env("KILN_HOME", &home)
+                .args([
+                    "image",
+                    "import",
+                    "--publisher",
+                    "kiln",
+                    "--offer",
+                    "winrs",
+                    "--sku",
+                    sku,
+                    "--version",
+                    "1.0.0",
+                    "--hyper-v-generation",
+                    generation,
+                    "--provisioning",
+                    "unattend",
+                    "--os-type",
+                ])
+                .arg(img.meta["osType"].as_str().unwrap_or("Linux"))
+                .arg(&img.disk)
+                .output()
+                .expect("kiln image import");
+            assert!(
+                out.status.success(),
+                "import: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         home
     })
 }
@@ -124,7 +126,7 @@ impl Case {
         Case { dir }
     }
 
-    fn template(&self, name: &str, customize: serde_json::Value) -> PathBuf {
+    fn template(&self, name: &str, sku: &str, customize: serde_json::Value) -> PathBuf {
         let t = serde_json::json!({
             "type": "Microsoft.VirtualMachineImages/imageTemplates",
             "apiVersion": "2022-07-01",
@@ -135,7 +137,7 @@ impl Case {
             "properties": {
                 "buildTimeoutInMinutes": 40,
                 "vmProfile": {"vmSize": "Standard_B1ms"},
-                "source": {"type": "PlatformImage", "publisher": "kiln", "offer": "winrs", "sku": "gen1", "version": "latest"},
+                "source": {"type": "PlatformImage", "publisher": "kiln", "offer": "winrs", "sku": sku, "version": "latest"},
                 "customize": customize,
                 "distribute": [{"type": "VHD", "runOutputName": "out", "uri": self.dir.join("out.vhd").display().to_string()}]
             }
@@ -220,6 +222,7 @@ fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
     let port = serve(c.dir.join("files"));
     let t = c.template(
         "winrs-ok",
+        "gen1",
         serde_json::json!([
             {"type": "PowerShell", "name": "prepare", "validExitCodes": [0, 5], "inline": [
                 format!("mkdir -p {C}/kiln"),
@@ -231,6 +234,9 @@ fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
                 "echo elevated-out",
                 "echo elevated-err >&2",
                 format!("id -u > {C}/kiln/elevated-uid")
+            ]},
+            {"type": "PowerShell", "name": "system", "runElevated": true, "runAsSystem": true, "inline": [
+                "echo as-system"
             ]},
             {"type": "File", "name": "payload", "sourceUri": format!("http://127.0.0.1:{port}/payload.txt"),
              "sha256Checksum": sha256(&pf), "destination": r"C:\kiln\payload.txt"},
@@ -274,6 +280,15 @@ fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
     assert!(
         info.iter()
             .any(|m| m.contains("elevated (scheduled task as packer")),
+        "{info:?}"
+    );
+    assert_eq!(
+        output_of(&ev, "Customize: PowerShell \"system\""),
+        ["as-system"]
+    );
+    assert!(
+        info.iter()
+            .any(|m| m.contains("as SYSTEM (scheduled task)")),
         "{info:?}"
     );
     // WindowsRestart: a real reboot (QMP RESET, another boot id), WinRM reconnected, the check.
@@ -393,11 +408,13 @@ fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
     let _ = std::fs::remove_dir_all(&c.dir);
 }
 
+/// On Gen2 (UEFI, q35): the guest boots and finds the unattend stick there too.
 #[test]
 fn an_exit_code_outside_valid_exit_codes_fails_the_build_naming_the_step() {
     let c = Case::new("bad-exit");
     let t = c.template(
         "winrs-bad-exit",
+        "gen2",
         serde_json::json!([
             {"type": "PowerShell", "name": "bad exit", "validExitCodes": [0, 1], "inline": ["echo before", "exit 7"]},
             {"type": "PowerShell", "name": "never", "inline": ["echo never-runs"]}
@@ -435,6 +452,53 @@ fn an_exit_code_outside_valid_exit_codes_fails_the_build_naming_the_step() {
         "stops at the failure"
     );
     assert_eq!(out.status.code(), Some(1));
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let log =
+        std::fs::read_to_string(run_dir.join("customization.log")).expect("customization.log");
+    assert!(
+        log.contains("kiln: Customize: PowerShell \"bad exit\" failed: the script exited with 7")
+            && !log.contains("failed: Customize: PowerShell"),
+        "the failure named once in customization.log:\n{log}"
+    );
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+#[test]
+fn a_file_destination_without_its_directory_fails_naming_it() {
+    let c = Case::new("no-dir");
+    let pf = c.dir.join("files").join("f.txt");
+    std::fs::write(&pf, "x").expect("file");
+    let port = serve(c.dir.join("files"));
+    let t = c.template(
+        "winrs-no-dir",
+        "gen1",
+        serde_json::json!([
+            {"type": "File", "name": "nowhere", "sourceUri": format!("http://127.0.0.1:{port}/f.txt"),
+             "sha256Checksum": sha256(&pf), "destination": r"C:\no-such-dir\f.txt"}
+        ]),
+    );
+    let out = c.build(&t);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Failed", "{all}");
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("Customize: File \"nowhere\"")
+            && err.contains(r"C:\no-such-dir\f.txt")
+            && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        !infos(&events(&out))
+            .iter()
+            .any(|m| m.starts_with("uploaded ")),
+        "nothing uploaded"
+    );
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
     let _ = std::fs::remove_dir_all(&c.dir);
 }
