@@ -187,7 +187,7 @@ impl Recipe for Tiny {
     }
 
     fn build(&self, ctx: &BuildCtx, p: &mut Progress) -> Result<()> {
-        build_with(
+        self.build_with(
             ctx,
             p,
             &Extras {
@@ -208,128 +208,130 @@ pub(crate) fn tiny_hash_input() -> Result<Vec<u8>> {
     Tiny.hash_input()
 }
 
-/// Builds the tiny guest, plus what `x` adds.
-pub(crate) fn build_with(ctx: &BuildCtx, p: &mut Progress, x: &Extras) -> Result<()> {
-    let t = DiskTools::find()?;
-    let busybox = host_file("/bin/busybox", "busybox-static")?;
-    let cc = tool("cc", "gcc")?;
-    let modprobe = tool("modprobe", "kmod")?;
-    let ldd = tool("ldd", "libc-bin")?;
-    tool("cpio", "cpio")?;
-    tool("gzip", "gzip")?;
-    host_file("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev")?;
-    for (src, _) in BINARIES {
-        let pkg = if src.contains("dropbear") {
-            "dropbear-bin"
-        } else if src.contains("sftp") {
-            "openssh-sftp-server"
-        } else {
-            "openssh-client"
+impl Tiny {
+    /// Builds the tiny guest, plus what `x` adds.
+    pub(crate) fn build_with(&self, ctx: &BuildCtx, p: &mut Progress, x: &Extras) -> Result<()> {
+        let t = DiskTools::find()?;
+        let busybox = host_file("/bin/busybox", "busybox-static")?;
+        let cc = tool("cc", "gcc")?;
+        let modprobe = tool("modprobe", "kmod")?;
+        let ldd = tool("ldd", "libc-bin")?;
+        tool("cpio", "cpio")?;
+        tool("gzip", "gzip")?;
+        host_file("/usr/lib/x86_64-linux-gnu/libc.a", "libc6-dev")?;
+        for (src, _) in BINARIES {
+            let pkg = if src.contains("dropbear") {
+                "dropbear-bin"
+            } else if src.contains("sftp") {
+                "openssh-sftp-server"
+            } else {
+                "openssh-client"
+            };
+            host_file(src, pkg)?;
+        }
+        let (_, krel) = kernel("linux-image-amd64")?;
+        let vmlinuz = host_file(&format!("/boot/vmlinuz-{krel}"), "linux-image-amd64")?;
+        p.done(&format!("host tools checked (kernel {krel})"));
+
+        let work = &ctx.work;
+        let root = work.join("root");
+        stage_root(ctx, &root, &busybox, &cc, &ldd, x)?;
+        p.done("root filesystem staged");
+
+        let initrd = work.join("initrd.img");
+        stage_initrd(work, &initrd, &busybox, &modprobe, &krel, x.modules)?;
+        p.done(&format!(
+            "initrd packed ({} KiB)",
+            std::fs::metadata(&initrd)?.len() / 1024
+        ));
+
+        // BIOS fast path: the uncompressed kernel through its PVH entry (see pvh.rs)
+        let vmlinux = pvh::extract_vmlinux(&vmlinuz)?;
+        let kimg = work.join("vmlinux.kimg");
+        let entry = pvh::kernel_image(&vmlinux, work, &kimg)?;
+        drop(vmlinux);
+        let shim = work.join("pvhboot.elf");
+        pvh::build_shim(&cc, file("pvhboot.c"), file("pvhboot.ld"), work, &shim)?;
+        let efiboot = work.join("efiboot.efi");
+        pvh::build_efi(&cc, file("efiboot.c"), work, &efiboot)?;
+        p.done(&format!(
+            "PVH kernel image ({} KiB, entry {entry:#x})",
+            std::fs::metadata(&kimg)?.len() / 1024
+        ));
+
+        let cmdline = file("cmdline").trim().to_string();
+        let esp = work.join("esp.img");
+        let boot = BootEntry {
+            title: x.title,
+            kernel: &vmlinuz,
+            initrd: &initrd,
+            cmdline: &cmdline,
+            fast: Some(FastBoot {
+                kimg: &kimg,
+                pvhboot: &shim,
+                efiboot: &efiboot,
+            }),
         };
-        host_file(src, pkg)?;
+        let volid = &util::uuid_from(&ctx.hash, "esp-volid").replace('-', "")[..8];
+        disk::build_esp(&t, work, &esp, LAYOUT.esp_mib, "KILN-ESP", volid, &boot)?;
+        let rootimg = work.join("root.img");
+        disk::build_root(
+            &t,
+            &root,
+            &rootimg,
+            LAYOUT.root_mib(),
+            "kiln-root",
+            &util::uuid_from(&ctx.hash, "rootfs"),
+            &[],
+        )?;
+        p.done("ESP and ext4 root built");
+
+        let raw = work.join("disk.raw");
+        disk::assemble(&t, &raw, &LAYOUT, &esp, &rootimg, "kiln-root", &ctx.hash)?;
+        let qcow = ctx.out.join("disk.qcow2");
+        disk::to_qcow2(&t, &raw, &qcow, false)?;
+        p.done("GPT disk assembled (qcow2)");
+
+        let mut meta = super::base_meta(&t, x.name, ctx, &qcow)?;
+        let extra = serde_json::json!({
+            "name": "tiny",
+            "description": "kiln tiny test guest: busybox + dropbear on a persistent ext4 root, BIOS and UEFI",
+            "defaultAdminUser": "root",
+            "buildUser": "packer",
+            "provisioning": ["nocloud"],
+            "readyMarker": "KILN-READY ssh",
+            "kernel": krel,
+            "kernelCmdline": cmdline,
+            "biosBoot": "syslinux -> mboot.c32 -> pvhboot (uncompressed kernel, PVH entry); label bzimage = plain bzImage",
+            "uefiBoot": "systemd-boot -> efiboot (uncompressed kernel, 64-bit boot protocol); entry kiln.conf = bzImage (EFI stub)",
+            "ssh": {"server": "dropbear", "sftp": true, "port": 22},
+            "sudo": "kiln tiny sudo: members of group sudo or wheel, no password",
+            "shutdown": ["poweroff", "shutdown -P now", "ACPI power button"],
+            "controllers": {
+                "disk": ["virtio-blk", "virtio-scsi", "ide", "ahci"],
+                "cdrom": ["ide", "ahci", "virtio-scsi"],
+                "nic": ["virtio-net", "e1000", "e1000e"]
+            },
+            "seed": {"labels": ["cidata", "CIDATA"], "filesystems": ["iso9660", "vfat"]},
+            "hostPackages": util::package_versions(&{
+                let mut v: Vec<String> = PACKAGES.iter().map(|s| s.to_string()).collect();
+                v.push(kernel("linux-image-amd64")?.0);
+                v
+            })?,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            meta.insert(k.clone(), v.clone());
+        }
+        for (k, v) in x.meta.as_object().into_iter().flatten() {
+            meta.insert(k.clone(), v.clone());
+        }
+        write_file(
+            &ctx.out.join("meta.json"),
+            serde_json::to_string_pretty(&meta)? + "\n",
+            0o644,
+        )?;
+        Ok(())
     }
-    let (_, krel) = kernel("linux-image-amd64")?;
-    let vmlinuz = host_file(&format!("/boot/vmlinuz-{krel}"), "linux-image-amd64")?;
-    p.done(&format!("host tools checked (kernel {krel})"));
-
-    let work = &ctx.work;
-    let root = work.join("root");
-    stage_root(ctx, &root, &busybox, &cc, &ldd, x)?;
-    p.done("root filesystem staged");
-
-    let initrd = work.join("initrd.img");
-    stage_initrd(work, &initrd, &busybox, &modprobe, &krel, x.modules)?;
-    p.done(&format!(
-        "initrd packed ({} KiB)",
-        std::fs::metadata(&initrd)?.len() / 1024
-    ));
-
-    // BIOS fast path: the uncompressed kernel through its PVH entry (see pvh.rs)
-    let vmlinux = pvh::extract_vmlinux(&vmlinuz)?;
-    let kimg = work.join("vmlinux.kimg");
-    let entry = pvh::kernel_image(&vmlinux, work, &kimg)?;
-    drop(vmlinux);
-    let shim = work.join("pvhboot.elf");
-    pvh::build_shim(&cc, file("pvhboot.c"), file("pvhboot.ld"), work, &shim)?;
-    let efiboot = work.join("efiboot.efi");
-    pvh::build_efi(&cc, file("efiboot.c"), work, &efiboot)?;
-    p.done(&format!(
-        "PVH kernel image ({} KiB, entry {entry:#x})",
-        std::fs::metadata(&kimg)?.len() / 1024
-    ));
-
-    let cmdline = file("cmdline").trim().to_string();
-    let esp = work.join("esp.img");
-    let boot = BootEntry {
-        title: x.title,
-        kernel: &vmlinuz,
-        initrd: &initrd,
-        cmdline: &cmdline,
-        fast: Some(FastBoot {
-            kimg: &kimg,
-            pvhboot: &shim,
-            efiboot: &efiboot,
-        }),
-    };
-    let volid = &util::uuid_from(&ctx.hash, "esp-volid").replace('-', "")[..8];
-    disk::build_esp(&t, work, &esp, LAYOUT.esp_mib, "KILN-ESP", volid, &boot)?;
-    let rootimg = work.join("root.img");
-    disk::build_root(
-        &t,
-        &root,
-        &rootimg,
-        LAYOUT.root_mib(),
-        "kiln-root",
-        &util::uuid_from(&ctx.hash, "rootfs"),
-        &[],
-    )?;
-    p.done("ESP and ext4 root built");
-
-    let raw = work.join("disk.raw");
-    disk::assemble(&t, &raw, &LAYOUT, &esp, &rootimg, "kiln-root", &ctx.hash)?;
-    let qcow = ctx.out.join("disk.qcow2");
-    disk::to_qcow2(&t, &raw, &qcow, false)?;
-    p.done("GPT disk assembled (qcow2)");
-
-    let mut meta = super::base_meta(&t, x.name, ctx, &qcow)?;
-    let extra = serde_json::json!({
-        "name": "tiny",
-        "description": "kiln tiny test guest: busybox + dropbear on a persistent ext4 root, BIOS and UEFI",
-        "defaultAdminUser": "root",
-        "buildUser": "packer",
-        "provisioning": ["nocloud"],
-        "readyMarker": "KILN-READY ssh",
-        "kernel": krel,
-        "kernelCmdline": cmdline,
-        "biosBoot": "syslinux -> mboot.c32 -> pvhboot (uncompressed kernel, PVH entry); label bzimage = plain bzImage",
-        "uefiBoot": "systemd-boot -> efiboot (uncompressed kernel, 64-bit boot protocol); entry kiln.conf = bzImage (EFI stub)",
-        "ssh": {"server": "dropbear", "sftp": true, "port": 22},
-        "sudo": "kiln tiny sudo: members of group sudo or wheel, no password",
-        "shutdown": ["poweroff", "shutdown -P now", "ACPI power button"],
-        "controllers": {
-            "disk": ["virtio-blk", "virtio-scsi", "ide", "ahci"],
-            "cdrom": ["ide", "ahci", "virtio-scsi"],
-            "nic": ["virtio-net", "e1000", "e1000e"]
-        },
-        "seed": {"labels": ["cidata", "CIDATA"], "filesystems": ["iso9660", "vfat"]},
-        "hostPackages": util::package_versions(&{
-            let mut v: Vec<String> = PACKAGES.iter().map(|s| s.to_string()).collect();
-            v.push(kernel("linux-image-amd64")?.0);
-            v
-        })?,
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        meta.insert(k.clone(), v.clone());
-    }
-    for (k, v) in x.meta.as_object().into_iter().flatten() {
-        meta.insert(k.clone(), v.clone());
-    }
-    write_file(
-        &ctx.out.join("meta.json"),
-        serde_json::to_string_pretty(&meta)? + "\n",
-        0o644,
-    )?;
-    Ok(())
 }
 
 fn file(name: &str) -> &'static str {

@@ -110,7 +110,7 @@ impl Recipe for Winrs {
     fn build(&self, ctx: &BuildCtx, p: &mut Progress) -> Result<()> {
         let bin = server_binary()?;
         p.done(&format!("server {}", bin.display()));
-        tiny::build_with(
+        tiny::Tiny.build_with(
             ctx,
             p,
             &Extras {
