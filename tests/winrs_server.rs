@@ -32,6 +32,28 @@
 //!
 //! Processes run in their own process group, with the server's environment and working
 //! directory. Nothing else of Windows is emulated.
+//!
+//! ## kiln's fixed Windows commands (the `winrs` test guest)
+//!
+//! For kiln's Windows build steps to run end to end in the `winrs` test guest (a Linux VM,
+//! xtask/src/images/winrs.rs), the shim maps the commands kiln itself sends to documented Linux
+//! equivalents ([`shim_windows_line`], [`shim_windows_script`]); they are checked first, before
+//! the rules above:
+//!
+//! | kiln sends | the shim runs |
+//! |---|---|
+//! | a drive path `X:\a\b` anywhere below (uploads, downloads, scripts) | `$KILN_WINRS_ROOT/x/a/b` ([`host_path`]; root `/var/lib/kiln-winrs`, so `C:\` is `/var/lib/kiln-winrs/c`; case-sensitive) |
+//! | `shutdown /r …` (WindowsRestart's default `shutdown /r /f /t 0 /c "packer restart"`) | a real `reboot` of the guest through busybox init, 1 s later in its own session; the command exits 0 |
+//! | `shutdown /s …` (kiln's shutdown step) | a real `poweroff`, the same way |
+//! | the default restartCheckCommand (`… [System.Net.Dns]::GetHostName() … restarted.`) | `echo "$(hostname) restarted."` (the hostname is the answer file's ComputerName) |
+//! | `powershell … -File "<path>"` (a PowerShell customizer kiln uploaded) | the file's text without kiln's wrapper lines ([`unwrap_kiln_script`]: BOM, `$ProgressPreference …`, `if ($LASTEXITCODE) …`) under `/bin/sh -c`; its exit code |
+//! | `powershell … -File "…\kiln-sysprep.ps1"` | [`sysprep_sh`]: the sysprep wrapper's control flow (`c:\DeprovisioningScript.ps1` run instead when present; else the Azure-agent skip lines, cached answer files removed, `ImageState` in `C:\Windows\Setup\State\State.ini` polled from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE; no power-off, as `Sysprep.exe /quit`) |
+//! | `-EncodedCommand` of the elevated runner call (`& '…\kiln-elevated.ps1' -ScriptPath '…' -AsSystem` or `-User '…' -Password '…'`; runElevated / runAsSystem) | the script (unwrapped) under `/bin/sh -c` as root (the guest's only account), stderr merged into stdout as the scheduled task's output file merges them, streamed; its exit code. Fails as PowerShell would when the runner was not uploaded first |
+//! | `-EncodedCommand` of the File step's directory check (`$d = Split-Path -Parent '…'; if ($d -and -not (Test-Path …)) { exit 3 }; exit 0`) | `[ -d <mapped parent> ] \|\| exit 3` |
+//! | `echo <base64> >[>] "X:\…"` (upload chunks into a drive path) | the same `echo` into the mapped path |
+//!
+//! Not mapped (they fail in the guest): the Windows Update round script, `runAsSystem`'s SYSTEM
+//! identity (everything runs as root), anything else of Windows.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -1010,7 +1032,7 @@ pub fn shim_powershell(script: &str) -> Shimmed {
         if body == want.as_slice() {
             if let (Some((tmp, r1)), Some((dest, r2))) = (after(t, "$t = "), after(d, "$d = ")) {
                 if r1.trim().is_empty() && r2.trim().is_empty() {
-                    return Shimmed::DecodeAndHash(tmp, dest);
+                    return Shimmed::DecodeAndHash(host_path(&tmp), host_path(&dest));
                 }
             }
         }
@@ -1018,9 +1040,12 @@ pub fn shim_powershell(script: &str) -> Shimmed {
     if let [one] = lines.as_slice() {
         if let Some((p, rest)) = after(one, "[Convert]::ToBase64String([IO.File]::ReadAllBytes(") {
             if rest.trim() == "))" {
-                return Shimmed::Base64(p);
+                return Shimmed::Base64(host_path(&p));
             }
         }
+    }
+    if let Some(mapped) = shim_windows_script(&lines) {
+        return mapped;
     }
     Shimmed::Sh(
         script
@@ -1033,6 +1058,9 @@ pub fn shim_powershell(script: &str) -> Shimmed {
 
 /// Map a WinRS command line to what the shim runs.
 pub fn shim(line: &str) -> Shimmed {
+    if let Some(mapped) = shim_windows_line(line) {
+        return mapped;
+    }
     let words: Vec<&str> = line.split_whitespace().collect();
     if let Some(first) = words.first() {
         let exe = first.to_ascii_lowercase();
@@ -1051,6 +1079,244 @@ pub fn shim(line: &str) -> Shimmed {
         }
     }
     Shimmed::Sh(line.to_string())
+}
+
+// ---- Windows guest mappings (the `winrs` test guest; see the module docs) -------------------
+
+/// Where Windows drive paths live: `$KILN_WINRS_ROOT`, else `/var/lib/kiln-winrs` (drive `X:` is
+/// its subdirectory `x`, so `C:\` is `/var/lib/kiln-winrs/c/`).
+pub fn windows_root() -> String {
+    std::env::var("KILN_WINRS_ROOT")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "/var/lib/kiln-winrs".to_string())
+}
+
+/// Maps a Windows drive path (`C:\Windows\Temp\x.ps1`, `c:/x`) to the guest's directory for
+/// that drive (`<root>/c/Windows/Temp/x.ps1`); anything else is returned unchanged. Names keep
+/// their case (the mapping is case-sensitive, unlike Windows).
+pub fn host_path(p: &str) -> String {
+    let b = p.as_bytes();
+    if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':' {
+        let rest = p[2..].replace('\\', "/");
+        let rest = rest.trim_start_matches('/');
+        let drive = (b[0] as char).to_ascii_lowercase();
+        if rest.is_empty() {
+            return format!("{}/{drive}", windows_root());
+        }
+        return format!("{}/{drive}/{rest}", windows_root());
+    }
+    p.to_string()
+}
+
+/// A POSIX shell single-quoted word.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// What `shutdown /r` and `shutdown /s` become: the real reboot or poweroff of the guest (through
+/// busybox init, so filesystems are synced), started a second later in its own session so the
+/// command itself exits 0 first, as Windows' `shutdown /t 0` does.
+const REBOOT_SH: &str = "setsid sh -c 'sleep 1; exec reboot' </dev/null >/dev/null 2>&1 &";
+const POWEROFF_SH: &str = "setsid sh -c 'sleep 1; exec poweroff' </dev/null >/dev/null 2>&1 &";
+
+/// kiln's wrapper around a PowerShell customizer's body (`powershell_file` in the engine): a
+/// UTF-8 byte-order mark, `$ProgressPreference = 'SilentlyContinue'` first and
+/// `if ($LASTEXITCODE) { exit $LASTEXITCODE }` last. Removed: the body is the POSIX sh payload.
+pub fn unwrap_kiln_script(text: &str) -> String {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    text.lines()
+        .filter(|l| {
+            let t = l.trim();
+            t != "$ProgressPreference = 'SilentlyContinue'"
+                && t != "if ($LASTEXITCODE) { exit $LASTEXITCODE }"
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A script file run through the shim: its unwrapped text, or a PowerShell-like failure.
+fn script_file(path: &str) -> Shimmed {
+    let host = host_path(path);
+    match std::fs::read_to_string(&host) {
+        Ok(t) => Shimmed::Sh(unwrap_kiln_script(&t)),
+        Err(e) => Shimmed::Sh(format!(
+            "echo {} >&2; exit 1",
+            sh_quote(&format!(
+                "The argument '{path}' to the -File parameter does not exist ({host}: {e})"
+            ))
+        )),
+    }
+}
+
+/// kiln's sysprep wrapper (scripts/windows/kiln-sysprep.ps1) as POSIX sh with the same control
+/// flow: `c:\DeprovisioningScript.ps1` runs instead when present (printed first, its exit code
+/// returned); else the absent Azure agent services are skipped with kiln's log line, the cached
+/// answer files are removed, "Sysprep" moves `ImageState` in `C:\Windows\Setup\State\State.ini`
+/// from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to
+/// IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE in the background, and the foreground polls it (every
+/// second, 120 s deadline, the stuck state reported) as the wrapper polls the registry. Like
+/// `Sysprep.exe /quit`, it does not power off: kiln's shutdown step does (`shutdown /s`).
+pub fn sysprep_sh() -> String {
+    let c = sh_quote(&host_path("C:"));
+    format!(
+        r#"C={c}
+override="$C/DeprovisioningScript.ps1"
+if [ -f "$override" ]; then
+	echo ">>> Running the deprovisioning script c:\DeprovisioningScript.ps1 :"
+	sed 's/^/    /' "$override"
+	sh "$override"
+	exit $?
+fi
+for svc in RdAgent WindowsAzureTelemetryService WindowsAzureGuestAgent; do
+	echo ">>> kiln: service $svc is not installed: not waiting for it (local build, no Azure fabric)"
+done
+for f in Windows/system32/Sysprep/unattend.xml Windows/Panther/unattend.xml Windows/Panther/Unattend/unattend.xml; do
+	if [ -f "$C/$f" ]; then
+		rm -f "$C/$f"
+		echo ">>> removed C:\\$(echo "$f" | tr / '\\')"
+	fi
+done
+echo ">>> kiln (winrs shim): no Windows account to disable on this Linux guest"
+echo '>>> Sysprepping VM ...'
+S="$C/Windows/Setup/State"
+mkdir -p "$S"
+state() {{ printf '[State]\r\nImageState=%s\r\n' "$1" >"$S/State.ini.tmp" && mv "$S/State.ini.tmp" "$S/State.ini"; }}
+state IMAGE_STATE_COMPLETE
+( sleep 1; state IMAGE_STATE_UNDEPLOYABLE; sleep 2; state IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE; sync ) </dev/null >/dev/null 2>&1 &
+i=0
+while :; do
+	imageState=$(sed -n 's/^ImageState=\([A-Z_]*\).*/\1/p' "$S/State.ini")
+	echo "$imageState"
+	[ "$imageState" = IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE ] && break
+	if [ $i -ge 120 ]; then
+		echo ">>> kiln: sysprep did not finish within 120 seconds; ImageState stuck at $imageState"
+		exit 1
+	fi
+	i=$((i + 1))
+	sleep 1
+done
+echo '>>> Sysprep complete ...'
+exit 0
+"#
+    )
+}
+
+/// kiln's fixed command lines for a Windows guest (not PowerShell scripts): `shutdown /r` and
+/// `shutdown /s`, the default restart check, `powershell … -File "<path>"` (a script kiln
+/// uploaded; `kiln-sysprep.ps1` is [`sysprep_sh`]) and the upload chunks' `echo` into a drive
+/// path. `None`: not one of them.
+pub fn shim_windows_line(line: &str) -> Option<Shimmed> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let first = words.first()?.to_ascii_lowercase();
+    let has = |flag: &str| words.iter().any(|w| w.eq_ignore_ascii_case(flag));
+    if first == "shutdown" || first == "shutdown.exe" {
+        if has("/r") {
+            return Some(Shimmed::Sh(REBOOT_SH.into()));
+        }
+        if has("/s") || has("/p") {
+            return Some(Shimmed::Sh(POWEROFF_SH.into()));
+        }
+        return None;
+    }
+    if first == "powershell" || first == "powershell.exe" {
+        // Packer's/AIB's default restartCheckCommand.
+        if line.contains("[System.Net.Dns]::GetHostName()") && line.contains("restarted.") {
+            return Some(Shimmed::Sh(r#"echo "$(hostname) restarted.""#.into()));
+        }
+        let i = words.iter().position(|w| w.eq_ignore_ascii_case("-File"))?;
+        let rest = words[i + 1..].join(" ");
+        let path = rest
+            .strip_prefix('"')
+            .and_then(|r| r.split_once('"'))
+            .map(|(p, _)| p.to_string())
+            .unwrap_or_else(|| words.get(i + 1).copied().unwrap_or("").to_string());
+        let name = path.rsplit(['\\', '/']).next().unwrap_or("");
+        if name.eq_ignore_ascii_case("kiln-sysprep.ps1") {
+            return Some(Shimmed::Sh(sysprep_sh()));
+        }
+        return Some(script_file(&path));
+    }
+    if first == "echo" && words.len() >= 4 && (words[2] == ">" || words[2] == ">>") {
+        let target = words[3..].join(" ");
+        let target = target.trim_matches('"');
+        if host_path(target) != target {
+            return Some(Shimmed::Sh(format!(
+                "echo {} {} {}",
+                words[1],
+                words[2],
+                sh_quote(&host_path(target))
+            )));
+        }
+    }
+    None
+}
+
+/// kiln's fixed PowerShell scripts for a Windows guest (sent with `-EncodedCommand`; `lines` as
+/// [`shim_powershell`] trims them): the File step's destination directory check, and the
+/// elevated runner's invocation (`& '…\kiln-elevated.ps1' -ScriptPath '…' -AsSystem | -User '…'
+/// -Password '…'`), which runs the script (unwrapped, as root: the guest has no other account)
+/// with stderr merged into stdout, as the scheduled task's output file is, and its exit code.
+/// `None`: not one of them.
+pub fn shim_windows_script(lines: &[&str]) -> Option<Shimmed> {
+    if let [one] = lines {
+        if let Some((dest, rest)) = one
+            .strip_prefix("$d = Split-Path -Parent ")
+            .and_then(ps_literal)
+        {
+            if rest.trim_start().starts_with(
+                "; if ($d -and -not (Test-Path -LiteralPath $d -PathType Container)) { exit 3 }",
+            ) {
+                let host = host_path(&dest);
+                let dir = std::path::Path::new(&host)
+                    .parent()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if dir.is_empty() {
+                    return Some(Shimmed::Sh("exit 0".into()));
+                }
+                return Some(Shimmed::Sh(format!(
+                    "[ -d {} ] || exit 3; exit 0",
+                    sh_quote(&dir)
+                )));
+            }
+        }
+    }
+    if let [call, "exit $LASTEXITCODE"] = lines {
+        let (runner, rest) = call.strip_prefix("& ").and_then(ps_literal)?;
+        if !runner.to_ascii_lowercase().ends_with("kiln-elevated.ps1") {
+            return None;
+        }
+        let (script, rest) = rest
+            .trim_start()
+            .strip_prefix("-ScriptPath ")
+            .and_then(ps_literal)?;
+        let rest = rest.trim();
+        let system = rest == "-AsSystem";
+        if !system {
+            let (_user, r) = rest.strip_prefix("-User ").and_then(ps_literal)?;
+            let (_password, r) = r
+                .trim_start()
+                .strip_prefix("-Password ")
+                .and_then(ps_literal)?;
+            if !r.trim().is_empty() {
+                return None;
+            }
+        }
+        if !std::path::Path::new(&host_path(&runner)).is_file() {
+            return Some(Shimmed::Sh(format!(
+                "echo {} >&2; exit 1",
+                sh_quote(&format!(
+                    "The term '{runner}' is not recognized (not uploaded)"
+                ))
+            )));
+        }
+        return Some(match script_file(&script) {
+            Shimmed::Sh(body) => Shimmed::Sh(format!("exec 2>&1\n{body}")),
+            other => other,
+        });
+    }
+    None
 }
 
 fn finished(out: Vec<(bool, Vec<u8>)>, code: i32) -> Arc<Command> {
@@ -1183,6 +1449,193 @@ fn start(line: &str) -> std::io::Result<Arc<Command>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One `KILN_WINRS_ROOT` for the whole test binary (the variable is process-wide).
+    fn root() -> &'static str {
+        static ROOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        ROOT.get_or_init(|| {
+            let r = std::env::temp_dir().join(format!("kiln-winrs-root-{}", std::process::id()));
+            std::fs::create_dir_all(r.join("c/Windows/Temp")).unwrap();
+            std::env::set_var("KILN_WINRS_ROOT", &r);
+            r.to_string_lossy().into_owned()
+        })
+    }
+
+    fn run_sh(script: &str) -> (i32, String) {
+        let o = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    }
+
+    #[test]
+    fn drive_paths_map_below_the_root() {
+        let r = root();
+        assert_eq!(
+            host_path(r"C:\Windows\Temp\a b.ps1"),
+            format!("{r}/c/Windows/Temp/a b.ps1")
+        );
+        assert_eq!(host_path("d:/x"), format!("{r}/d/x"));
+        assert_eq!(host_path("C:"), format!("{r}/c"));
+        assert_eq!(host_path("/tmp/x"), "/tmp/x");
+        assert_eq!(host_path("x:"), format!("{r}/x"));
+        assert_eq!(host_path("ab"), "ab");
+    }
+
+    #[test]
+    fn kilns_restart_shutdown_and_check_commands_map_to_the_guest() {
+        use kiln_engine::build::steps_windows::{DEFAULT_RESTART_CHECK, DEFAULT_RESTART_COMMAND};
+        assert_eq!(shim(DEFAULT_RESTART_COMMAND), Shimmed::Sh(REBOOT_SH.into()));
+        assert_eq!(shim("shutdown /s /t 0 /f"), Shimmed::Sh(POWEROFF_SH.into()));
+        assert_eq!(shim("shutdown /a"), Shimmed::Sh("shutdown /a".into()));
+        let Shimmed::Sh(check) = shim(DEFAULT_RESTART_CHECK) else {
+            panic!()
+        };
+        let (code, out) = run_sh(&check);
+        assert_eq!(code, 0);
+        assert!(out.trim_end().ends_with(" restarted."), "{out}");
+    }
+
+    #[test]
+    fn uploaded_scripts_run_unwrapped_directly_and_elevated() {
+        use kiln_engine::build::steps_windows::{
+            direct_command, elevated_invocation, powershell_file, ps1_bytes, Elevation,
+        };
+        let r = root();
+        let path = r"C:\Windows\Temp\kiln-t-customize-0.ps1";
+        std::fs::write(
+            host_path(path),
+            ps1_bytes(&powershell_file("echo out\necho err >&2\nexit 7")),
+        )
+        .unwrap();
+        let Shimmed::Sh(direct) = shim(&direct_command(path)) else {
+            panic!()
+        };
+        assert_eq!(direct, "echo out\necho err >&2\nexit 7");
+        assert_eq!(run_sh(&direct).0, 7);
+
+        let runner = r"C:\Windows\Temp\kiln-elevated.ps1";
+        let line = powershell::command_line(&elevated_invocation(
+            runner,
+            path,
+            Elevation::BuildUser,
+            "packer",
+            "p'w",
+        ));
+        let Shimmed::Sh(missing) = shim(&line) else {
+            panic!()
+        };
+        assert!(
+            missing.contains("not recognized") && missing.ends_with("exit 1"),
+            "{missing}"
+        );
+        std::fs::write(host_path(runner), "param()").unwrap();
+        for e in [Elevation::BuildUser, Elevation::System] {
+            let line =
+                powershell::command_line(&elevated_invocation(runner, path, e, "packer", "p'w"));
+            let Shimmed::Sh(el) = shim(&line) else {
+                panic!()
+            };
+            assert_eq!(el, "exec 2>&1\necho out\necho err >&2\nexit 7");
+            let o = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&el)
+                .output()
+                .unwrap();
+            assert_eq!(
+                (o.status.code(), o.stdout.as_slice(), o.stderr.len()),
+                (Some(7), &b"out\nerr\n"[..], 0)
+            );
+        }
+        let Shimmed::Sh(gone) = shim(&direct_command(r"C:\nope.ps1")) else {
+            panic!()
+        };
+        assert_eq!(run_sh(&gone).0, 1);
+        assert_eq!(
+            shim(&powershell::upload_chunk_cmd(
+                r"C:\x y\f.kiln-upload",
+                "aGk=",
+                false
+            )),
+            Shimmed::Sh(format!("echo aGk= >> '{r}/c/x y/f.kiln-upload'"))
+        );
+        assert_eq!(
+            shim(&powershell::command_line(&powershell::upload_decode(
+                r"C:\f.t", r"C:\f"
+            ))),
+            Shimmed::DecodeAndHash(format!("{r}/c/f.t"), format!("{r}/c/f"))
+        );
+    }
+
+    #[test]
+    fn the_file_steps_directory_check_maps_to_test_d() {
+        use kiln_engine::build::steps_windows::destination_dir_check;
+        let r = root();
+        std::fs::create_dir_all(format!("{r}/c/there")).unwrap();
+        let check = |d: &str| {
+            let Shimmed::Sh(s) = shim(&powershell::command_line(&destination_dir_check(d))) else {
+                panic!()
+            };
+            run_sh(&s).0
+        };
+        assert_eq!(check(r"C:\there\f.txt"), 0);
+        assert_eq!(check(r"C:\not-there\f.txt"), 3);
+    }
+
+    #[test]
+    fn the_sysprep_wrapper_runs_its_control_flow() {
+        use kiln_engine::build::steps_windows::direct_command;
+        // its own root: the override file must not leak into other tests
+        let r = std::env::temp_dir().join(format!("kiln-winrs-sysprep-{}", std::process::id()));
+        let c = r.join("c");
+        std::fs::create_dir_all(c.join("Windows/Panther")).unwrap();
+        std::fs::write(c.join("Windows/Panther/unattend.xml"), "<unattend/>").unwrap();
+        let Shimmed::Sh(_) = shim(&direct_command(r"C:\Windows\Temp\kiln-sysprep.ps1")) else {
+            panic!()
+        };
+        let script =
+            sysprep_sh().replace(&sh_quote(&host_path("C:")), &sh_quote(&c.to_string_lossy()));
+        let (code, out) = run_sh(&script);
+        assert_eq!(code, 0, "{out}");
+        let states: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("IMAGE_STATE_"))
+            .collect();
+        assert_eq!(states.first(), Some(&"IMAGE_STATE_COMPLETE"), "{out}");
+        assert!(states.contains(&"IMAGE_STATE_UNDEPLOYABLE"), "{out}");
+        assert_eq!(
+            states.last(),
+            Some(&"IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"),
+            "{out}"
+        );
+        assert!(
+            out.contains("service RdAgent is not installed")
+                && out.contains(r">>> removed C:\Windows\Panther\unattend.xml")
+                && out.contains(">>> Sysprep complete"),
+            "{out}"
+        );
+        assert!(!c.join("Windows/Panther/unattend.xml").exists());
+        std::fs::write(
+            c.join("DeprovisioningScript.ps1"),
+            "echo custom-deprovision\nexit 4\n",
+        )
+        .unwrap();
+        let (code, out) = run_sh(&script);
+        assert_eq!(code, 4, "{out}");
+        assert!(
+            out.contains("Running the deprovisioning script")
+                && out.contains("    echo custom-deprovision")
+                && out.contains("\ncustom-deprovision\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Sysprepping"), "{out}");
+        let _ = std::fs::remove_dir_all(&r);
+    }
 
     #[test]
     fn shim_maps_kilns_transfer_scripts_and_nothing_else() {

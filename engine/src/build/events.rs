@@ -266,7 +266,12 @@ fn log_lines(e: &Event) -> Vec<String> {
         Event::StepFinished { step, ok, seconds, error, .. } => {
             let mut v = Vec::new();
             if let Some(err) = error {
-                v.push(format!("PACKER OUT ==> kiln: {step} failed: {err}"));
+                // Step errors already start with "<step> failed: " (BuildError::Step).
+                if err.starts_with(&format!("{step} failed: ")) {
+                    v.push(format!("PACKER OUT ==> kiln: {err}"));
+                } else {
+                    v.push(format!("PACKER OUT ==> kiln: {step} failed: {err}"));
+                }
             }
             v.push(format!("PACKER ERR [INFO] (telemetry) ending {} ({}, {seconds:.1}s)", telemetry_name(step), if *ok { "ok" } else { "error" }));
             v
@@ -315,4 +320,18 @@ fn telemetry_name(step: &str) -> String {
         }
     }
     lower
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_step_is_named_once_in_the_log() {
+        let failed = |error: &str| {
+            log_lines(&Event::StepFinished { index: 3, step: "Customize: PowerShell \"x\"".into(), ok: false, seconds: 1.0, error: Some(error.into()) })
+        };
+        assert_eq!(failed("Customize: PowerShell \"x\" failed: exited with 7")[0], "PACKER OUT ==> kiln: Customize: PowerShell \"x\" failed: exited with 7");
+        assert_eq!(failed("no VM")[0], "PACKER OUT ==> kiln: Customize: PowerShell \"x\" failed: no VM");
+    }
 }

@@ -259,7 +259,12 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>, device
             devices.nic_model.as_str()
         ));
         let v = vm::Vm::start(spec).await.map_err(|e| BuildError::Vm(e.to_string()))?;
-        cx.events.info(format!("QEMU pid {} , SSH forwarded on 127.0.0.1:{}", v.pid(), v.ssh_port()));
+        if cx.windows.is_some() {
+            // A Windows build reaches the guest over WinRM (its forward is logged by WinStartVm).
+            cx.events.info(format!("QEMU pid {}", v.pid()));
+        } else {
+            cx.events.info(format!("QEMU pid {} , SSH forwarded on 127.0.0.1:{}", v.pid(), v.ssh_port()));
+        }
         cx.vm = Some(v);
         Ok(())
     }

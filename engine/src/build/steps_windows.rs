@@ -1221,6 +1221,11 @@ async fn run_powershell(
     }
 }
 
+/// The File step's check that `destination`'s directory exists (exit 3 when it does not).
+pub fn destination_dir_check(destination: &str) -> String {
+    format!("$d = Split-Path -Parent {}; if ($d -and -not (Test-Path -LiteralPath $d -PathType Container)) {{ exit 3 }}; exit 0", powershell::quote(destination))
+}
+
 async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), BuildError> {
     let a = cx
         .artifacts
@@ -1228,7 +1233,7 @@ async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), Buil
         .cloned()
         .ok_or_else(|| step_err(step, format!("{} was not fetched", f.source_uri)))?;
     recover_after_reboot(cx, step, false).await?;
-    let check = format!("$d = Split-Path -Parent {}; if ($d -and -not (Test-Path -LiteralPath $d -PathType Container)) {{ exit 3 }}; exit 0", powershell::quote(&f.destination));
+    let check = destination_dir_check(&f.destination);
     let code = exec_streamed(cx, step, &powershell::command_line(&check), false)
         .await
         .map_err(|e| step_err(step, e))?;
@@ -1324,10 +1329,18 @@ async fn restart(
         .ok_or_else(|| BuildError::Connect("not connected".into()))?;
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, guest.reconnect(interrupt)).await {
-        Ok(Ok(rep)) => cx.events.info(format!(
-            "reconnected after {:.1}s",
-            rep.wait().as_secs_f64()
-        )),
+        Ok(Ok(rep)) => {
+            // One reboot of a BIOS guest is two RESETs (SeaBIOS resets again on a warm reset),
+            // the second after the first was seen: count them all once WinRM is back, or the
+            // next step takes the late one for another reboot.
+            if let Some(v) = cx.vm.as_ref() {
+                cx.resets_seen = v.reboot_count();
+            }
+            cx.events.info(format!(
+                "reconnected after {:.1}s",
+                rep.wait().as_secs_f64()
+            ))
+        }
         Ok(Err(e)) => {
             return Err(BuildError::Connect(format!(
                 "{step}: reconnecting after the restart: {e}"

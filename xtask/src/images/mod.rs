@@ -15,6 +15,7 @@ mod disk;
 mod pvh;
 mod tiny;
 pub mod util;
+mod winrs;
 
 use anyhow::{bail, Context, Result};
 use std::fs;
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use util::{DirLock, Progress};
 
 /// The images this module can build.
-pub const NAMES: &[&str] = &["tiny", "debian", "debian-azure", "debian-waagent"];
+pub const NAMES: &[&str] = &["tiny", "debian", "debian-azure", "debian-waagent", "winrs"];
 
 /// How to get an image.
 #[derive(Clone, Debug, Default)]
@@ -82,6 +83,7 @@ pub fn cache_root() -> PathBuf {
 fn recipe(name: &str) -> Result<Box<dyn Recipe>> {
     match name {
         "tiny" => Ok(Box::new(tiny::Tiny)),
+        "winrs" => Ok(Box::new(winrs::Winrs)),
         "debian" => Ok(Box::new(debian::Debian(&debian::PLAIN))),
         "debian-azure" => Ok(Box::new(debian::Debian(&debian::AZURE))),
         "debian-waagent" => Ok(Box::new(debian::Debian(&debian::WAAGENT))),

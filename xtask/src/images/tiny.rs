@@ -123,6 +123,24 @@ const BINARIES: &[(&str, &str)] = &[
 
 pub struct Tiny;
 
+/// What a variant of the tiny guest adds (see `winrs.rs`): the plain tiny guest has none.
+pub(crate) struct Extras {
+    /// Image name and catalog offer.
+    pub name: &'static str,
+    /// Boot menu title.
+    pub title: &'static str,
+    /// The hostname written to `/etc/hostname` (the guest may change it at boot).
+    pub hostname: &'static str,
+    /// More kernel modules, loaded by the initrd unconditionally (`extra_modules`).
+    pub modules: &'static [&'static str],
+    /// Files written into the root after the tiny guest's own: (image path, content, mode).
+    pub files: Vec<(&'static str, &'static str, u32)>,
+    /// Programs copied (stripped) with the shared libraries they need: (host path, image path).
+    pub binaries: Vec<(std::path::PathBuf, &'static str)>,
+    /// Catalog metadata that replaces the tiny guest's (same keys) or adds to it.
+    pub meta: serde_json::Value,
+}
+
 /// `linux-image-amd64` depends on the versioned kernel package: returns
 /// (package name, kernel release), e.g. ("linux-image-6.1.0-56-amd64", "6.1.0-56-amd64").
 pub(crate) fn kernel(meta_package: &str) -> Result<(String, String)> {
@@ -169,6 +187,30 @@ impl Recipe for Tiny {
     }
 
     fn build(&self, ctx: &BuildCtx, p: &mut Progress) -> Result<()> {
+        self.build_with(
+            ctx,
+            p,
+            &Extras {
+                name: "tiny",
+                title: "kiln tiny",
+                hostname: "kiln-tiny",
+                modules: &[],
+                files: Vec::new(),
+                binaries: Vec::new(),
+                meta: serde_json::json!({}),
+            },
+        )
+    }
+}
+
+/// The recipe-independent part of the hash input (recipe code, guest files, host packages).
+pub(crate) fn tiny_hash_input() -> Result<Vec<u8>> {
+    Tiny.hash_input()
+}
+
+impl Tiny {
+    /// Builds the tiny guest, plus what `x` adds.
+    pub(crate) fn build_with(&self, ctx: &BuildCtx, p: &mut Progress, x: &Extras) -> Result<()> {
         let t = DiskTools::find()?;
         let busybox = host_file("/bin/busybox", "busybox-static")?;
         let cc = tool("cc", "gcc")?;
@@ -193,11 +235,11 @@ impl Recipe for Tiny {
 
         let work = &ctx.work;
         let root = work.join("root");
-        stage_root(ctx, &root, &busybox, &cc, &ldd)?;
+        stage_root(ctx, &root, &busybox, &cc, &ldd, x)?;
         p.done("root filesystem staged");
 
         let initrd = work.join("initrd.img");
-        stage_initrd(work, &initrd, &busybox, &modprobe, &krel)?;
+        stage_initrd(work, &initrd, &busybox, &modprobe, &krel, x.modules)?;
         p.done(&format!(
             "initrd packed ({} KiB)",
             std::fs::metadata(&initrd)?.len() / 1024
@@ -220,7 +262,7 @@ impl Recipe for Tiny {
         let cmdline = file("cmdline").trim().to_string();
         let esp = work.join("esp.img");
         let boot = BootEntry {
-            title: "kiln tiny",
+            title: x.title,
             kernel: &vmlinuz,
             initrd: &initrd,
             cmdline: &cmdline,
@@ -250,7 +292,7 @@ impl Recipe for Tiny {
         disk::to_qcow2(&t, &raw, &qcow, false)?;
         p.done("GPT disk assembled (qcow2)");
 
-        let mut meta = super::base_meta(&t, "tiny", ctx, &qcow)?;
+        let mut meta = super::base_meta(&t, x.name, ctx, &qcow)?;
         let extra = serde_json::json!({
             "name": "tiny",
             "description": "kiln tiny test guest: busybox + dropbear on a persistent ext4 root, BIOS and UEFI",
@@ -280,6 +322,9 @@ impl Recipe for Tiny {
         for (k, v) in extra.as_object().unwrap() {
             meta.insert(k.clone(), v.clone());
         }
+        for (k, v) in x.meta.as_object().into_iter().flatten() {
+            meta.insert(k.clone(), v.clone());
+        }
         write_file(
             &ctx.out.join("meta.json"),
             serde_json::to_string_pretty(&meta)? + "\n",
@@ -298,7 +343,14 @@ fn file(name: &str) -> &'static str {
 }
 
 /// The persistent root: merged-/usr layout, busybox applets as relative symlinks.
-fn stage_root(ctx: &BuildCtx, root: &Path, busybox: &Path, cc: &Path, ldd: &Path) -> Result<()> {
+fn stage_root(
+    ctx: &BuildCtx,
+    root: &Path,
+    busybox: &Path,
+    cc: &Path,
+    ldd: &Path,
+    x: &Extras,
+) -> Result<()> {
     for d in [
         "usr/bin",
         "usr/sbin",
@@ -356,8 +408,17 @@ fn stage_root(ctx: &BuildCtx, root: &Path, busybox: &Path, cc: &Path, ldd: &Path
 
     // dropbear, sftp-server, scp and their shared libraries
     let mut libs = std::collections::BTreeSet::new();
-    for (src, dest) in BINARIES {
-        copy_file(Path::new(src), &root.join(dest), 0o755)?;
+    let extra = x.binaries.iter().map(|(s, d)| (s.as_path(), *d, true));
+    for (src, dest, strip) in BINARIES
+        .iter()
+        .map(|(s, d)| (Path::new(*s), *d, false))
+        .chain(extra)
+    {
+        copy_file(src, &root.join(dest), 0o755)?;
+        if strip {
+            run(cmd("strip", &["--strip-debug"]).arg(root.join(dest)))
+                .with_context(|| format!("stripping {}", src.display()))?;
+        }
         let out = run(cmd(ldd, &[src]))?;
         for line in out.lines() {
             let path = if let Some((_, rhs)) = line.split_once("=>") {
@@ -401,6 +462,9 @@ fn stage_root(ctx: &BuildCtx, root: &Path, busybox: &Path, cc: &Path, ldd: &Path
     ] {
         write_file(&root.join(dest), file(name), mode)?;
     }
+    for (dest, body, mode) in &x.files {
+        write_file(&root.join(dest), body, *mode)?;
+    }
 
     // accounts: root is the default user (top-level ssh_authorized_keys); the build
     // user (packer) comes from the NoCloud seed. "*" = no password but not locked.
@@ -420,10 +484,13 @@ fn stage_root(ctx: &BuildCtx, root: &Path, busybox: &Path, cc: &Path, ldd: &Path
         "/bin/sh\n/bin/ash\n/usr/bin/sh\n/usr/bin/ash\n",
         0o644,
     )?;
-    write_file(&etc.join("hostname"), "kiln-tiny\n", 0o644)?;
+    write_file(&etc.join("hostname"), format!("{}\n", x.hostname), 0o644)?;
     write_file(
         &etc.join("hosts"),
-        "127.0.0.1\tlocalhost\n127.0.1.1\tkiln-tiny\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            x.hostname
+        ),
         0o644,
     )?;
     write_file(
@@ -460,6 +527,7 @@ fn stage_initrd(
     busybox: &Path,
     modprobe: &Path,
     krel: &str,
+    extra_modules: &[&str],
 ) -> Result<()> {
     let dir = work.join("initrd");
     copy_file(busybox, &dir.join("bin/busybox"), 0o755)?;
@@ -468,7 +536,7 @@ fn stage_initrd(
     let mut deps = String::from(
         "# generated by xtask images: kernel modules and their dependencies, in load order\n",
     );
-    for m in MODULES {
+    for m in MODULES.iter().chain(extra_modules) {
         let out = run(cmd(modprobe, &["-S", krel, "--show-depends", m]))
             .with_context(|| format!("resolving kernel module {m} for {krel}"))?;
         let mut files = Vec::new();
@@ -491,6 +559,7 @@ fn stage_initrd(
         }
         deps.push_str(&format!("dep_{m}=\"{}\"\n", files.join(" ")));
     }
+    deps.push_str(&format!("extra_modules=\"{}\"\n", extra_modules.join(" ")));
     write_file(&dir.join("modules.dep"), deps, 0o644)?;
     let script = format!(
         "cd '{}' && find . -print0 | LC_ALL=C sort -z | cpio --null --quiet -o -H newc -R 0:0 --reproducible | gzip -9n > '{}'",

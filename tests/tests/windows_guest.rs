@@ -1,0 +1,504 @@
+//! `kiln build` of a **Windows** template end to end against a real QEMU VM: the `winrs` test
+//! guest, a Linux guest speaking WinRS (xtask/src/images/winrs.rs), imported with osType
+//! Windows so that kiln plans its Windows steps. kiln writes the unattend media, the guest's
+//! init reads the build account from it and serves WinRM (NTLM, sealed) on 5985; PowerShell
+//! (direct and runElevated, validExitCodes), File, WindowsRestart (a real reboot: QMP RESET, a
+//! new boot id, WinRM reconnected, the restart check), Sysprep's control flow and the shutdown
+//! run through kiln, then the disk is exported to a fixed VHD and inspected. The "PowerShell"
+//! payloads are POSIX sh, as the shim documents (tests/winrs_server.rs); `C:\` is
+//! /var/lib/kiln-winrs/c in the guest.
+
+use kiln_tests::inspect::{debugfs, kiln_bin, root_partition};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// One KILN_HOME for the test binary, with the winrs guest imported as kiln:winrs:gen1 (BIOS)
+/// and kiln:winrs:gen2 (UEFI, q35) with the osType its catalog metadata gives (Windows).
+fn home() -> &'static Path {
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
+    HOME.get_or_init(|| {
+        // The server program inside the guest is this workspace's (built by cargo for this test).
+        std::env::set_var("KILN_WINRS_SERVER", env!("CARGO_BIN_EXE_kiln-winrs-server"));
+        let img = kiln_tests::image("winrs").expect("winrs test guest");
+        assert_eq!(img.meta["osType"], "Windows", "{}", img.meta);
+        assert!(
+            img.meta["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("LINUX guest") && d.contains("WinRS")),
+            "the guest is labelled as what it is: {}",
+            img.meta
+        );
+        let home = std::env::temp_dir().join(format!("kiln-wguest-tests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        for (sku, generation) in [("gen1", "V1"), ("gen2", "V2")] {
+            let out = Command::new(kiln_bin())
+                .env("KILN_HOME", &home)
+                .args([
+                    "image",
+                    "import",
+                    "--publisher",
+                    "kiln",
+                    "--offer",
+                    "winrs",
+                    "--sku",
+                    sku,
+                    "--version",
+                    "1.0.0",
+                    "--hyper-v-generation",
+                    generation,
+                    "--provisioning",
+                    "unattend",
+                    "--os-type",
+                ])
+                .arg(img.meta["osType"].as_str().unwrap_or("Linux"))
+                .arg(&img.disk)
+                .output()
+                .expect("kiln image import");
+            assert!(
+                out.status.success(),
+                "import: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        home
+    })
+}
+
+/// A tiny HTTP/1.0 file server on 127.0.0.1 for sourceUri.
+fn serve(dir: PathBuf) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let path = req
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("/")
+                .trim_start_matches('/')
+                .to_string();
+            match std::fs::read(dir.join(&path)) {
+                Ok(body) if !path.contains("..") => {
+                    let _ = write!(
+                        s,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(&body);
+                }
+                _ => {
+                    let _ = s.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                }
+            }
+        }
+    });
+    port
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// One build's directory, files served over HTTP, and its template.
+struct Case {
+    dir: PathBuf,
+}
+
+impl Case {
+    fn new(label: &str) -> Case {
+        let dir = home().join("cases").join(label);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("files")).expect("case dir");
+        Case { dir }
+    }
+
+    fn template(&self, name: &str, sku: &str, customize: serde_json::Value) -> PathBuf {
+        let t = serde_json::json!({
+            "type": "Microsoft.VirtualMachineImages/imageTemplates",
+            "apiVersion": "2022-07-01",
+            "name": name,
+            "location": "westus2",
+            "identity": {"type": "UserAssigned", "userAssignedIdentities": {
+                "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/kiln/providers/Microsoft.ManagedIdentity/userAssignedIdentities/aib": {}}},
+            "properties": {
+                "buildTimeoutInMinutes": 40,
+                "vmProfile": {"vmSize": "Standard_B1ms"},
+                "source": {"type": "PlatformImage", "publisher": "kiln", "offer": "winrs", "sku": sku, "version": "latest"},
+                "customize": customize,
+                "distribute": [{"type": "VHD", "runOutputName": "out", "uri": self.dir.join("out.vhd").display().to_string()}]
+            }
+        });
+        let p = self.dir.join("template.json");
+        std::fs::write(&p, serde_json::to_vec_pretty(&t).expect("json")).expect("write template");
+        p
+    }
+
+    fn build(&self, template: &Path) -> Output {
+        Command::new(kiln_bin())
+            .env("KILN_HOME", home())
+            .env("NO_COLOR", "1")
+            .args(["build", "--output", "json", "--accel", "tcg"])
+            .arg(template)
+            .stdin(Stdio::null())
+            .output()
+            .expect("kiln build")
+    }
+}
+
+fn events(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn result(out: &Output) -> serde_json::Value {
+    events(out)
+        .into_iter()
+        .find(|e| e["event"] == "result")
+        .unwrap_or_default()
+}
+
+fn infos(ev: &[serde_json::Value]) -> Vec<String> {
+    ev.iter()
+        .filter(|e| e["event"] == "info")
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The output lines of the step whose name starts with `step`.
+fn output_of(ev: &[serde_json::Value], step: &str) -> Vec<String> {
+    ev.iter()
+        .filter(|e| e["event"] == "output" && e["step"].as_str().unwrap_or("").starts_with(step))
+        .filter_map(|e| e["line"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn value_after(lines: &[String], prefix: &str) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// No QEMU process mentions the run's directory.
+fn assert_no_qemu(run_dir: &str) {
+    assert!(!run_dir.is_empty(), "no run dir");
+    let out = Command::new("pgrep")
+        .args(["-f", run_dir])
+        .output()
+        .expect("pgrep");
+    assert!(
+        out.stdout.is_empty(),
+        "QEMU left running for {run_dir}: pids {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+const C: &str = "/var/lib/kiln-winrs/c";
+
+#[test]
+fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
+    let c = Case::new("ok");
+    let payload = "payload delivered by the File customizer\nline two\n";
+    let pf = c.dir.join("files").join("payload.txt");
+    std::fs::write(&pf, payload).expect("payload");
+    let port = serve(c.dir.join("files"));
+    let t = c.template(
+        "winrs-ok",
+        "gen1",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "prepare", "validExitCodes": [0, 5], "inline": [
+                format!("mkdir -p {C}/kiln"),
+                "echo boot-before=$(cat /proc/sys/kernel/random/boot_id)",
+                "echo host=$(hostname)",
+                "exit 5"
+            ]},
+            {"type": "PowerShell", "name": "elevated", "runElevated": true, "inline": [
+                "echo elevated-out",
+                "echo elevated-err >&2",
+                format!("id -u > {C}/kiln/elevated-uid")
+            ]},
+            {"type": "PowerShell", "name": "system", "runElevated": true, "runAsSystem": true, "inline": [
+                "echo as-system"
+            ]},
+            {"type": "File", "name": "payload", "sourceUri": format!("http://127.0.0.1:{port}/payload.txt"),
+             "sha256Checksum": sha256(&pf), "destination": r"C:\kiln\payload.txt"},
+            {"type": "WindowsRestart", "restartTimeout": "15m"},
+            {"type": "PowerShell", "name": "after restart", "inline": [
+                "echo boot-after=$(cat /proc/sys/kernel/random/boot_id)",
+                format!("echo payload-sha=$(sha256sum {C}/kiln/payload.txt | cut -d' ' -f1)"),
+                format!("echo after-restart > {C}/kiln/after-restart")
+            ]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let took = t0.elapsed();
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Succeeded", "{all}");
+    eprintln!("winrs guest Windows build took {:.1}s", took.as_secs_f64());
+    let ev = events(&out);
+    let info = infos(&ev);
+
+    // PowerShell: exit 5 accepted by validExitCodes; the computer name came from Unattend.xml.
+    let prep = output_of(&ev, "Customize: PowerShell \"prepare\"");
+    let before = value_after(&prep, "boot-before=");
+    assert_eq!(before.len(), 36, "{prep:?}");
+    let host = value_after(&prep, "host=");
+    assert!(
+        host.starts_with("kiln-"),
+        "the computer name from the answer file: {prep:?}"
+    );
+    // runElevated: the runner was uploaded and called; stderr merged into the streamed output.
+    let el = output_of(&ev, "Customize: PowerShell \"elevated\"");
+    assert!(
+        el.contains(&"elevated-out".to_string()) && el.contains(&"elevated-err".to_string()),
+        "{el:?}"
+    );
+    assert!(
+        info.iter()
+            .any(|m| m.contains("elevated (scheduled task as packer")),
+        "{info:?}"
+    );
+    assert_eq!(
+        output_of(&ev, "Customize: PowerShell \"system\""),
+        ["as-system"]
+    );
+    assert!(
+        info.iter()
+            .any(|m| m.contains("as SYSTEM (scheduled task)")),
+        "{info:?}"
+    );
+    // WindowsRestart: a real reboot (QMP RESET, another boot id), WinRM reconnected, the check.
+    assert!(
+        info.iter()
+            .any(|m| m.contains("reboot verified (QMP RESET)")),
+        "{info:?}"
+    );
+    assert_eq!(
+        info.iter()
+            .filter(|m| m.starts_with("reconnected after"))
+            .count(),
+        1,
+        "one reboot, one reconnection: {info:?}"
+    );
+    assert!(
+        !info.iter().any(|m| m == "the guest rebooted; reconnecting"),
+        "the reboot was handled by the restart step alone: {info:?}"
+    );
+    assert!(
+        !info.iter().any(|m| m.contains("SSH forwarded")),
+        "a Windows build talks WinRM: {info:?}"
+    );
+    let restart = output_of(&ev, "Customize: WindowsRestart");
+    assert!(
+        restart.contains(&format!("{host} restarted.")),
+        "the restart check ran: {restart:?}"
+    );
+    let after = output_of(&ev, "Customize: PowerShell \"after restart\"");
+    let after_boot = value_after(&after, "boot-after=");
+    assert_eq!(after_boot.len(), 36, "{after:?}");
+    assert_ne!(
+        before, after_boot,
+        "the guest rebooted: its boot id changed"
+    );
+    assert_eq!(
+        value_after(&after, "payload-sha="),
+        sha256(&pf),
+        "the File step's bytes, read in the guest"
+    );
+    // Sysprep: the control flow, ImageState progression polled to the end.
+    let sp = output_of(&ev, "Sysprep");
+    let states: Vec<&String> = sp
+        .iter()
+        .filter(|l| l.starts_with("IMAGE_STATE_"))
+        .collect();
+    assert!(
+        states.first().is_some_and(|s| *s == "IMAGE_STATE_COMPLETE")
+            && states.iter().any(|s| *s == "IMAGE_STATE_UNDEPLOYABLE")
+            && states
+                .last()
+                .is_some_and(|s| *s == "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"),
+        "{sp:?}"
+    );
+    assert!(
+        sp.iter()
+            .any(|l| l.contains("service RdAgent is not installed")),
+        "{sp:?}"
+    );
+    assert!(
+        sp.iter()
+            .any(|l| l.contains(r"removed C:\Windows\Panther\unattend.xml")),
+        "the cached answer file: {sp:?}"
+    );
+    assert!(
+        info.iter().any(|m| m.starts_with("build VM stopped: ")),
+        "{info:?}"
+    );
+
+    // The AIB-style log has the same story.
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let log =
+        std::fs::read_to_string(run_dir.join("customization.log")).expect("customization.log");
+    for want in [
+        "elevated-err",
+        "reboot verified (QMP RESET)",
+        "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE",
+        &format!("{host} restarted."),
+    ] {
+        assert!(log.contains(want), "customization.log lacks {want:?}");
+    }
+    let console = std::fs::read_to_string(run_dir.join("console.log")).expect("console.log");
+    assert_eq!(
+        console.matches("KILN-WINRM-READY").count(),
+        2,
+        "two boots, WinRS up in each"
+    );
+    assert!(
+        !run_dir.join("unattend.img").exists(),
+        "the provisioning media is deleted"
+    );
+    assert_no_qemu(&run_dir.display().to_string());
+
+    // The exported fixed VHD holds what happened in the guest.
+    let vhd = c.dir.join("out.vhd");
+    kiln_images::vhd::verify_fixed(&vhd).expect("a fixed VHD");
+    let part = c.dir.join("root.ext4");
+    root_partition(&vhd, &part);
+    let cat = |p: &str| debugfs(&part, &format!("cat {p}"));
+    assert_eq!(cat(&format!("{C}/kiln/payload.txt")).0, payload);
+    assert_eq!(cat(&format!("{C}/kiln/elevated-uid")).0.trim(), "0");
+    assert_eq!(
+        cat(&format!("{C}/kiln/after-restart")).0.trim(),
+        "after-restart"
+    );
+    let state = cat(&format!("{C}/Windows/Setup/State/State.ini")).0;
+    assert!(
+        state.contains("ImageState=IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"),
+        "{state:?}"
+    );
+    let (o, e) = cat(&format!("{C}/Windows/Panther/unattend.xml"));
+    assert!(
+        o.is_empty() && e.contains("not found"),
+        "no answer file (password) left in the image: {o:?} {e:?}"
+    );
+    let _ = std::fs::remove_file(&part);
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// On Gen2 (UEFI, q35): the guest boots and finds the unattend stick there too.
+#[test]
+fn an_exit_code_outside_valid_exit_codes_fails_the_build_naming_the_step() {
+    let c = Case::new("bad-exit");
+    let t = c.template(
+        "winrs-bad-exit",
+        "gen2",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "bad exit", "validExitCodes": [0, 1], "inline": ["echo before", "exit 7"]},
+            {"type": "PowerShell", "name": "never", "inline": ["echo never-runs"]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Failed", "{all}");
+    eprintln!(
+        "winrs guest failing build took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("Customize: PowerShell \"bad exit\"")
+            && err.contains("exited with 7")
+            && err.contains("[0, 1]"),
+        "{err}"
+    );
+    let ev = events(&out);
+    assert_eq!(
+        output_of(&ev, "Customize: PowerShell \"bad exit\""),
+        ["before"]
+    );
+    assert!(
+        !ev.iter()
+            .any(|e| e["event"] == "stepStarted"
+                && e["step"].as_str().unwrap_or("").contains("never")),
+        "stops at the failure"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let log =
+        std::fs::read_to_string(run_dir.join("customization.log")).expect("customization.log");
+    assert!(
+        log.contains("kiln: Customize: PowerShell \"bad exit\" failed: the script exited with 7")
+            && !log.contains("failed: Customize: PowerShell"),
+        "the failure named once in customization.log:\n{log}"
+    );
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+#[test]
+fn a_file_destination_without_its_directory_fails_naming_it() {
+    let c = Case::new("no-dir");
+    let pf = c.dir.join("files").join("f.txt");
+    std::fs::write(&pf, "x").expect("file");
+    let port = serve(c.dir.join("files"));
+    let t = c.template(
+        "winrs-no-dir",
+        "gen1",
+        serde_json::json!([
+            {"type": "File", "name": "nowhere", "sourceUri": format!("http://127.0.0.1:{port}/f.txt"),
+             "sha256Checksum": sha256(&pf), "destination": r"C:\no-such-dir\f.txt"}
+        ]),
+    );
+    let out = c.build(&t);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Failed", "{all}");
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("Customize: File \"nowhere\"")
+            && err.contains(r"C:\no-such-dir\f.txt")
+            && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        !infos(&events(&out))
+            .iter()
+            .any(|m| m.starts_with("uploaded ")),
+        "nothing uploaded"
+    );
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
