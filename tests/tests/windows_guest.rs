@@ -32,7 +32,7 @@ fn home() -> &'static Path {
             "the guest is labelled as what it is: {}",
             img.meta
         );
-        let home = std::env::temp_dir().join(format!("kiln-wguest-tests-{}", std::process::id()));
+        let home = kiln_tests::scratch_dir("kiln-wguest-tests");
         let _ = std::fs::remove_dir_all(&home);
         for (sku, generation) in [("gen1", "V1"), ("gen2", "V2")] {
             let out = Command::new(kiln_bin())
