@@ -184,11 +184,8 @@ async fn read_guest(
             continue;
         };
         let mut r = BufReader::with_capacity(256 * 1024, stream);
-        loop {
-            let len = match r.read_u32().await {
-                Ok(n) => n as usize,
-                Err(_) => break,
-            };
+        while let Ok(n) = r.read_u32().await {
+            let len = n as usize;
             if len > MAX_FRAME {
                 log(event(
                     "",

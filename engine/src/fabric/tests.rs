@@ -334,7 +334,10 @@ async fn dhcp_tap_answers_dhcp_and_passes_the_rest() {
     // keeps reading (dropping what does not fit) and still answers.
     drop(network);
     let mut flood = vec![arp.clone(); 20_000];
-    flood.extend(std::iter::repeat(dhcp::tests::request(1, &[], [0; 4])).take(500));
+    flood.extend(std::iter::repeat_n(
+        dhcp::tests::request(1, &[], [0; 4]),
+        500,
+    ));
     write_frames(&mut guest, &flood).await;
     // Malformed DHCP is dropped and logged.
     let mut bad = dhcp::tests::request(1, &[], [0; 4]);

@@ -343,11 +343,20 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
                     provisioning::METHODS
                         .iter()
                         .filter(|m| p[**m]["ok"] != true)
-                        .map(|m| format!("provisioning {m} pair {}", p["round"].as_u64().unwrap_or(0) + 1))
+                        .map(|m| {
+                            format!(
+                                "provisioning {m} pair {}",
+                                p["round"].as_u64().unwrap_or(0) + 1
+                            )
+                        })
                         .collect::<Vec<_>>()
                 }),
         )
-        .chain(raw["provisioning"].get("error").map(|_| "provisioning".to_string()))
+        .chain(
+            raw["provisioning"]
+                .get("error")
+                .map(|_| "provisioning".to_string()),
+        )
         .collect();
     if !failed.is_empty() {
         bail!(

@@ -79,7 +79,15 @@ pub fn run(kiln: &Path, work: &Path, pairs: usize) -> Result<Value> {
             let stderr = std::fs::File::create(dir.join(format!("{m}-{round}.err")))?;
             let child = Command::new(kiln)
                 .env("KILN_HOME", &home)
-                .args(["build", "--accel", "tcg", "--output", "json", "--provisioning", m])
+                .args([
+                    "build",
+                    "--accel",
+                    "tcg",
+                    "--output",
+                    "json",
+                    "--provisioning",
+                    m,
+                ])
                 .args(["--name", &format!("bench-{m}-{round}")])
                 .arg(&template)
                 .stdout(stdout)
@@ -94,8 +102,8 @@ pub fn run(kiln: &Path, work: &Path, pairs: usize) -> Result<Value> {
         for (m, t0, mut child) in children {
             let status = child.wait()?;
             let wall = util::secs(t0, Instant::now());
-            let events = std::fs::read_to_string(dir.join(format!("{m}-{round}.jsonl")))
-                .unwrap_or_default();
+            let events =
+                std::fs::read_to_string(dir.join(format!("{m}-{round}.jsonl"))).unwrap_or_default();
             let r = parse_build(&events, status.success(), wall, || {
                 std::fs::read_to_string(dir.join(format!("{m}-{round}.err"))).unwrap_or_default()
             });
@@ -108,7 +116,11 @@ pub fn run(kiln: &Path, work: &Path, pairs: usize) -> Result<Value> {
         let _ = std::fs::remove_dir_all(home.join("staging"));
         out.push(Value::Object(pair));
     }
-    let v = summarize(out, &img.disk.display().to_string(), img.meta["version"].as_str().unwrap_or(""));
+    let v = summarize(
+        out,
+        &img.disk.display().to_string(),
+        img.meta["version"].as_str().unwrap_or(""),
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(v)
 }
@@ -161,16 +173,15 @@ pub fn parse_build(events: &str, ok: bool, wall: f64, stderr: impl FnOnce() -> S
 
 /// Medians, ranges and the per-pair ratios azure/nocloud of `connectedSeconds`.
 pub fn summarize(pairs: Vec<Value>, image: &str, version: &str) -> Value {
-    let col = |m: &str, k: &str| -> Vec<f64> {
-        pairs
-            .iter()
-            .filter_map(|p| p[m][k].as_f64())
-            .collect()
-    };
+    let col =
+        |m: &str, k: &str| -> Vec<f64> { pairs.iter().filter_map(|p| p[m][k].as_f64()).collect() };
     let ratios: Vec<f64> = pairs
         .iter()
         .filter_map(|p| {
-            Some(p["azure"]["connectedSeconds"].as_f64()? / p["nocloud"]["connectedSeconds"].as_f64()?)
+            Some(
+                p["azure"]["connectedSeconds"].as_f64()?
+                    / p["nocloud"]["connectedSeconds"].as_f64()?,
+            )
         })
         .collect();
     let summary = |v: &[f64]| match util::stats(v) {

@@ -542,13 +542,18 @@ pub fn provisioning_md(raw: &Value, json_name: &str) -> String {
     let p = &raw["provisioning"];
     let mut s = String::new();
     let _ = writeln!(s, "{PROVISIONING_START}");
-    let _ = writeln!(s, "## Azure provisioning vs NoCloud (issue #5)
-");
     let _ = writeln!(
         s,
-        "`{}` at {} (load before {}, after {}; raw: [`{json_name}`]({json_name})). Same image — the `debian` test guest {} (cloud-init with both datasources, waagent), Gen1, {}, TCG — and one no-op customizer; `--provisioning azure` (ovf-env.xml CD, kiln's fabric and DHCP) beside `--provisioning nocloud`. The two builds of a pair run side by side (same host load), the first to start alternating. Seconds from QEMU's start to an authenticated SSH session (`connectedSeconds` of the `provisioned` event), for Azure also to the Ready health report. `cargo xtask bench --only provisioning [--runs N]` runs N pairs (default 3); not part of `--quick`.\n",
+        "## Azure provisioning vs NoCloud (issue #5)
+"
+    );
+    let _ = writeln!(
+        s,
+        "`{}` at {} (kiln {}, {} build; load before {}, after {}; raw: [`{json_name}`]({json_name})). Same image — the `debian` test guest {} (cloud-init with both datasources, waagent), Gen1, {}, TCG — and one no-op customizer; `--provisioning azure` (ovf-env.xml CD, kiln's fabric and DHCP) beside `--provisioning nocloud`. The two builds of a pair run side by side (same host load), the first to start alternating. Seconds from QEMU's start to an authenticated SSH session (`connectedSeconds` of the `provisioned` event), for Azure also to the Ready health report. `cargo xtask bench --only provisioning [--runs N]` runs N pairs (default 3); not part of `--quick`.\n",
         raw["command"].as_str().unwrap_or(""),
         raw["started"].as_str().unwrap_or(""),
+        raw["machine"]["kilnCommit"].as_str().unwrap_or("?"),
+        raw["machine"]["kilnProfile"].as_str().unwrap_or("?"),
         raw["load"]["before"].as_str().unwrap_or(""),
         raw["load"]["after"].as_str().unwrap_or(""),
         p["imageVersion"].as_str().unwrap_or(""),
@@ -578,7 +583,10 @@ pub fn provisioning_md(raw: &Value, json_name: &str) -> String {
             f(v["max"].as_f64().unwrap_or(f64::NAN))
         );
     }
-    let _ = writeln!(s, "\n| pair | first | azure connected | azure Ready | nocloud connected | azure / nocloud |");
+    let _ = writeln!(
+        s,
+        "\n| pair | first | azure connected | azure Ready | nocloud connected | azure / nocloud |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     let cell = |v: &Value, k: &str| match (v["ok"].as_bool(), v[k].as_f64()) {
         (Some(true), Some(x)) => f(x),
@@ -737,9 +745,11 @@ mod tests {
     }
 
     fn prov_raw() -> Value {
-        let pair = |r: u64, first: &str, a: f64, n: f64| json!({"round": r, "first": first,
+        let pair = |r: u64, first: &str, a: f64, n: f64| {
+            json!({"round": r, "first": first,
             "azure": {"ok": true, "connectedSeconds": a, "readySeconds": a - 40.0},
-            "nocloud": {"ok": true, "connectedSeconds": n}});
+            "nocloud": {"ok": true, "connectedSeconds": n}})
+        };
         let pairs = vec![
             pair(0, "azure", 220.0, 200.0),
             pair(1, "nocloud", 210.0, 200.0),
@@ -756,13 +766,31 @@ mod tests {
     fn provisioning_section_has_pairs_ratios_and_the_target() {
         let md = provisioning_md(&prov_raw(), "bench/p.json");
         assert!(md.starts_with(PROVISIONING_START) && md.trim_end().ends_with(PROVISIONING_END));
-        assert!(md.contains("`cargo xtask bench --only provisioning`"), "{md}");
-        assert!(md.contains("| azure: QEMU start → connected | 2/3 | 215 | 210 | 220 |"), "{md}");
-        assert!(md.contains("| nocloud: QEMU start → connected | 3/3 | 200 | 190 | 200 |"), "{md}");
-        assert!(md.contains("| 1 | azure | 220 | 180 | 200 | 1.10× |"), "{md}");
-        assert!(md.contains("| 3 | azure | failed: boom | failed: boom | 190 | – |"), "{md}");
+        assert!(
+            md.contains("`cargo xtask bench --only provisioning`"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| azure: QEMU start → connected | 2/3 | 215 | 210 | 220 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| nocloud: QEMU start → connected | 3/3 | 200 | 190 | 200 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | azure | 220 | 180 | 200 | 1.10× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 3 | azure | failed: boom | failed: boom | 190 | – |"),
+            "{md}"
+        );
         // pair ratios 1.1 and 1.05: median 1.075
-        assert!(md.contains("Azure ≤ 1.20× NoCloud (median of the pair ratios): measured 1.08× — met."), "{md}");
+        assert!(
+            md.contains("Azure ≤ 1.20× NoCloud (median of the pair ratios): measured 1.08× — met."),
+            "{md}"
+        );
     }
 
     #[test]
@@ -773,15 +801,24 @@ mod tests {
         let a = compose(&prov_raw(), "bench/p.json", Some(&with_analysis));
         assert!(a.starts_with(full.trim_end()), "{a}");
         assert!(a.contains("| kiln | 2/2 | 21.0 | 20.0 | 22.0 | 1 |"));
-        let (i, j) = (a.find(PROVISIONING_START).unwrap(), a.find("<!-- analysis -->").unwrap());
+        let (i, j) = (
+            a.find(PROVISIONING_START).unwrap(),
+            a.find("<!-- analysis -->").unwrap(),
+        );
         assert!(i < j && a.ends_with("hand-written\n"), "{a}");
         // again: replaced, not duplicated
         let b = compose(&prov_raw(), "bench/p2.json", Some(&a));
         assert_eq!(b.matches(PROVISIONING_START).count(), 1, "{b}");
-        assert!(b.contains("bench/p2.json") && !b.contains("bench/p.json"), "{b}");
+        assert!(
+            b.contains("bench/p2.json") && !b.contains("bench/p.json"),
+            "{b}"
+        );
         // a full run without provisioning keeps the old section
         let c = compose(&raw(), "bench/y.json", Some(&b));
-        assert!(c.contains("bench/y.json") && c.contains("bench/p2.json"), "{c}");
+        assert!(
+            c.contains("bench/y.json") && c.contains("bench/p2.json"),
+            "{c}"
+        );
         assert_eq!(c.matches(PROVISIONING_START).count(), 1, "{c}");
         assert!(c.ends_with("hand-written\n"), "{c}");
     }
