@@ -365,7 +365,7 @@ impl Step for Connect {
                             tokio::time::sleep(Duration::from_secs(5)).await;
                             if vm::Console::new(console.clone(), 0).contains(WAAGENT_NO_ENDPOINT).unwrap_or(false) {
                                 events.warn(format!(
-                                    "build VM {name}: the Azure Linux agent cannot find the wireserver (\"{WAAGENT_NO_ENDPOINT}\" on the console): it looks for it through DHCP option 245 or a host route to 168.63.129.16, which QEMU's DHCP cannot provide; see docs/provisioning.md (waagent-provisioned images)"
+                                    "build VM {name}: the Azure Linux agent cannot find the wireserver (\"{WAAGENT_NO_ENDPOINT}\" on the console): it looks for it through DHCP option 245 or a host route to 168.63.129.16, which kiln's DHCP gives (DHCP events in events.jsonl): check that the image's network uses DHCP on its first NIC and keeps the lease's routes; see docs/provisioning.md (waagent-provisioned images)"
                                 ));
                                 std::future::pending::<()>().await;
                             }
