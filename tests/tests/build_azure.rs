@@ -237,6 +237,15 @@ fn debian_azure_cloud_init_provisions_through_the_fabric_and_survives_hostile_re
 #[test]
 fn debian_waagent_provisions_through_the_fabric_from_the_catalogs_preference() {
     let dir = kiln_tests::TestDir::new("build-azure-wa").expect("dir");
+    let mut customize = customizers();
+    // The image is unchanged (no route of its own to the wireserver): waagent found it in the
+    // lease kiln's DHCP gave, as on Azure — option 245 and the classless static routes.
+    customize.push(serde_json::json!({"type": "Shell", "name": "lease", "inline": [
+        "grep -rqs 168.63.129.16 /etc/network /etc/systemd/network && echo image-has-route || echo image-has-no-route",
+        "ip -4 route show 168.63.129.16",
+        "ip -4 route show 169.254.169.254",
+        "grep -h unknown-245 /var/lib/dhcp/dhclient.*leases | sort -u"
+    ]}));
     // provisioning comes from the catalog entry, not a build flag
     let b = build(
         &dir.path,
@@ -244,7 +253,30 @@ fn debian_waagent_provisions_through_the_fabric_from_the_catalogs_preference() {
         "gen1",
         &["--provisioning", "azure"],
         &[],
-        Value::Array(customizers()),
+        Value::Array(customize),
+    );
+    let lease = outputs(&b, "lease");
+    for want in [
+        "image-has-no-route",
+        "168.63.129.16 via 168.63.129.1 dev eth0",
+        "169.254.169.254 via 168.63.129.1 dev eth0",
+        "option unknown-245 a8:3f:81:10;",
+    ] {
+        assert!(
+            lease.iter().any(|l| l.trim().starts_with(want)),
+            "`{want}` in {lease:?}"
+        );
+    }
+    // kiln's DHCP answered the guest (slirp's never saw a request)
+    assert!(
+        b.events.iter().any(|e| e["event"] == "fabric"
+            && e["endpoint"] == "dhcp"
+            && e["method"] == "REQUEST"
+            && e["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("ACK 168.63.129.100"))),
+        "{}",
+        b.stdout
     );
     assert!(
         b.stdout

@@ -112,7 +112,8 @@ pub enum Event {
     /// The emulated Azure fabric answered (or refused) a guest request.
     #[serde(rename_all = "camelCase")]
     Fabric {
-        /// `wire` or `imds`.
+        /// `wire`, `imds` or `dhcp` (kiln's DHCP server; then `method` is the request's
+        /// type, `target` the reply, `status` 0 and `agent` the client's MAC).
         endpoint: String,
         /// The method (empty when the request was unreadable).
         method: String,

@@ -217,7 +217,7 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>, device
         }
         let firmware = if gen2 { vm::Firmware::uefi_default().map_err(|e| BuildError::Vm(e.to_string()))? } else { vm::Firmware::Bios };
         let overlay = cx.overlay.clone().ok_or_else(|| BuildError::Vm("no disk".into()))?;
-        let (mut extra_netdev_options, mut smbios, mut uuid, mut mac) = (extra_netdev, Vec::new(), None, None);
+        let (mut extra_netdev_options, mut smbios, mut uuid, mut mac, mut net_tap) = (extra_netdev, Vec::new(), None, None, None);
         if let Some(f) = &cx.fabric {
             // As on Azure: the chassis asset tag and system UUID agents check, the NIC's MAC
             // that IMDS reports, and the fabric's addresses routed to this build's fabric.
@@ -225,6 +225,8 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>, device
             extra_netdev_options.extend(f.netdev_options(&exe));
             smbios.push(format!("type=3,asset={}", crate::fabric::AZURE_ASSET_TAG));
             uuid = Some(f.config().vm_id.clone());
+            // Azure's DHCP (option 245, routes to the wireserver and IMDS) from the fabric.
+            net_tap = Some(f.net_tap().clone());
             mac = Some(f.config().mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
         }
         let spec = vm::VmSpec {
@@ -242,6 +244,7 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>, device
             cdrom: cx.cdrom.clone(),
             mac,
             extra_netdev_options,
+            net_tap,
             smbios,
             uuid,
             ssh_port: None,
@@ -367,7 +370,7 @@ impl Step for Connect {
                             tokio::time::sleep(Duration::from_secs(5)).await;
                             if vm::Console::new(console.clone(), 0).contains(WAAGENT_NO_ENDPOINT).unwrap_or(false) {
                                 events.warn(format!(
-                                    "build VM {name}: the Azure Linux agent cannot find the wireserver (\"{WAAGENT_NO_ENDPOINT}\" on the console): it looks for it through DHCP option 245 or a host route to 168.63.129.16, which QEMU's DHCP cannot provide; see docs/provisioning.md (waagent-provisioned images)"
+                                    "build VM {name}: the Azure Linux agent cannot find the wireserver (\"{WAAGENT_NO_ENDPOINT}\" on the console): it looks for it through DHCP option 245 or a host route to 168.63.129.16, which kiln's DHCP gives (DHCP events in events.jsonl): check that the image's network uses DHCP on its first NIC and keeps the lease's routes; see docs/provisioning.md (waagent-provisioned images)"
                                 ));
                                 std::future::pending::<()>().await;
                             }

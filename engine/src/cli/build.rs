@@ -318,6 +318,11 @@ fn plain(e: &Event, color: bool) -> String {
 fn fabric_line(e: &Event) -> Option<String> {
     match e {
         Event::Fabric { health: Some(h), agent, .. } => Some(format!("    health report from {}: {h}", if agent.is_empty() { "the guest" } else { agent })),
+        // kiln's DHCP (Azure's options): each lease given, and requests it dropped.
+        Event::Fabric { endpoint, method, target, agent, error: None, .. } if endpoint == "dhcp" && target.starts_with("ACK") => {
+            Some(format!("    DHCP {method} from {agent}: {target}"))
+        }
+        Event::Fabric { endpoint, error: Some(err), .. } if endpoint == "dhcp" => Some(format!("    DHCP: {err}")),
         Event::Fabric { endpoint, method, target, status, error: Some(err), .. } if *status >= 400 && *status != 404 => {
             Some(format!("    fabric {endpoint}: {} {target} -> {status}: {err}", if method.is_empty() { "-" } else { method }))
         }

@@ -18,8 +18,10 @@
 //! [`MAX_CONNECTIONS`] at once, one request per connection, 4xx for anything malformed;
 //! nothing a guest sends can panic the server or hold the build.
 
+pub mod dhcp;
 pub mod http;
 pub mod imds;
+pub mod tap;
 pub mod wire;
 
 use http::Response;
@@ -135,6 +137,24 @@ impl FabricConfig {
         }
     }
 
+    /// The DHCP lease kiln's DHCP gives the guest ([`tap`]): the address slirp would give,
+    /// plus option 245 and routes to the wireserver and IMDS, as Azure's DHCP does.
+    pub fn lease(&self) -> dhcp::Lease {
+        let ip = |s: &str, d: &str| {
+            s.parse::<std::net::Ipv4Addr>()
+                .unwrap_or_else(|_| d.parse().expect("a valid constant address"))
+        };
+        dhcp::Lease {
+            server: ip(GATEWAY, GATEWAY),
+            client: ip(&self.guest_ip, GUEST_IP),
+            prefix: self.subnet_prefix,
+            dns: ip(DNS, DNS),
+            lease_secs: 86400,
+            wireserver: ip(WIRESERVER, WIRESERVER),
+            routes: vec![(ip(WIRESERVER, WIRESERVER), 32), (ip(IMDS, IMDS), 32)],
+        }
+    }
+
     /// The deployment's name in the configuration documents.
     pub fn deployment_name(&self) -> String {
         self.vm_id.replace('-', "")
@@ -247,6 +267,8 @@ pub enum Endpoint {
     Wire,
     /// IMDS, 169.254.169.254:80.
     Imds,
+    /// kiln's DHCP server ([`tap`]), at the gateway's address.
+    Dhcp,
 }
 
 impl Endpoint {
@@ -255,6 +277,7 @@ impl Endpoint {
         match self {
             Endpoint::Wire => "wire",
             Endpoint::Imds => "imds",
+            Endpoint::Dhcp => "dhcp",
         }
     }
     /// The guest-side address.
@@ -262,6 +285,7 @@ impl Endpoint {
         match self {
             Endpoint::Wire => WIRESERVER,
             Endpoint::Imds => IMDS,
+            Endpoint::Dhcp => GATEWAY,
         }
     }
     /// Parses `wire` / `imds`.
@@ -316,6 +340,8 @@ pub struct Fabric {
     task: tokio::task::JoinHandle<()>,
     health: watch::Receiver<Option<HealthReport>>,
     config: Arc<FabricConfig>,
+    tap: crate::vm::NetTap,
+    tap_task: tokio::task::JoinHandle<()>,
 }
 
 /// The socket for a build in `run_dir`: `run_dir/fabric.sock`, or — when that path is too long
@@ -356,8 +382,15 @@ impl Fabric {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
         }
+        let dir = socket.parent().unwrap_or(Path::new("."));
+        let listeners = tap::Listeners::bind(dir).map_err(|source| FabricError::Bind {
+            path: dir.join(tap::FILE_NAMES[0]),
+            source,
+        })?;
+        let tap_paths = listeners.paths.clone();
         let (tx, rx) = watch::channel(None);
         let config = Arc::new(config);
+        let tap_task = tokio::spawn(tap::run(listeners, config.lease(), sink.clone()));
         let task = tokio::spawn(serve(listener, config.clone(), sink, Arc::new(tx)));
         Ok(Fabric {
             socket: socket.to_path_buf(),
@@ -365,6 +398,8 @@ impl Fabric {
             task,
             health: rx,
             config,
+            tap: tap_paths,
+            tap_task,
         })
     }
 
@@ -381,6 +416,11 @@ impl Fabric {
     /// The latest health report, as a watch.
     pub fn health(&self) -> watch::Receiver<Option<HealthReport>> {
         self.health.clone()
+    }
+
+    /// The sockets of this build's DHCP tap ([`tap`]), for [`crate::vm::VmSpec::net_tap`].
+    pub fn net_tap(&self) -> &crate::vm::NetTap {
+        &self.tap
     }
 
     /// The `-netdev user` options that route the guest's fabric traffic to this fabric through
@@ -409,7 +449,9 @@ impl Fabric {
 impl Drop for Fabric {
     fn drop(&mut self) {
         self.task.abort();
+        self.tap_task.abort();
         let _ = std::fs::remove_file(&self.socket);
+        tap::Listeners::remove(&self.tap);
         if let Some(d) = &self.own_dir {
             let _ = std::fs::remove_dir(d);
         }
@@ -543,6 +585,8 @@ async fn serve_connection(
             imds::TokenAnswer::Now(r) => (r, None),
             imds::TokenAnswer::RunCommand(params) => (run_token_command(cfg, &params).await, None),
         },
+        // No relay connects for DHCP (`Endpoint::parse` never names it).
+        Endpoint::Dhcp => (Response::text(404, "not an HTTP endpoint\n"), None),
     };
     let _ = http::write_response(&mut s, &resp, req.method == "HEAD").await;
     let _ = s.shutdown().await;

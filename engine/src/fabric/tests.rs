@@ -277,3 +277,130 @@ fn xml_and_ids() {
     assert_ne!(uuid_from("y"), u);
     assert_eq!(percent_decode("a%2Fb+c%zz%4"), "a/b c%zz%4");
 }
+
+/// Writes frames as QEMU's filter-redirector does: length, then the frame.
+async fn write_frames(s: &mut UnixStream, frames: &[Vec<u8>]) {
+    let mut buf = Vec::new();
+    for f in frames {
+        buf.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        buf.extend_from_slice(f);
+    }
+    s.write_all(&buf).await.unwrap();
+}
+
+async fn read_frame(s: &mut UnixStream) -> Vec<u8> {
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read_u32())
+        .await
+        .expect("a frame in time")
+        .unwrap();
+    let mut f = vec![0; n as usize];
+    s.read_exact(&mut f).await.unwrap();
+    f
+}
+
+#[tokio::test]
+async fn dhcp_tap_answers_dhcp_and_passes_the_rest() {
+    let s = setup("dhcp-tap");
+    let tap = s.fabric.net_tap().clone();
+    // QEMU connects all three at start; frames for slirp are read later (a full queue drops).
+    let mut guest = UnixStream::connect(&tap.from_guest).await.unwrap();
+    let mut to_guest = UnixStream::connect(&tap.to_guest).await.unwrap();
+    let arp = [
+        &[0xff; 6][..],
+        &[0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        &[0x08, 0x06],
+        &[7; 28],
+    ]
+    .concat();
+    let discover = dhcp::tests::request(1, &[], [0; 4]);
+    write_frames(&mut guest, &[arp.clone(), discover]).await;
+    let offer = read_frame(&mut to_guest).await;
+    let dhcp::Frame::Other = dhcp::classify(&offer) else {
+        panic!("a reply, not a request")
+    };
+    assert_eq!(offer[14 + 20 + 8], 2, "BOOTREPLY");
+    assert!(
+        offer.windows(6).any(|w| w == [245, 4, 168, 63, 129, 16]),
+        "option 245"
+    );
+    let mut network = UnixStream::connect(&tap.to_network).await.unwrap();
+    assert_eq!(
+        read_frame(&mut network).await,
+        arp,
+        "the ARP frame goes on to slirp unchanged"
+    );
+
+    // A guest that floods: slirp's side unread, thousands of frames and DHCP requests. kiln
+    // keeps reading (dropping what does not fit) and still answers.
+    drop(network);
+    let mut flood = vec![arp.clone(); 20_000];
+    flood.extend(std::iter::repeat_n(
+        dhcp::tests::request(1, &[], [0; 4]),
+        500,
+    ));
+    write_frames(&mut guest, &flood).await;
+    // Malformed DHCP is dropped and logged.
+    let mut bad = dhcp::tests::request(1, &[], [0; 4]);
+    let cookie = 14 + 20 + 8 + 236;
+    bad[cookie] = 0;
+    write_frames(&mut guest, &[bad]).await;
+    // Replies that did not fit the guest's queue were dropped (a guest resends); the rest
+    // arrive.
+    let mut offers = 0;
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), to_guest.read_u32()).await {
+        let mut f = vec![0; n as usize];
+        to_guest.read_exact(&mut f).await.unwrap();
+        assert!(f.windows(3).any(|w| w == [53, 1, 2]), "only OFFERs");
+        offers += 1;
+    }
+    assert!((60..=500).contains(&offers), "{offers} offers");
+    write_frames(
+        &mut guest,
+        &[dhcp::tests::request(3, &[50, 4, 168, 63, 129, 100], [0; 4])],
+    )
+    .await;
+    let ack = read_frame(&mut to_guest).await;
+    assert!(
+        ack.windows(3).any(|w| w == [53, 1, 5]),
+        "the REQUEST after the flood is acknowledged"
+    );
+
+    // A broken stream (an impossible length) is closed; QEMU's next connection works.
+    guest.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), guest.read_to_end(&mut rest)).await;
+    let mut guest = UnixStream::connect(&tap.from_guest).await.unwrap();
+    write_frames(&mut guest, &[dhcp::tests::request(1, &[], [0; 4])]).await;
+    loop {
+        let f = read_frame(&mut to_guest).await;
+        if f.windows(3).any(|w| w == [53, 1, 2]) {
+            break;
+        }
+    }
+    let ev = s.events.lock().unwrap().clone();
+    let dhcp_ev: Vec<_> = ev.iter().filter(|e| e.endpoint == Endpoint::Dhcp).collect();
+    assert_eq!(dhcp_ev[0].method, "DISCOVER");
+    assert!(
+        dhcp_ev[0].target.starts_with("OFFER 168.63.129.100"),
+        "{:?}",
+        dhcp_ev[0]
+    );
+    assert_eq!(dhcp_ev[0].agent, "52:54:00:12:34:56");
+    assert!(dhcp_ev.iter().any(
+        |e| e.error.as_deref() == Some("malformed DHCP request dropped: no DHCP magic cookie")
+    ));
+    assert!(dhcp_ev.iter().any(|e| e
+        .error
+        .as_deref()
+        .is_some_and(|m| m.contains("frame stream is broken"))));
+    assert!(
+        dhcp_ev.len() < 120,
+        "the flood is not logged request by request ({})",
+        dhcp_ev.len()
+    );
+    drop(s);
+    assert!(
+        !tap.from_guest.exists() && !tap.to_guest.exists(),
+        "sockets removed with the fabric"
+    );
+}

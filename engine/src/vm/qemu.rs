@@ -162,6 +162,9 @@ pub struct VmSpec {
     /// More `-netdev user` options appended verbatim (e.g. `guestfwd=...`), each already
     /// in QEMU's `key=value` form with commas in values doubled.
     pub extra_netdev_options: Vec<String>,
+    /// A host process's view of the user network's frames (kiln's DHCP for Azure
+    /// provisioning): see [`NetTap`].
+    pub net_tap: Option<NetTap>,
     /// `-smbios` arguments, each verbatim (e.g. `type=1,serial=ds=nocloud`).
     pub smbios: Vec<String>,
     /// The VM's SMBIOS UUID (`-uuid`).
@@ -173,6 +176,22 @@ pub struct VmSpec {
     /// Allow [`super::Vm::detach`] (`--keep-vm-on-error`): QEMU is then not killed by the
     /// kernel when kiln dies, so a kiln crash leaves this VM running. Default false.
     pub detachable: bool,
+}
+
+/// Three Unix sockets a host process listens on before QEMU starts, tied to the user netdev
+/// by two `filter-redirector`s: every frame the guest sends goes to `from_guest` instead of
+/// to slirp (`queue=rx`, `outdev`); frames written to `to_network` continue to slirp
+/// (`indev` of the same filter) and frames written to `to_guest` reach the guest (`queue=tx`,
+/// `indev`). Each frame is a 4-byte big-endian length and the Ethernet frame (no vnet
+/// header: slirp has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetTap {
+    /// Frames from the guest.
+    pub from_guest: PathBuf,
+    /// Frames for slirp.
+    pub to_network: PathBuf,
+    /// Frames for the guest.
+    pub to_guest: PathBuf,
 }
 
 impl VmSpec {
@@ -200,6 +219,7 @@ impl VmSpec {
             cdrom: None,
             mac: None,
             extra_netdev_options: Vec::new(),
+            net_tap: None,
             smbios: Vec::new(),
             uuid: None,
             ssh_port: None,
@@ -378,6 +398,27 @@ pub fn argv(spec: &VmSpec, launch: &Launch) -> Vec<OsString> {
         "virtio-rng-pci",
     ] {
         push(&[s(arg).as_os_str()]);
+    }
+    if let Some(tap) = &spec.net_tap {
+        for (id, path) in [
+            ("tapg", &tap.from_guest),
+            ("tapn", &tap.to_network),
+            ("tapi", &tap.to_guest),
+        ] {
+            push(&[s("-chardev").as_os_str()]);
+            push(&[
+                s(&format!("socket,id={id},path=")).as_os_str(),
+                &escape(path.as_os_str()),
+            ]);
+        }
+        for arg in [
+            "-object",
+            "filter-redirector,id=tap0,netdev=n0,queue=rx,outdev=tapg,indev=tapn",
+            "-object",
+            "filter-redirector,id=tap1,netdev=n0,queue=tx,indev=tapi",
+        ] {
+            push(&[s(arg).as_os_str()]);
+        }
     }
     push(&[s("-chardev").as_os_str()]);
     push(&[
@@ -624,16 +665,25 @@ mod tests {
                     .to_string(),
             ),
             (
-                "Azure provisioning CD on pc, MAC",
+                "Azure provisioning CD on pc, MAC, DHCP tap",
                 VmSpec {
                     cdrom: Some("/run/kiln/b1/ovf,env.iso".into()),
                     mac: Some("52:54:00:12:34:56".into()),
+                    net_tap: Some(NetTap {
+                        from_guest: "/run/kiln/b1/dhcp-o.sock".into(),
+                        to_network: "/run/kiln/b1/dhcp-n.sock".into(),
+                        to_guest: "/run/kiln/b,1/dhcp-g.sock".into(),
+                    }),
                     ..spec(Firmware::Bios, Accel::Tcg)
                 },
                 "-name guest=build-1 -machine pc -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
                      -drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap -device virtio-blk-pci,drive=os,bootindex=0 \
                      -drive file=/run/kiln/b1/ovf,,env.iso,format=raw,if=none,id=cd0,media=cdrom,readonly=on -device ide-cd,drive=cd0,bus=ide.1,unit=0 \
                      -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=n0,romfile=,mac=52:54:00:12:34:56 -device virtio-rng-pci \
+                     -chardev socket,id=tapg,path=/run/kiln/b1/dhcp-o.sock -chardev socket,id=tapn,path=/run/kiln/b1/dhcp-n.sock \
+                     -chardev socket,id=tapi,path=/run/kiln/b,,1/dhcp-g.sock \
+                     -object filter-redirector,id=tap0,netdev=n0,queue=rx,outdev=tapg,indev=tapn \
+                     -object filter-redirector,id=tap1,netdev=n0,queue=tx,indev=tapi \
                      -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
                      -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
                     .to_string(),

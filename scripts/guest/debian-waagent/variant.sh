@@ -24,15 +24,13 @@ UNIT
 systemctl enable walinuxagent.service
 
 # Without cloud-init nothing renders the network: DHCP on the first NIC (net.ifnames=0).
-# waagent finds the wireserver through DHCP: option 245 in the lease, or a host route to
-# 168.63.129.16, which Azure's DHCP server installs (classless static routes). QEMU's
-# user-mode DHCP server cannot send either, so this guest adds the route itself, as the
-# lease would on Azure (see docs/provisioning.md, "waagent-provisioned images").
+# Nothing else: waagent finds the wireserver in the DHCP lease (option 245, and the route to
+# 168.63.129.16 that Azure's DHCP sends), which kiln's DHCP gives as Azure's does
+# (docs/provisioning.md, "waagent-provisioned images").
 cat >/etc/network/interfaces.d/eth0 <<'IFACE'
 auto eth0
 allow-hotplug eth0
 iface eth0 inet dhcp
-    post-up ip route replace 168.63.129.16/32 dev eth0 || true
 IFACE
 
 # sshd needs a host key before waagent provisions (cloud-init makes them on the other

@@ -6,6 +6,7 @@ pub mod contenders;
 pub mod guest;
 pub mod job;
 pub mod micro;
+pub mod provisioning;
 pub mod report;
 pub mod util;
 
@@ -38,6 +39,7 @@ pub fn all_names() -> Vec<&'static str> {
     contenders::NAMES
         .iter()
         .chain(micro::NAMES.iter())
+        .chain(std::iter::once(&provisioning::NAME))
         .copied()
         .collect()
 }
@@ -231,6 +233,19 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
         }
     }
 
+    // --- Azure provisioning vs NoCloud (issue #5), pairs side by side ---------------------
+    let prov = if has(provisioning::NAME) {
+        match provisioning::run(&kiln, &work, opts.runs) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                log(format!("  provisioning FAILED: {e:#}"));
+                Some(json!({"error": format!("{e:#}")}))
+            }
+        }
+    } else {
+        None
+    };
+
     // --- micro-benchmarks ---------------------------------------------------------------
     let sizes = if opts.quick {
         micro::Sizes {
@@ -297,6 +312,10 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
         "contenderRuns": runs.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
         "micro": Value::Object(micro_out),
     });
+    let mut raw = raw;
+    if let Some(p) = prov {
+        raw["provisioning"] = p;
+    }
     let out = match &opts.out {
         Some(o) => o.clone(),
         None if opts.quick => work.join("quick"),
@@ -314,6 +333,29 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
                 .flatten()
                 .filter(|(_, v)| v.get("error").is_some())
                 .map(|(k, _)| k.clone()),
+        )
+        .chain(
+            raw["provisioning"]["pairs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|p| {
+                    provisioning::METHODS
+                        .iter()
+                        .filter(|m| p[**m]["ok"] != true)
+                        .map(|m| {
+                            format!(
+                                "provisioning {m} pair {}",
+                                p["round"].as_u64().unwrap_or(0) + 1
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                }),
+        )
+        .chain(
+            raw["provisioning"]
+                .get("error")
+                .map(|_| "provisioning".to_string()),
         )
         .collect();
     if !failed.is_empty() {

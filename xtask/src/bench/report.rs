@@ -532,15 +532,145 @@ pub fn render(json_path: &Path) -> Result<PathBuf> {
     write_md(out, &raw, &name)
 }
 
+/// Starts BENCH.md's provisioning section.
+pub const PROVISIONING_START: &str = "<!-- provisioning -->";
+/// Ends it.
+pub const PROVISIONING_END: &str = "<!-- /provisioning -->";
+
+/// The provisioning section (issue #5) of `raw`, between its markers.
+pub fn provisioning_md(raw: &Value, json_name: &str) -> String {
+    let p = &raw["provisioning"];
+    let mut s = String::new();
+    let _ = writeln!(s, "{PROVISIONING_START}");
+    let _ = writeln!(
+        s,
+        "## Azure provisioning vs NoCloud (issue #5)
+"
+    );
+    let _ = writeln!(
+        s,
+        "`{}` at {} (kiln {}, {} build; load before {}, after {}; raw: [`{json_name}`]({json_name})). Same image — the `debian` test guest {} (cloud-init with both datasources, waagent), Gen1, {}, TCG — and one no-op customizer; `--provisioning azure` (ovf-env.xml CD, kiln's fabric and DHCP) beside `--provisioning nocloud`. The two builds of a pair run side by side (same host load), the first to start alternating. Seconds from QEMU's start to an authenticated SSH session (`connectedSeconds` of the `provisioned` event), for Azure also to the Ready health report. `cargo xtask bench --only provisioning [--runs N]` runs N pairs (default 3); not part of `--quick`.\n",
+        raw["command"].as_str().unwrap_or(""),
+        raw["started"].as_str().unwrap_or(""),
+        raw["machine"]["kilnCommit"].as_str().unwrap_or("?"),
+        raw["machine"]["kilnProfile"].as_str().unwrap_or("?"),
+        raw["load"]["before"].as_str().unwrap_or(""),
+        raw["load"]["after"].as_str().unwrap_or(""),
+        p["imageVersion"].as_str().unwrap_or(""),
+        p["vm"].as_str().unwrap_or("")
+    );
+    if let Some(e) = p.get("error") {
+        let _ = writeln!(s, "Failed: {}\n", one_line(e.as_str().unwrap_or("")));
+        let _ = writeln!(s, "{PROVISIONING_END}");
+        return s;
+    }
+    let pairs = p["pairs"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(s, "| seconds | runs ok | median | min | max |");
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for (what, k) in [
+        ("azure: QEMU start → connected", "azureConnected"),
+        ("azure: QEMU start → health Ready", "azureReady"),
+        ("nocloud: QEMU start → connected", "nocloudConnected"),
+    ] {
+        let v = &p[k];
+        let _ = writeln!(
+            s,
+            "| {what} | {}/{} | {} | {} | {} |",
+            v["n"].as_u64().unwrap_or(0),
+            pairs.len(),
+            f(v["median"].as_f64().unwrap_or(f64::NAN)),
+            f(v["min"].as_f64().unwrap_or(f64::NAN)),
+            f(v["max"].as_f64().unwrap_or(f64::NAN))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n| pair | first | azure connected | azure Ready | nocloud connected | azure / nocloud |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let cell = |v: &Value, k: &str| match (v["ok"].as_bool(), v[k].as_f64()) {
+        (Some(true), Some(x)) => f(x),
+        (Some(false), _) => format!("failed: {}", one_line(v["error"].as_str().unwrap_or(""))),
+        _ => "–".into(),
+    };
+    for pr in &pairs {
+        let ratio = match (
+            pr["azure"]["connectedSeconds"].as_f64(),
+            pr["nocloud"]["connectedSeconds"].as_f64(),
+        ) {
+            (Some(a), Some(n)) => format!("{}×", f(a / n)),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {ratio} |",
+            pr["round"].as_u64().unwrap_or(0) + 1,
+            pr["first"].as_str().unwrap_or(""),
+            cell(&pr["azure"], "connectedSeconds"),
+            cell(&pr["azure"], "readySeconds"),
+            cell(&pr["nocloud"], "connectedSeconds"),
+        );
+    }
+    let ratio = p["ratioMedian"].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        s,
+        "\nTarget: Azure ≤ {}× NoCloud (median of the pair ratios): measured {}× — {}.\n",
+        f(p["target"].as_f64().unwrap_or(f64::NAN)),
+        f(ratio),
+        match p["met"].as_bool() {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        }
+    );
+    let _ = writeln!(s, "{PROVISIONING_END}");
+    s
+}
+
+/// The part of an old BENCH.md between the provisioning markers (with them), if any.
+fn old_section(old: &str) -> Option<&str> {
+    let a = old.find(PROVISIONING_START)?;
+    let b = old[a..].find(PROVISIONING_END)? + a + PROVISIONING_END.len();
+    Some(&old[a..b])
+}
+
+/// BENCH.md from `raw` and the old BENCH.md: a run of only `provisioning` replaces only its
+/// section (the rest stays from the last full run), any other run keeps an old provisioning
+/// section it did not measure; hand-written analysis (after `<!-- analysis -->`) stays.
+pub fn compose(raw: &Value, name: &str, old: Option<&str>) -> String {
+    let has_prov = raw.get("provisioning").is_some();
+    let only_prov = has_prov
+        && raw["contenderRuns"].as_array().is_none_or(|a| a.is_empty())
+        && raw["micro"].as_object().is_none_or(|o| o.is_empty());
+    let old_main = old.filter(|_| only_prov).map(|o| {
+        let end = [o.find(PROVISIONING_START), o.find("<!-- analysis -->")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(o.len());
+        o[..end].trim_end().to_string() + "\n"
+    });
+    let mut md = old_main.unwrap_or_else(|| markdown(raw, name));
+    let section = if has_prov {
+        Some(provisioning_md(raw, name))
+    } else {
+        old.and_then(old_section).map(|s| format!("{s}\n"))
+    };
+    if let Some(sec) = section {
+        md.push('\n');
+        md.push_str(&sec);
+    }
+    if let Some(i) = old.and_then(|o| o.find("<!-- analysis -->")) {
+        md.push('\n');
+        md.push_str(&old.unwrap_or("")[i..]);
+    }
+    md
+}
+
 fn write_md(out: &Path, raw: &Value, name: &str) -> Result<PathBuf> {
     let md_path = out.join("BENCH.md");
-    let mut md = markdown(raw, name);
-    if let Ok(old) = std::fs::read_to_string(&md_path) {
-        if let Some(i) = old.find("<!-- analysis -->") {
-            md.push('\n');
-            md.push_str(&old[i..]);
-        }
-    }
+    let old = std::fs::read_to_string(&md_path).ok();
+    let md = compose(raw, name, old.as_deref());
     std::fs::write(&md_path, md)?;
     Ok(md_path)
 }
@@ -612,6 +742,85 @@ mod tests {
         );
         assert!(md.contains("| upload | failed: no guest |"), "{md}");
         assert!(md.contains("**missed**") && md.contains("| met |"));
+    }
+
+    fn prov_raw() -> Value {
+        let pair = |r: u64, first: &str, a: f64, n: f64| {
+            json!({"round": r, "first": first,
+            "azure": {"ok": true, "connectedSeconds": a, "readySeconds": a - 40.0},
+            "nocloud": {"ok": true, "connectedSeconds": n}})
+        };
+        let pairs = vec![
+            pair(0, "azure", 220.0, 200.0),
+            pair(1, "nocloud", 210.0, 200.0),
+            json!({"round": 2, "first": "azure", "azure": {"ok": false, "error": "boom"}, "nocloud": {"ok": true, "connectedSeconds": 190.0}}),
+        ];
+        json!({
+            "command": "cargo xtask bench --only provisioning", "started": "2026-01-02T00:00:00Z",
+            "load": {"before": "1", "after": "2"}, "contenderRuns": [], "micro": {},
+            "provisioning": super::super::provisioning::summarize(pairs, "/x/disk.qcow2", "1.0.7"),
+        })
+    }
+
+    #[test]
+    fn provisioning_section_has_pairs_ratios_and_the_target() {
+        let md = provisioning_md(&prov_raw(), "bench/p.json");
+        assert!(md.starts_with(PROVISIONING_START) && md.trim_end().ends_with(PROVISIONING_END));
+        assert!(
+            md.contains("`cargo xtask bench --only provisioning`"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| azure: QEMU start → connected | 2/3 | 215 | 210 | 220 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| nocloud: QEMU start → connected | 3/3 | 200 | 190 | 200 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | azure | 220 | 180 | 200 | 1.10× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 3 | azure | failed: boom | failed: boom | 190 | – |"),
+            "{md}"
+        );
+        // pair ratios 1.1 and 1.05: median 1.075
+        assert!(
+            md.contains("Azure ≤ 1.20× NoCloud (median of the pair ratios): measured 1.08× — met."),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn a_provisioning_run_replaces_only_its_section() {
+        let full = compose(&raw(), "bench/x.json", None);
+        let with_analysis = format!("{full}\n<!-- analysis -->\nhand-written\n");
+        // provisioning only: the main part stays, the section is added before the analysis
+        let a = compose(&prov_raw(), "bench/p.json", Some(&with_analysis));
+        assert!(a.starts_with(full.trim_end()), "{a}");
+        assert!(a.contains("| kiln | 2/2 | 21.0 | 20.0 | 22.0 | 1 |"));
+        let (i, j) = (
+            a.find(PROVISIONING_START).unwrap(),
+            a.find("<!-- analysis -->").unwrap(),
+        );
+        assert!(i < j && a.ends_with("hand-written\n"), "{a}");
+        // again: replaced, not duplicated
+        let b = compose(&prov_raw(), "bench/p2.json", Some(&a));
+        assert_eq!(b.matches(PROVISIONING_START).count(), 1, "{b}");
+        assert!(
+            b.contains("bench/p2.json") && !b.contains("bench/p.json"),
+            "{b}"
+        );
+        // a full run without provisioning keeps the old section
+        let c = compose(&raw(), "bench/y.json", Some(&b));
+        assert!(
+            c.contains("bench/y.json") && c.contains("bench/p2.json"),
+            "{c}"
+        );
+        assert_eq!(c.matches(PROVISIONING_START).count(), 1, "{c}");
+        assert!(c.ends_with("hand-written\n"), "{c}");
     }
 
     #[test]
