@@ -18,6 +18,7 @@
 //! [`MAX_CONNECTIONS`] at once, one request per connection, 4xx for anything malformed;
 //! nothing a guest sends can panic the server or hold the build.
 
+pub mod files;
 pub mod http;
 pub mod imds;
 pub mod wire;
@@ -247,6 +248,9 @@ pub enum Endpoint {
     Wire,
     /// IMDS, 169.254.169.254:80.
     Imds,
+    /// The per-build file endpoint ([`files`]), 10.0.2.100:80; served by a
+    /// [`files::FileServer`], never by the fabric.
+    Files,
 }
 
 impl Endpoint {
@@ -255,6 +259,7 @@ impl Endpoint {
         match self {
             Endpoint::Wire => "wire",
             Endpoint::Imds => "imds",
+            Endpoint::Files => "files",
         }
     }
     /// The guest-side address.
@@ -262,6 +267,7 @@ impl Endpoint {
         match self {
             Endpoint::Wire => WIRESERVER,
             Endpoint::Imds => IMDS,
+            Endpoint::Files => files::GUEST_ADDR,
         }
     }
     /// Parses `wire` / `imds`.
@@ -269,6 +275,7 @@ impl Endpoint {
         match s {
             "wire" => Some(Endpoint::Wire),
             "imds" => Some(Endpoint::Imds),
+            "files" => Some(Endpoint::Files),
             _ => None,
         }
     }
@@ -543,6 +550,7 @@ async fn serve_connection(
             imds::TokenAnswer::Now(r) => (r, None),
             imds::TokenAnswer::RunCommand(params) => (run_token_command(cfg, &params).await, None),
         },
+        Endpoint::Files => (Response::text(404, "not served here\n"), None),
     };
     let _ = http::write_response(&mut s, &resp, req.method == "HEAD").await;
     let _ = s.shutdown().await;
@@ -688,7 +696,7 @@ pub fn relay(socket: &Path, endpoint: &str) -> std::io::Result<()> {
     let ep = Endpoint::parse(endpoint).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("unknown endpoint `{endpoint}` (wire, imds)"),
+            format!("unknown endpoint `{endpoint}` (wire, imds, files)"),
         )
     })?;
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
