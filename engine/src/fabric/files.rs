@@ -565,17 +565,32 @@ pub async fn deliver(
     dest: &str,
 ) -> Result<Delivered, DeliverError> {
     let started = Instant::now();
-    let srcs = src.display().to_string();
     let name = src
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| srcs.clone());
+        .unwrap_or_else(|| src.display().to_string());
     let offer = server
         .offer(src, &name)
         .map_err(|source| DeliverError::Source {
             path: src.to_path_buf(),
             source,
         })?;
+    let mut d = deliver_offer(guest, server, &offer, src, dest).await?;
+    d.duration = started.elapsed();
+    Ok(d)
+}
+
+/// The part of [`deliver`] after the offer: the guest pulls `offer.url`; `src` only names the
+/// file in errors.
+pub async fn deliver_offer(
+    guest: &dyn Communicator,
+    server: &FileServer,
+    offer: &Offer,
+    src: &Path,
+    dest: &str,
+) -> Result<Delivered, DeliverError> {
+    let started = Instant::now();
+    let srcs = src.display().to_string();
     let tmp = format!("{dest}.kiln-pull");
     let script = powershell::pull_file(&offer.url, &tmp, dest, offer.len, &offer.sha256);
     let line = powershell::command_line(&script);
@@ -589,12 +604,11 @@ pub async fn deliver(
     })?;
     let stdout = String::from_utf8_lossy(&c.stdout).trim().to_string();
     let stderr = c.stderr_lossy().trim().to_string();
-    let short_url = shorten(&offer.url.replacen(&server.base_url, "", 1));
     if o.status != ExitStatus::Code(0) {
         if state == TokenState::Waiting {
             return Err(DeliverError::Unreachable {
                 dest: dest.to_string(),
-                url: format!("{}{short_url}", server.base_url),
+                url: redact(&offer.url),
                 detail: format!("exit {}: {}", o.status, clip(&stderr)),
             });
         }
@@ -635,9 +649,24 @@ pub async fn deliver(
     }
     Ok(Delivered {
         bytes: offer.len,
-        sha256: offer.sha256,
+        sha256: offer.sha256.clone(),
         duration: started.elapsed(),
     })
+}
+
+/// A URL with its token cut to 8 characters (tokens are not logged whole).
+fn redact(url: &str) -> String {
+    match url.find(PREFIX) {
+        Some(i) => {
+            let t = &url[i + PREFIX.len()..];
+            let cut = (0..=t.len().min(8))
+                .rev()
+                .find(|k| t.is_char_boundary(*k))
+                .unwrap_or(0);
+            format!("{}{PREFIX}{}…", &url[..i], &t[..cut])
+        }
+        None => url.to_string(),
+    }
 }
 
 fn clip(s: &str) -> String {

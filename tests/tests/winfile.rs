@@ -1,0 +1,174 @@
+//! File delivery to a Windows guest through kiln's per-build file endpoint
+//! (engine/src/fabric/files.rs), against the WinRS test server over NTLM-sealed HTTP: the
+//! server's shim performs kiln's pull script (`powershell::pull_file`) as one HTTP GET, so what
+//! is tested here is the host side — offer, one-time token, the guest's `<size> <SHA-256>`
+//! check, the error for a tampered, short or unreachable transfer — not Windows' WebClient.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_agents::winrm::{Security, WinRmCommunicator, WinRmConfig};
+use kiln_agents::Communicator;
+use kiln_engine::fabric::files::{self, DeliverError, FileEvent, FileServer, TokenState};
+use kiln_tests::winrs_server::{WinrsAuth, WinrsServer, WinrsServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const USER: &str = "kiln";
+const PASSWORD: &str = "Pa55w.rd";
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-winfile-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((i ^ seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// GET `url` once; the status.
+async fn get_status(url: &str) -> u16 {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_arrive_intact_once_and_bad_transfers_name_the_file() {
+    let server = WinrsServer::start(WinrsServerConfig::new(WinrsAuth::HttpNtlm, USER, PASSWORD))
+        .await
+        .unwrap();
+    let mut cfg = WinRmConfig::new(server.addr(), USER, PASSWORD, Security::HttpNtlm);
+    cfg.timeout = Duration::from_secs(60);
+    let guest = WinRmCommunicator::connect(cfg, std::future::pending())
+        .await
+        .unwrap();
+    let events: Arc<Mutex<Vec<FileEvent>>> = Arc::default();
+    let e2 = events.clone();
+    let endpoint = FileServer::start_tcp(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(move |e| e2.lock().unwrap().push(e)),
+    )
+    .await
+    .unwrap();
+
+    // Paths with spaces and both quote characters on both sides.
+    let dir = tmpdir("deliver");
+    let guest_dir = dir.join("C drive's \"Temp\"");
+    std::fs::create_dir_all(&guest_dir).unwrap();
+    let src = dir.join("source file's.bin");
+    let data = payload(3 << 20, 1);
+    std::fs::write(&src, &data).unwrap();
+    let dest = guest_dir.join("tool 1.bin");
+    let dest_s = dest.to_str().unwrap();
+
+    // 1. intact
+    let d = files::deliver(&guest, &endpoint, &src, dest_s)
+        .await
+        .unwrap();
+    assert_eq!(d.bytes, data.len() as u64);
+    assert!(std::fs::read(&dest).unwrap() == data, "the bytes differ");
+    assert!(
+        !guest_dir.join("tool 1.bin.kiln-pull").exists(),
+        "the temporary file is gone"
+    );
+    {
+        let ev = events.lock().unwrap();
+        let ok: Vec<_> = ev.iter().filter(|e| e.status == 200).collect();
+        assert_eq!(ok.len(), 1, "{ev:?}");
+        assert_eq!(ok[0].bytes, data.len() as u64);
+        assert_eq!(ok[0].name.as_deref(), Some("source file's.bin"));
+    }
+
+    // 2. a token works once
+    let offer = endpoint.offer(&src, "again").unwrap();
+    let again = dir.join("again.bin");
+    files::deliver_offer(&guest, &endpoint, &offer, &src, again.to_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(get_status(&offer.url).await, 404, "a used token is refused");
+    let mut wrong = offer.url.clone();
+    wrong.truncate(wrong.len() - 4);
+    wrong.push_str("0000");
+    assert_eq!(get_status(&wrong).await, 404, "an unknown token is refused");
+
+    // 3. tampered after the host hashed it: the guest's check fails, nothing lands at dest
+    let offer = endpoint.offer(&src, "tampered").unwrap();
+    let mut bad = data.clone();
+    bad[12345] ^= 0xff;
+    std::fs::write(&src, &bad).unwrap();
+    let tampered = guest_dir.join("tampered.bin");
+    let e = files::deliver_offer(&guest, &endpoint, &offer, &src, tampered.to_str().unwrap())
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, DeliverError::Failed { .. }), "{msg}");
+    assert!(
+        msg.contains("tampered.bin") && msg.contains("source file's.bin"),
+        "{msg}"
+    );
+    assert!(msg.contains("SHA-256"), "{msg}");
+    assert!(!tampered.exists(), "a bad file is not moved into place");
+    assert!(!guest_dir.join("tampered.bin.kiln-pull").exists());
+
+    // 4. short: the source shrank after the offer; the endpoint records the short transfer
+    std::fs::write(&src, &data).unwrap();
+    let offer = endpoint.offer(&src, "short").unwrap();
+    std::fs::write(&src, &data[..1 << 20]).unwrap();
+    let short = guest_dir.join("short.bin");
+    let e = files::deliver_offer(&guest, &endpoint, &offer, &src, short.to_str().unwrap())
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, DeliverError::Failed { .. }), "{msg}");
+    assert!(msg.contains("short.bin"), "{msg}");
+    assert!(
+        msg.contains(&format!("sent {} of {} bytes", 1 << 20, data.len())),
+        "{msg}"
+    );
+    assert!(!short.exists());
+    assert_eq!(
+        endpoint.state(&offer.token),
+        TokenState::Claimed {
+            sent: 1 << 20,
+            complete: false
+        }
+    );
+
+    // 5. unreachable: the guest cannot connect; the token was never claimed
+    std::fs::write(&src, &data).unwrap();
+    let mut offer = endpoint.offer(&src, "unreachable").unwrap();
+    let token = offer.token.clone();
+    offer.url = format!("http://127.0.0.1:1{}{token}", files::PREFIX);
+    let e = files::deliver_offer(&guest, &endpoint, &offer, &src, dest_s)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DeliverError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains("tool 1.bin"), "{e}");
+    assert!(
+        !e.to_string().contains(&token),
+        "the token is not logged whole: {e}"
+    );
+    assert_eq!(
+        endpoint.state(&token),
+        TokenState::Unknown,
+        "revoked after the attempt"
+    );
+
+    guest.close().await.unwrap();
+    server.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
