@@ -26,7 +26,7 @@ fn usage() -> &'static str {
      \x20        (interleaved) and the micro-benchmarks; write BENCH.md + bench/<date>.json\n\
      \x20        --runs N     rounds of the contenders (default 3; 1 with --quick)\n\
      \x20        --only NAME  kiln, floor, packer, virt-customize, prep, export, sha256,\n\
-     \x20                     upload, concurrency (repeatable, or comma-separated)\n\
+     \x20                     upload, concurrency, winfile (repeatable, or comma-separated)\n\
      \x20        --quick      the CI smoke: kiln + floor, micro-benchmarks at small sizes,\n\
      \x20                     debug kiln, report under target/bench-work/quick/\n\
      \x20        --out DIR    where BENCH.md and bench/ go (default: the repository root)\n\
