@@ -670,7 +670,11 @@ impl Step for WinStartVm {
     fn describe(&self, cx: &BuildCx) -> serde_json::Value {
         describe_vm(
             cx,
-            &format!("127.0.0.1:<free port> → guest {WINRM_PORT} (WinRM HTTP)"),
+            &format!(
+                "127.0.0.1:<free port> → guest {WINRM_PORT} (WinRM HTTP); guest {}:{} → this build's file endpoint (guestfwd to kiln __fabric-connect … files)",
+                files::GUEST_ADDR,
+                files::GUEST_PORT
+            ),
             super::steps_vm::Devices::windows(cx),
         )
     }
