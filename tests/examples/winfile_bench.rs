@@ -1,9 +1,10 @@
 //! "Windows file delivery": the same file sent to the WinRS test server over NTLM-sealed HTTP
-//! on 127.0.0.1, two ways, interleaved: kiln's WinRM-chunked upload (cmd.exe `echo <base64>
-//! >> tmp` lines, then one decoding PowerShell — the way Packer's WinRM communicator uploads)
-//! and kiln's HTTP pull (the per-build file endpoint, engine/src/fabric/files.rs, fetched by
-//! kiln's pull script, which the test server's shim performs as one HTTP GET). Both end with
-//! the guest's size and SHA-256 check; every delivered file is compared with the source.
+//! on 127.0.0.1, two ways, interleaved: kiln's WinRM-chunked upload (base64 appended to a
+//! temporary file by `cmd.exe echo` lines, then one decoding PowerShell: the way Packer's WinRM
+//! communicator uploads) and kiln's HTTP pull (the per-build file endpoint,
+//! engine/src/fabric/files.rs, fetched by kiln's pull script, which the test server's shim
+//! performs as one HTTP GET). Both end with the guest's size and SHA-256 check; every delivered
+//! file is compared with the source.
 //!
 //! `cargo run --release -p kiln-tests --example winfile_bench -- [--mib N] [--reps R] [--json]`
 //! (default 32 MiB, 3 repetitions). `cargo xtask bench` runs it as the `winfile`

@@ -456,7 +456,6 @@ where
         "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         o.len
     );
-    let started = Instant::now();
     let r: Result<(), String> = async {
         tokio::time::timeout(WRITE_STALL, s.write_all(head.as_bytes()))
             .await
@@ -490,7 +489,6 @@ where
     if let Err(e) = r {
         ev.error = Some(e);
     }
-    let _ = started;
     shared
         .tokens
         .lock()
