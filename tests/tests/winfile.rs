@@ -172,3 +172,64 @@ async fn files_arrive_intact_once_and_bad_transfers_name_the_file() {
     server.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn kiln_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    exe.ancestors().nth(2).expect("target/debug").join("kiln")
+}
+
+/// The path QEMU's `guestfwd=tcp:10.0.2.100:80-cmd:kiln __fabric-connect SOCKET files` takes:
+/// the relay process with the guest's connection on stdin/stdout, in front of the build's
+/// endpoint on its Unix socket. A token works once through it too.
+#[test]
+fn the_relay_carries_a_pull_to_the_builds_file_endpoint() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tmpdir("relay");
+    let src = dir.join("payload.bin");
+    let data = payload(1 << 20, 7);
+    std::fs::write(&src, &data).unwrap();
+    let sock = dir.join("files.sock");
+    let server = rt
+        .block_on(async { FileServer::start(&sock, None, files::GUEST_ADDR, Arc::new(|_| {})) })
+        .unwrap();
+    let offer = server.offer(&src, "payload.bin").unwrap();
+    assert!(offer.url.starts_with("http://10.0.2.100/f/"));
+    let path = offer.url.trim_start_matches("http://10.0.2.100");
+    let get = |ep: &str| {
+        let mut child = Command::new(kiln_bin())
+            .arg("__fabric-connect")
+            .arg(&sock)
+            .arg(ep)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln");
+        let mut stdin = child.stdin.take().unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 10.0.2.100\r\nConnection: close\r\n\r\n");
+        // QEMU keeps the guest's side open while the guest reads
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(req.as_bytes());
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let mut out = Vec::new();
+        child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+        let _ = child.wait();
+        writer.join().unwrap();
+        out
+    };
+    let out = get("files");
+    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&out[..head_end]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains(&format!("Content-Length: {}", data.len())),
+        "{head}"
+    );
+    assert!(out[head_end..] == data[..], "the body differs");
+    assert!(String::from_utf8_lossy(&get("files")).starts_with("HTTP/1.1 404"));
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
