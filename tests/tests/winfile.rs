@@ -233,3 +233,126 @@ fn the_relay_carries_a_pull_to_the_builds_file_endpoint() {
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A real guest behind QEMU's user network pulls a file the way a Windows build's File step
+/// does: `guestfwd=tcp:10.0.2.100:80-cmd:kiln __fabric-connect SOCKET files` (the option
+/// `FileServer::netdev_option` gives the build VM) in front of the build's endpoint. The guest
+/// is the Linux `tiny` test guest (busybox wget and sha256sum standing in for WebClient and
+/// Get-FileHash), booted by kiln's own VM layer under TCG.
+#[test]
+fn a_guest_pulls_through_qemus_guestfwd_relay() {
+    use kiln_engine::vm::{self, VmSpec};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let img = kiln_tests::image("tiny").unwrap();
+    let dir = kiln_tests::TestDir::new("winfile-guestfwd").unwrap();
+    let disk = dir.path.join("overlay.qcow2");
+    kiln_tests::overlay(&img, &disk).unwrap();
+    let key = kiln_tests::Key::generate(&dir.path, "key").unwrap();
+    let seed = kiln_tests::Seed::create(
+        &dir.path,
+        "seed",
+        kiln_tests::SeedFormat::Vfat,
+        "winfile-1",
+        "kiln-test",
+        &kiln_tests::user_data("packer", &key.public),
+    )
+    .unwrap();
+    let src = dir.path.join("payload.bin");
+    let data = payload(4 << 20, 3);
+    std::fs::write(&src, &data).unwrap();
+    let _slot = kiln_tests::VmSlot::acquire();
+    let events: Arc<Mutex<Vec<FileEvent>>> = Arc::default();
+    let e2 = events.clone();
+    rt.block_on(async {
+        let server = FileServer::start(
+            &dir.path.join("files.sock"),
+            None,
+            files::GUEST_ADDR,
+            Arc::new(move |e| e2.lock().unwrap().push(e)),
+        )
+        .unwrap();
+        let mut spec = VmSpec::new(
+            "winfile-guestfwd",
+            dir.path.join("vm"),
+            &disk,
+            vm::Firmware::Bios,
+            vm::Accel::Tcg,
+        );
+        spec.cpus = 1;
+        spec.memory_mib = 512;
+        spec.seed_disk = Some(seed.path.clone());
+        spec.extra_netdev_options = vec![server
+            .netdev_option(&kiln_bin(), files::GUEST_ADDR)
+            .unwrap()];
+        let v = vm::Vm::start(spec).await.expect("QEMU starts");
+        let port = v.ssh_port();
+        let ssh = |cmd: &str| {
+            let mut c = std::process::Command::new("ssh");
+            c.arg("-i").arg(&key.private);
+            for o in [
+                "StrictHostKeyChecking=no",
+                "UserKnownHostsFile=/dev/null",
+                "BatchMode=yes",
+                "IdentitiesOnly=yes",
+                "ConnectTimeout=5",
+                "LogLevel=ERROR",
+            ] {
+                c.arg("-o").arg(o);
+            }
+            c.arg("-p")
+                .arg(port.to_string())
+                .arg("packer@127.0.0.1")
+                .arg(cmd)
+                .stdin(std::process::Stdio::null());
+            c.output().unwrap()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(480);
+        while !ssh("true").status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no SSH; console:\n{}",
+                v.console_tail(20)
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let offer = server.offer(&src, "payload.bin").unwrap();
+        let t = std::time::Instant::now();
+        let out = ssh(&format!(
+            "wget -q -O /tmp/p.bin '{}' && stat -c %s /tmp/p.bin && sha256sum /tmp/p.bin",
+            offer.url
+        ));
+        let took = t.elapsed();
+        // for information only (TCG, loaded host; one SSH session included)
+        eprintln!(
+            "4 MiB through guestfwd + relay (incl. one ssh round trip): {:.2}s, {:.1} MB/s",
+            took.as_secs_f64(),
+            data.len() as f64 / 1e6 / took.as_secs_f64()
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "wget in the guest: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut words = text.split_whitespace();
+        assert_eq!(words.next(), Some(data.len().to_string().as_str()));
+        assert_eq!(
+            words.next().map(str::to_ascii_uppercase),
+            Some(offer.sha256.clone())
+        );
+        // once only, from the guest too
+        let again = ssh(&format!("wget -q -O /tmp/q.bin '{}'", offer.url));
+        assert!(!again.status.success(), "a used token is refused");
+        assert_eq!(
+            server.state(&offer.token),
+            TokenState::Claimed {
+                sent: data.len() as u64,
+                complete: true
+            }
+        );
+        drop(v);
+    });
+    let ev = events.lock().unwrap();
+    assert!(ev.iter().any(|e| e.status == 200), "{ev:?}");
+    assert!(ev.iter().any(|e| e.status == 404), "{ev:?}");
+}
