@@ -107,6 +107,7 @@ struct Shared {
     tokens: Mutex<Tokens>,
     sink: FileSink,
     preamble: bool,
+    refused: std::sync::atomic::AtomicU64,
 }
 
 /// A running endpoint. Dropping it stops the server and removes its socket.
@@ -186,6 +187,7 @@ impl FileServer {
             tokens: Mutex::default(),
             sink,
             preamble: true,
+            refused: Default::default(),
         });
         let s2 = shared.clone();
         let task = tokio::spawn(async move {
@@ -216,6 +218,7 @@ impl FileServer {
             tokens: Mutex::default(),
             sink,
             preamble: false,
+            refused: Default::default(),
         });
         let s2 = shared.clone();
         let task = tokio::spawn(async move {
@@ -322,16 +325,23 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Ok(permit) = permits.clone().try_acquire_owned() else {
-        (shared.sink)(FileEvent {
-            method: String::new(),
-            target: String::new(),
-            status: 503,
-            name: None,
-            bytes: 0,
-            error: Some(format!(
-                "more than {MAX_CONNECTIONS} connections at once: closed one"
-            )),
-        });
+        // reported at 1, 2, 4, 8… so that a flood cannot flood the log
+        let n = shared
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n.is_power_of_two() {
+            (shared.sink)(FileEvent {
+                method: String::new(),
+                target: String::new(),
+                status: 503,
+                name: None,
+                bytes: 0,
+                error: Some(format!(
+                    "more than {MAX_CONNECTIONS} connections at once: closed {n} so far"
+                )),
+            });
+        }
         return;
     };
     let shared = shared.clone();
@@ -801,6 +811,63 @@ mod tests {
         );
         drop(server);
         assert!(!sock.exists(), "the socket is removed on drop");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_reported_sparingly() {
+        let dir = std::env::temp_dir().join(format!("kiln-files-limit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sink, events) = sink();
+        let server = FileServer::start(&dir.join("files.sock"), None, GUEST_ADDR, sink).unwrap();
+        let sock = server.socket_path().unwrap().to_path_buf();
+        // idle clients hold every slot (each waits up to 5 s for its preamble)
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..3 {
+            let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            let mut b = Vec::new();
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut b))
+                .await
+                .expect("closed at once")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
+        let refused: Vec<String> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.status == 503)
+            .filter_map(|e| e.error.clone())
+            .collect();
+        assert_eq!(refused.len(), 2, "reported at 1 and 2, not 3: {refused:?}");
+        assert!(refused[1].contains("closed 2 so far"), "{refused:?}");
+        // the slots come back
+        drop(idle);
+        let src = dir.join("p");
+        std::fs::write(&src, b"hello").unwrap();
+        let offer = server.offer(&src, "p").unwrap();
+        let mut ok = false;
+        for _ in 0..50 {
+            let (st, body) = get(
+                &sock,
+                "files\n",
+                &format!("GET {PREFIX}{} HTTP/1.1\r\n\r\n", offer.token),
+            )
+            .await;
+            if st == 200 {
+                assert_eq!(body, b"hello");
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "the endpoint serves again once the idle clients left");
+        drop(server);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
