@@ -356,3 +356,76 @@ fn a_guest_pulls_through_qemus_guestfwd_relay() {
     assert!(ev.iter().any(|e| e.status == 200), "{ev:?}");
     assert!(ev.iter().any(|e| e.status == 404), "{ev:?}");
 }
+
+/// What a Windows File step does (`files::deliver_or_upload`): the pull when the endpoint
+/// works; the WinRM upload, with a warning, when there is no endpoint or the guest cannot
+/// reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_winrm_upload_is_the_loud_fallback() {
+    let server = WinrsServer::start(WinrsServerConfig::new(WinrsAuth::HttpNtlm, USER, PASSWORD))
+        .await
+        .unwrap();
+    let mut cfg = WinRmConfig::new(server.addr(), USER, PASSWORD, Security::HttpNtlm);
+    cfg.timeout = Duration::from_secs(60);
+    let guest = WinRmCommunicator::connect(cfg, std::future::pending())
+        .await
+        .unwrap();
+    let dir = tmpdir("fallback");
+    let src = dir.join("tool.bin");
+    let data = payload(200_000, 9);
+    std::fs::write(&src, &data).unwrap();
+    let warnings: Arc<Mutex<Vec<String>>> = Arc::default();
+    let w2 = warnings.clone();
+    let warn = move |m: String| w2.lock().unwrap().push(m);
+
+    // the endpoint works: pulled, no warning
+    let endpoint = FileServer::start_tcp("127.0.0.1:0".parse().unwrap(), Arc::new(|_| {}))
+        .await
+        .unwrap();
+    let dest = dir.join("pulled.bin");
+    let d = files::deliver_or_upload(&guest, Some(&endpoint), &src, dest.to_str().unwrap(), &warn)
+        .await
+        .unwrap();
+    assert_eq!(d.via, files::Via::Pull);
+    assert!(std::fs::read(&dest).unwrap() == data);
+    assert!(warnings.lock().unwrap().is_empty());
+
+    // no endpoint: uploaded, said so
+    let dest = dir.join("uploaded.bin");
+    let d = files::deliver_or_upload(&guest, None, &src, dest.to_str().unwrap(), &warn)
+        .await
+        .unwrap();
+    assert_eq!((d.via, d.bytes), (files::Via::Upload, data.len() as u64));
+    assert!(std::fs::read(&dest).unwrap() == data);
+    assert!(
+        warnings.lock().unwrap()[0].contains("no file endpoint in this build"),
+        "{:?}",
+        warnings.lock().unwrap()
+    );
+
+    // an endpoint the guest cannot reach (its URLs point at a closed port): uploaded, said so
+    let dead = FileServer::start(
+        &dir.join("files.sock"),
+        None,
+        "127.0.0.1:1",
+        Arc::new(|_| {}),
+    )
+    .unwrap();
+    let dest = dir.join("fallback.bin");
+    let d = files::deliver_or_upload(&guest, Some(&dead), &src, dest.to_str().unwrap(), &warn)
+        .await
+        .unwrap();
+    assert_eq!(d.via, files::Via::Upload);
+    assert!(std::fs::read(&dest).unwrap() == data);
+    let w = warnings.lock().unwrap()[1].clone();
+    assert!(
+        w.contains("did not reach kiln's file endpoint") && w.contains("falling back"),
+        "{w}"
+    );
+    assert!(w.contains("fallback.bin"), "{w}");
+
+    guest.close().await.unwrap();
+    server.stop().await;
+    drop(dead);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

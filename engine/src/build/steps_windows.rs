@@ -1298,44 +1298,28 @@ async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), Buil
         .guest
         .as_ref()
         .ok_or_else(|| BuildError::Connect("not connected".into()))?;
-    match cx.files.as_ref() {
-        Some(server) => {
-            match files::deliver(guest.as_ref(), server, &a.path, &f.destination).await {
-                Ok(d) => {
-                    cx.events.info(format!(
-                        "delivered {} bytes to {} through kiln's file endpoint in {:.2}s ({:.1} MB/s; size and SHA-256 {} verified in the guest)",
-                        d.bytes,
-                        f.destination,
-                        d.duration.as_secs_f64(),
-                        d.bytes as f64 / 1e6 / d.duration.as_secs_f64().max(1e-6),
-                        d.sha256
-                    ));
-                    return Ok(());
-                }
-                Err(e @ files::DeliverError::Unreachable { .. }) => cx.events.warn(format!(
-                    "{e}\n  falling back to the WinRM upload for {} (base64 chunks, far slower)",
-                    f.destination
-                )),
-                Err(e) => return Err(step_err(step, e)),
-            }
-        }
-        None => cx.events.warn(format!(
-            "no file endpoint in this build: {} goes through the WinRM upload (base64 chunks, far slower)",
-            f.destination
-        )),
-    }
-    let data =
-        std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
-    let mut body = data.as_slice();
-    let up = guest
-        .upload(&mut body, data.len() as u64, &f.destination, 0o644)
-        .await
-        .map_err(|e| step_err(step, e))?;
+    let events = cx.events.clone();
+    let warn = move |m: String| events.warn(m);
+    let d = files::deliver_or_upload(
+        guest.as_ref(),
+        cx.files.as_ref(),
+        &a.path,
+        &f.destination,
+        &warn,
+    )
+    .await
+    .map_err(|e| step_err(step, e))?;
+    let secs = d.duration.as_secs_f64();
     cx.events.info(format!(
-        "uploaded {} bytes to {} in {:.2}s",
-        up.bytes,
+        "delivered {} bytes to {} {} in {secs:.2}s ({:.1} MB/s; size and SHA-256 {} verified in the guest)",
+        d.bytes,
         f.destination,
-        up.duration.as_secs_f64()
+        match d.via {
+            files::Via::Pull => "through kiln's file endpoint",
+            files::Via::Upload => "by the WinRM upload",
+        },
+        d.bytes as f64 / 1e6 / secs.max(1e-6),
+        d.sha256
     ));
     Ok(())
 }

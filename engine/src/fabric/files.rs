@@ -508,9 +508,20 @@ where
     Some(ev)
 }
 
+/// Which way the bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The guest pulled them from the file endpoint.
+    Pull,
+    /// The communicator's upload (WinRM: base64 chunks), the fallback.
+    Upload,
+}
+
 /// How a delivery went.
 #[derive(Debug, Clone)]
 pub struct Delivered {
+    /// Which way.
+    pub via: Via,
     /// Bytes delivered.
     pub bytes: u64,
     /// Their SHA-256 (upper-case hex), as the guest confirmed it.
@@ -550,6 +561,16 @@ pub enum DeliverError {
         dest: String,
         /// What the guest and the endpoint report.
         detail: String,
+    },
+    /// The fallback upload failed.
+    #[error("uploading {src} to {dest} (the fallback): {source}")]
+    Upload {
+        /// The host file.
+        src: String,
+        /// The destination in the guest.
+        dest: String,
+        /// The cause.
+        source: CommError,
     },
     /// The guest command could not run.
     #[error("delivering {src} to {dest}: {source}")]
@@ -656,8 +677,55 @@ pub async fn deliver_offer(
         });
     }
     Ok(Delivered {
+        via: Via::Pull,
         bytes: offer.len,
         sha256: offer.sha256.clone(),
+        duration: started.elapsed(),
+    })
+}
+
+/// What a Windows File step does: [`deliver`] through `server`; when there is no endpoint, or
+/// the guest never reached it ([`DeliverError::Unreachable`]), `warn` is told why and the bytes
+/// go through the communicator's upload instead (which checks size and SHA-256 in the guest).
+/// Any other failure is returned as it is: bytes that arrived wrong are not sent again.
+pub async fn deliver_or_upload(
+    guest: &dyn Communicator,
+    server: Option<&FileServer>,
+    src: &Path,
+    dest: &str,
+    warn: &(dyn Fn(String) + Send + Sync),
+) -> Result<Delivered, DeliverError> {
+    match server {
+        Some(server) => match deliver(guest, server, src, dest).await {
+            Ok(d) => return Ok(d),
+            Err(e @ DeliverError::Unreachable { .. }) => warn(format!(
+                "{e}\n  falling back to the WinRM upload for {dest} (base64 chunks, far slower)"
+            )),
+            Err(e) => return Err(e),
+        },
+        None => warn(format!(
+            "no file endpoint in this build: {dest} goes through the WinRM upload (base64 chunks, far slower)"
+        )),
+    }
+    let started = Instant::now();
+    let source_err = |source| DeliverError::Source {
+        path: src.to_path_buf(),
+        source,
+    };
+    let (len, sha256) = hash_file(src).map_err(source_err)?;
+    let mut f = tokio::fs::File::open(src).await.map_err(source_err)?;
+    guest
+        .upload(&mut f, len, dest, 0o644)
+        .await
+        .map_err(|source| DeliverError::Upload {
+            src: src.display().to_string(),
+            dest: dest.to_string(),
+            source,
+        })?;
+    Ok(Delivered {
+        via: Via::Upload,
+        bytes: len,
+        sha256,
         duration: started.elapsed(),
     })
 }
