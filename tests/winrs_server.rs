@@ -24,7 +24,10 @@
 //!    command lines prepend) is dropped. If the script is one of kiln's WinRM file transfer
 //!    scripts (`agents/src/winrm/powershell.rs`: decode the uploaded base64 lines into the
 //!    destination and print `<size> <SHA-256>`; print a file as base64), the shim performs
-//!    exactly that file operation natively. **Any other script is run by `/bin/sh -c`**:
+//!    exactly that file operation natively; kiln's pull script (download a URL of kiln's file
+//!    endpoint to a temporary file, check size and SHA-256, move it onto the destination,
+//!    print `<size> <SHA-256>`) is performed as one HTTP GET ([`shim_pull`]).
+//!    **Any other script is run by `/bin/sh -c`**:
 //!    tests write their "PowerShell" payloads in POSIX shell.
 //! 2. Any other command line (`rsp:Command` and its `rsp:Arguments` joined by spaces) is run by
 //!    `/bin/sh -c` in place of `cmd.exe /c`. (kiln's upload chunks, `echo <base64> >> "<tmp>"`, mean
@@ -985,6 +988,20 @@ pub enum Shimmed {
     DecodeAndHash(String, String),
     /// Print a file as base64.
     Base64(String),
+    /// kiln's pull script (`powershell::pull_file`): GET `url` into `tmp`, check `size` and
+    /// `sha256`, move onto `dest`, print `<size> <SHA-256>` (see [`shim_pull`]).
+    Pull {
+        /// The endpoint's one-time URL.
+        url: String,
+        /// The temporary file.
+        tmp: String,
+        /// The destination.
+        dest: String,
+        /// The size the host sent.
+        size: u64,
+        /// The SHA-256 the host computed (upper-case hex).
+        sha256: String,
+    },
 }
 
 /// Parse a PowerShell single-quoted literal at the start of `s`; returns it and the rest.
@@ -1037,6 +1054,9 @@ pub fn shim_powershell(script: &str) -> Shimmed {
             }
         }
     }
+    if let Some(p) = shim_pull(&lines) {
+        return p;
+    }
     if let [one] = lines.as_slice() {
         if let Some((p, rest)) = after(one, "[Convert]::ToBase64String([IO.File]::ReadAllBytes(") {
             if rest.trim() == "))" {
@@ -1054,6 +1074,177 @@ pub fn shim_powershell(script: &str) -> Shimmed {
             .collect::<Vec<_>>()
             .join("\n"),
     )
+}
+
+/// Recognise kiln's pull script (`powershell::pull_file`, its lines trimmed, the preference
+/// lines dropped): `$u`, `$t`, `$d` as single-quoted literals, `$s` a number, `$x` hex, then
+/// exactly [`powershell::PULL_BODY`].
+pub fn shim_pull(lines: &[&str]) -> Option<Shimmed> {
+    let [u, t, d, size, x, body @ ..] = lines else {
+        return None;
+    };
+    let want: Vec<&str> = powershell::PULL_BODY.lines().map(str::trim).collect();
+    if body != want.as_slice() {
+        return None;
+    }
+    let lit = |l: &str, prefix: &str| {
+        l.strip_prefix(prefix)
+            .and_then(ps_literal)
+            .filter(|(_, rest)| rest.trim().is_empty())
+            .map(|(v, _)| v)
+    };
+    let size: u64 = size.strip_prefix("$s = ")?.trim().parse().ok()?;
+    let sha256 = lit(x, "$x = ")?;
+    if !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(Shimmed::Pull {
+        url: lit(u, "$u = ")?,
+        tmp: lit(t, "$t = ")?,
+        dest: lit(d, "$d = ")?,
+        size,
+        sha256,
+    })
+}
+
+/// What kiln's pull script does, natively: one HTTP/1.1 GET of `url` (`http://host:port/path`)
+/// streamed into `tmp` (removed if the transfer breaks off: status not 200, fewer bytes than
+/// Content-Length), then the script's own check and move. Returns the output chunks and the
+/// exit code the script would give (1: exception, 4: size or SHA-256 mismatch).
+async fn pull_native(
+    url: &str,
+    tmp: &str,
+    dest: &str,
+    size: u64,
+    sha256: &str,
+) -> (Vec<(bool, Vec<u8>)>, i32) {
+    let fail = |m: String| {
+        let _ = std::fs::remove_file(tmp);
+        (
+            vec![(
+                true,
+                format!("Exception calling \"DownloadFile\" with \"2\" argument(s): \"{m}\"\r\n")
+                    .into_bytes(),
+            )],
+            1,
+        )
+    };
+    let Some(rest) = url.strip_prefix("http://") else {
+        return fail(format!("unsupported URL {url}"));
+    };
+    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut tcp = match tokio::net::TcpStream::connect(hostport).await {
+        Ok(t) => t,
+        Err(e) => return fail(format!("Unable to connect to the remote server ({e})")),
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n");
+    if let Err(e) = tcp.write_all(req.as_bytes()).await {
+        return fail(e.to_string());
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut head = Vec::new();
+    let body_start = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() > 64 * 1024 {
+            return fail("the response head is too large".into());
+        }
+        match tcp.read(&mut buf).await {
+            Ok(0) => return fail("The underlying connection was closed".into()),
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) => return fail(e.to_string()),
+        }
+    };
+    let text = String::from_utf8_lossy(&head[..body_start]).into_owned();
+    let status = text.split(' ').nth(1).unwrap_or("");
+    if status != "200" {
+        return fail(format!("The remote server returned an error: ({status})"));
+    }
+    let length: Option<u64> = text.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    });
+    let mut file = match tokio::fs::File::create(tmp).await {
+        Ok(f) => f,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut hasher = Sha256::new();
+    let mut n = 0u64;
+    let mut chunk = head[body_start..].to_vec();
+    loop {
+        if !chunk.is_empty() {
+            hasher.update(&chunk);
+            n += chunk.len() as u64;
+            if let Err(e) = file.write_all(&chunk).await {
+                return fail(e.to_string());
+            }
+        }
+        match tcp.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(k) => chunk = buf[..k].to_vec(),
+            Err(e) => return fail(e.to_string()),
+        }
+    }
+    if let Err(e) = file.flush().await {
+        return fail(e.to_string());
+    }
+    drop(file);
+    if length.is_some_and(|l| l != n) {
+        return fail(format!(
+            "The underlying connection was closed: {n} of {} bytes received",
+            length.unwrap_or(0)
+        ));
+    }
+    let h: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    let line = format!("{n} {h}\r\n").into_bytes();
+    if n != size || !h.eq_ignore_ascii_case(sha256) {
+        let _ = std::fs::remove_file(tmp);
+        return (
+            vec![
+                (
+                    true,
+                    format!("kiln: {dest}: received {n} bytes with SHA-256 {h}; the host sent {size} bytes with SHA-256 {sha256}\r\n").into_bytes(),
+                ),
+                (false, line),
+            ],
+            4,
+        );
+    }
+    let _ = std::fs::remove_file(dest);
+    if let Err(e) = std::fs::rename(tmp, dest) {
+        return fail(e.to_string());
+    }
+    (vec![(false, line)], 0)
+}
+
+/// Runs [`pull_native`] in a task; the command finishes when it does.
+fn pull(url: String, tmp: String, dest: String, size: u64, sha256: String) -> Arc<Command> {
+    let (tx, _) = watch::channel(0u64);
+    let cmd = Arc::new(Command {
+        output: Mutex::new(Output::default()),
+        changed: tx,
+        stdin: tokio::sync::Mutex::new(None),
+        pid: None,
+    });
+    let c = cmd.clone();
+    tokio::spawn(async move {
+        let (out, code) = pull_native(&url, &tmp, &dest, size, &sha256).await;
+        if let Ok(mut o) = c.output.lock() {
+            o.chunks
+                .extend(out.into_iter().filter(|(_, d)| !d.is_empty()));
+            o.exit = Some(code);
+        }
+        c.changed.send_modify(|v| *v += 1);
+    });
+    cmd
 }
 
 /// Map a WinRS command line to what the shim runs.
@@ -1360,7 +1551,7 @@ fn native(op: Shimmed) -> Arc<Command> {
             )
             .into_bytes())
         }
-        Shimmed::Sh(_) => unreachable!("handled by start"),
+        Shimmed::Sh(_) | Shimmed::Pull { .. } => unreachable!("handled by start"),
     })();
     match res {
         Ok(out) => finished(vec![(false, out)], 0),
@@ -1372,6 +1563,13 @@ fn native(op: Shimmed) -> Arc<Command> {
 fn start(line: &str) -> std::io::Result<Arc<Command>> {
     let script = match shim(line) {
         Shimmed::Sh(s) => s,
+        Shimmed::Pull {
+            url,
+            tmp,
+            dest,
+            size,
+            sha256,
+        } => return Ok(pull(url, tmp, dest, size, sha256)),
         op => return Ok(native(op)),
     };
     let mut child: Child = tokio::process::Command::new("/bin/sh")
@@ -1661,6 +1859,26 @@ mod tests {
             Shimmed::Sh("echo hi; exit 3".into())
         );
         assert_eq!(shim("ipconfig /all"), Shimmed::Sh("ipconfig /all".into()));
+        assert_eq!(
+            shim(&line(&powershell::pull_file(
+                "http://127.0.0.1:9/f/ab'c",
+                "/tmp/a b'c \"q\".kiln-pull",
+                "/tmp/a b'c \"q\"",
+                42,
+                "00ff"
+            ))),
+            Shimmed::Pull {
+                url: "http://127.0.0.1:9/f/ab'c".into(),
+                tmp: "/tmp/a b'c \"q\".kiln-pull".into(),
+                dest: "/tmp/a b'c \"q\"".into(),
+                size: 42,
+                sha256: "00FF".into()
+            }
+        );
+        // a changed body is not kiln's pull script: it goes to sh
+        let altered = powershell::pull_file("http://x/", "/t", "/d", 1, "00")
+            .replace("$w.Proxy = $null", "$w.Proxy = $p");
+        assert!(matches!(shim(&line(&altered)), Shimmed::Sh(_)));
         let enc = powershell::encode_command("echo x");
         assert_eq!(
             shim(&format!("PowerShell.exe -NoProfile -enc {enc}")),

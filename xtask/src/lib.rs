@@ -3,3 +3,4 @@
 
 pub mod bench;
 pub mod images;
+pub mod windows_e2e;

@@ -8,14 +8,18 @@
 //! bench [--runs N] [--only NAME]... [--quick] [--release|--debug] [--out DIR] [--no-install]
 //!     kiln beside the floor, Packer and virt-customize on the same job, plus micro-benchmarks;
 //!     writes BENCH.md and bench/<date>.json. See docs/bench.md.
+//!
+//! windows-e2e --image WIN.vhd [--template F] [--generation V1|V2] [--dry-run] [--keep]
+//!     A Windows build end to end with a real Windows image (KVM host); see docs/windows.md.
 
 use anyhow::{bail, Result};
 use std::process::ExitCode;
-use xtask::{bench, images};
+use xtask::{bench, images, windows_e2e};
 
 fn usage() -> &'static str {
     "usage: cargo xtask images [--only NAME]... [--force] [--quiet]\n\
      \x20      cargo xtask bench [--runs N] [--only NAME]... [--quick] [--release|--debug] [--out DIR] [--no-install]\n\
+     \x20      cargo xtask windows-e2e --image WIN.vhd [--template F] [--generation V1|V2] [--dry-run] [--keep]\n\
      \n\
      images   build or find the test guest images (tiny, debian) and print their disk paths\n\
      \x20        --only NAME  only this image (repeatable); with one, prints the bare path\n\
@@ -26,12 +30,19 @@ fn usage() -> &'static str {
      \x20        (interleaved) and the micro-benchmarks; write BENCH.md + bench/<date>.json\n\
      \x20        --runs N     rounds of the contenders (default 3; 1 with --quick)\n\
      \x20        --only NAME  kiln, floor, packer, virt-customize, prep, export, sha256,\n\
-     \x20                     upload, concurrency (repeatable, or comma-separated)\n\
+     \x20                     upload, concurrency, winfile (repeatable, or comma-separated)\n\
      \x20        --quick      the CI smoke: kiln + floor, micro-benchmarks at small sizes,\n\
      \x20                     debug kiln, report under target/bench-work/quick/\n\
      \x20        --out DIR    where BENCH.md and bench/ go (default: the repository root)\n\
      \x20        --no-install fail instead of apt-get installing packer / libguestfs-tools\n\
      \x20        --render F   only re-render BENCH.md from a raw result <out>/bench/<date>.json\n\
+     \n\
+     windows-e2e  import a generalized Windows disk into a temporary KILN_HOME and build\n\
+     \x20        scripts/windows/e2e-template.json (or --template F) with it on a KVM host;\n\
+     \x20        prints a report (steps, seconds, failures with exit codes, logs)\n\
+     \x20        --dry-run    check the arguments and template, print the commands and\n\
+     \x20                     kiln's plan of the build; run nothing\n\
+     \x20        --keep       keep the temporary KILN_HOME (logs, exported VHD)\n\
      \n\
      Cache: ${KILN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/guests/\n\
      Host packages: sudo scripts/setup-host.sh\n"
@@ -150,6 +161,13 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("images") => images_cmd(&args[1..]),
         Some("bench") => bench_cmd(&args[1..]),
+        Some("windows-e2e") => {
+            let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_else(|| ".".into());
+            windows_e2e::parse(&args[1..], &repo).and_then(|a| windows_e2e::run(&a, &repo))
+        }
         Some("-h") | Some("--help") | None => {
             print!("{}", usage());
             Ok(())

@@ -85,6 +85,38 @@ pub fn upload_decode(tmp: &str, dest: &str) -> String {
     )
 }
 
+/// The body of [`pull_file`] after its five assignments (also what the test server's shim
+/// recognises): WebClient (no proxy: the endpoint is on the VM's own user network) downloads
+/// `$u` to `$t` (removed again if the download breaks off); size and SHA-256 are compared with the host's (`$s`, `$x`) before the file is
+/// moved onto `$d`; a mismatch deletes `$t`, says so on stderr and exits 4. Prints
+/// `<size> <SHA-256>` either way.
+pub const PULL_BODY: &str = "$w = New-Object System.Net.WebClient
+$w.Proxy = $null
+try { $w.DownloadFile($u, $t) } catch { if (Test-Path -LiteralPath $t) { Remove-Item -Force -LiteralPath $t }; throw } finally { $w.Dispose() }
+$n = (Get-Item -LiteralPath $t).Length
+$h = (Get-FileHash -Algorithm SHA256 -LiteralPath $t).Hash
+if ($n -ne $s -or $h -ne $x) { Remove-Item -Force -LiteralPath $t; [Console]::Error.WriteLine(('kiln: {0}: received {1} bytes with SHA-256 {2}; the host sent {3} bytes with SHA-256 {4}' -f $d, $n, $h, $s, $x)); Write-Output (\"{0} {1}\" -f $n, $h); exit 4 }
+if (Test-Path -LiteralPath $d) { Remove-Item -Force -LiteralPath $d }
+[IO.File]::Move($t, $d)
+Write-Output (\"{0} {1}\" -f $n, $h)";
+
+/// File delivery without base64: the guest pulls `url` (kiln's per-build file endpoint) into
+/// `tmp`, verifies `size` bytes with SHA-256 `sha256` (hex) and moves it onto `dest`; prints
+/// `<size> <SHA-256>`. Paths are single-quoted literals; `sha256` is reduced to hex digits.
+pub fn pull_file(url: &str, tmp: &str, dest: &str, size: u64, sha256: &str) -> String {
+    let hex: String = sha256
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    format!(
+        "$ErrorActionPreference = 'Stop'\n$u = {}\n$t = {}\n$d = {}\n$s = {size}\n$x = '{hex}'\n{PULL_BODY}",
+        quote(url),
+        quote(tmp),
+        quote(dest)
+    )
+}
+
 /// Download: print the file as base64 (one line).
 pub fn download(src: &str) -> String {
     format!(
@@ -110,6 +142,41 @@ mod tests {
         );
         let s = "é ünïcode \u{1F600}";
         assert_eq!(decode_command(&encode_command(s)).as_deref(), Some(s));
+    }
+
+    #[test]
+    fn pull_script_quotes_every_value() {
+        let s = pull_file(
+            "http://10.0.2.100/f/ab'cd",
+            "C:\\My Files\\it's \"x\" $(boom).kiln-pull",
+            "C:\\My Files\\it's \"x\" $(boom)",
+            1234,
+            "ab12'; rm -rf /",
+        );
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], "$ErrorActionPreference = 'Stop'");
+        assert_eq!(lines[1], "$u = 'http://10.0.2.100/f/ab''cd'");
+        // single quotes doubled; `"`, `$(…)` and spaces stay literal inside '…'
+        assert_eq!(
+            lines[2],
+            "$t = 'C:\\My Files\\it''s \"x\" $(boom).kiln-pull'"
+        );
+        assert_eq!(lines[3], "$d = 'C:\\My Files\\it''s \"x\" $(boom)'");
+        assert_eq!(lines[4], "$s = 1234");
+        // only hex digits survive in the checksum
+        assert_eq!(lines[5], "$x = 'AB12F'");
+        assert_eq!(lines[6..].join("\n"), PULL_BODY);
+        // the body refers to the variables only, never to interpolated text
+        for v in ["$u", "$t", "$d", "$s", "$x"] {
+            assert!(PULL_BODY.contains(v), "{v}");
+        }
+        // the whole script survives -EncodedCommand
+        assert_eq!(
+            decode_command(&encode_command(&s)).as_deref(),
+            Some(s.as_str())
+        );
+        // typographic quotes are PowerShell quotes too
+        assert!(pull_file("u", "t", "C:\\a\u{2019}b", 0, "").contains("'C:\\a\u{2019}\u{2019}b'"));
     }
 
     #[test]

@@ -171,6 +171,8 @@ pub struct BuildCx {
     pub cdrom: Option<PathBuf>,
     /// The emulated Azure fabric of this build.
     pub fabric: Option<crate::fabric::Fabric>,
+    /// A Windows build's file endpoint (File customizers are pulled from it by the guest).
+    pub files: Option<crate::fabric::files::FileServer>,
     /// The build VM.
     pub vm: Option<crate::vm::Vm>,
     /// The guest connection.
@@ -215,6 +217,7 @@ impl BuildCx {
             seed: None,
             cdrom: None,
             fabric: None,
+            files: None,
             vm: None,
             guest: None,
             resets_seen: 0,

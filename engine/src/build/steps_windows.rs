@@ -13,6 +13,7 @@ use super::runner::{FailurePolicy, Outcome, Step};
 use super::steps::{LineSplitter, BUILD_USER};
 use super::steps_vm::{describe_policy, describe_vm, interrupt_for, recover_after_reboot};
 use super::BuildError;
+use crate::fabric::files;
 use crate::template::model::{Customizer, FileCopy, PowerShellScript, Source, Validator};
 use crate::vm;
 use async_trait::async_trait;
@@ -669,7 +670,11 @@ impl Step for WinStartVm {
     fn describe(&self, cx: &BuildCx) -> serde_json::Value {
         describe_vm(
             cx,
-            &format!("127.0.0.1:<free port> → guest {WINRM_PORT} (WinRM HTTP)"),
+            &format!(
+                "127.0.0.1:<free port> → guest {WINRM_PORT} (WinRM HTTP); guest {}:{} → this build's file endpoint (guestfwd to kiln __fabric-connect … files)",
+                files::GUEST_ADDR,
+                files::GUEST_PORT
+            ),
             super::steps_vm::Devices::windows(cx),
         )
     }
@@ -678,12 +683,9 @@ impl Step for WinStartVm {
             .and_then(|l| l.local_addr())
             .map_err(BuildError::io("choosing a port for WinRM"))?
             .port();
-        super::steps_vm::start_vm(
-            cx,
-            vec![format!("hostfwd=tcp:127.0.0.1:{port}-:{WINRM_PORT}")],
-            super::steps_vm::Devices::windows(cx),
-        )
-        .await?;
+        let mut netdev = vec![format!("hostfwd=tcp:127.0.0.1:{port}-:{WINRM_PORT}")];
+        netdev.extend(start_file_endpoint(cx));
+        super::steps_vm::start_vm(cx, netdev, super::steps_vm::Devices::windows(cx)).await?;
         if let Some(w) = cx.windows.as_mut() {
             w.winrm_port = port;
         }
@@ -693,6 +695,63 @@ impl Step for WinStartVm {
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, outcome: Outcome) {
         super::steps_vm::StartVm.cleanup(cx, outcome).await;
+        cx.files = None;
+    }
+}
+
+/// Starts this build's file endpoint ([`files`]) and returns the `guestfwd` option that routes
+/// the guest's `http://10.0.2.100/` to it; without one (it could not start) File customizers
+/// fall back to the WinRM upload, said loudly here and at each File step.
+fn start_file_endpoint(cx: &mut BuildCx) -> Option<String> {
+    let guest_addr = if cx.fabric.is_some() {
+        files::GUEST_ADDR_AZURE_NET
+    } else {
+        files::GUEST_ADDR
+    };
+    let (socket, own_dir) = files::socket_path_for(&cx.run_dir, &cx.run_id);
+    let events = cx.events.clone();
+    let sink: files::FileSink = std::sync::Arc::new(move |e: files::FileEvent| {
+        let what = format!(
+            "file endpoint: {} {} -> {}{}",
+            if e.method.is_empty() { "-" } else { &e.method },
+            e.target,
+            e.status,
+            e.name
+                .as_ref()
+                .map(|n| format!(" ({n}, {} bytes sent)", e.bytes))
+                .unwrap_or_default()
+        );
+        match &e.error {
+            None => events.info(what),
+            Some(err) => events.warn(format!("{what}: {err}")),
+        }
+    });
+    let started = std::env::current_exe()
+        .map_err(|e| format!("finding kiln's own executable for the relay: {e}"))
+        .and_then(|exe| {
+            let server = files::FileServer::start(&socket, own_dir.as_deref(), guest_addr, sink)
+                .map_err(|e| e.to_string())?;
+            let opt = server
+                .netdev_option(&exe, guest_addr)
+                .ok_or_else(|| "the endpoint has no socket".to_string())?;
+            Ok((server, opt))
+        });
+    match started {
+        Ok((server, opt)) => {
+            cx.events.info(format!(
+                "file endpoint for this build on {} (the guest pulls File sources from http://{guest_addr}:{}/f/<one-time token>)",
+                socket.display(),
+                files::GUEST_PORT
+            ));
+            cx.files = Some(server);
+            Some(opt)
+        }
+        Err(e) => {
+            cx.events.warn(format!(
+                "kiln's file endpoint could not start ({e}): File customizers will go through the WinRM upload instead (base64 chunks, far slower)"
+            ));
+            None
+        }
     }
 }
 
@@ -983,7 +1042,7 @@ impl Step for WinStep {
                 "sha256": Some(f.sha256_checksum.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "(none given: not verified)".into()),
                 "destination": f.destination,
                 "rule": "the destination's directory must already exist in the guest (AIB's rule); checked before the upload",
-                "delivery": "the communicator's upload (WinRM: chunked, SHA-256 checked in the guest)",
+                "delivery": format!("pulled by the guest from kiln's per-build file endpoint (http://{}:{}/f/<one-time token>, WebClient), size and SHA-256 checked in the guest before it is moved into place; if the guest cannot reach the endpoint: the WinRM upload (base64 chunks, SHA-256 checked), with a warning", files::GUEST_ADDR, files::GUEST_PORT),
             }),
             WinAction::Restart {
                 command,
@@ -1240,22 +1299,32 @@ async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), Buil
     if code == 3 {
         return Err(step_err(step, format!("the destination directory of {} does not exist in the guest (AIB requires it to exist; create it in an earlier PowerShell customizer)", f.destination)));
     }
-    let data =
-        std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
     let guest = cx
         .guest
         .as_ref()
         .ok_or_else(|| BuildError::Connect("not connected".into()))?;
-    let mut body = data.as_slice();
-    let up = guest
-        .upload(&mut body, data.len() as u64, &f.destination, 0o644)
-        .await
-        .map_err(|e| step_err(step, e))?;
+    let events = cx.events.clone();
+    let warn = move |m: String| events.warn(m);
+    let d = files::deliver_or_upload(
+        guest.as_ref(),
+        cx.files.as_ref(),
+        &a.path,
+        &f.destination,
+        &warn,
+    )
+    .await
+    .map_err(|e| step_err(step, e))?;
+    let secs = d.duration.as_secs_f64();
     cx.events.info(format!(
-        "uploaded {} bytes to {} in {:.2}s",
-        up.bytes,
+        "delivered {} bytes to {} {} in {secs:.2}s ({:.1} MB/s; size and SHA-256 {} verified in the guest)",
+        d.bytes,
         f.destination,
-        up.duration.as_secs_f64()
+        match d.via {
+            files::Via::Pull => "through kiln's file endpoint",
+            files::Via::Upload => "by the WinRM upload",
+        },
+        d.bytes as f64 / 1e6 / secs.max(1e-6),
+        d.sha256
     ));
     Ok(())
 }

@@ -19,6 +19,7 @@
 //! nothing a guest sends can panic the server or hold the build.
 
 pub mod dhcp;
+pub mod files;
 pub mod http;
 pub mod imds;
 pub mod tap;
@@ -269,6 +270,9 @@ pub enum Endpoint {
     Imds,
     /// kiln's DHCP server ([`tap`]), at the gateway's address.
     Dhcp,
+    /// The per-build file endpoint ([`files`]), 10.0.2.100:80; served by a
+    /// [`files::FileServer`], never by the fabric.
+    Files,
 }
 
 impl Endpoint {
@@ -278,6 +282,7 @@ impl Endpoint {
             Endpoint::Wire => "wire",
             Endpoint::Imds => "imds",
             Endpoint::Dhcp => "dhcp",
+            Endpoint::Files => "files",
         }
     }
     /// The guest-side address.
@@ -286,6 +291,7 @@ impl Endpoint {
             Endpoint::Wire => WIRESERVER,
             Endpoint::Imds => IMDS,
             Endpoint::Dhcp => GATEWAY,
+            Endpoint::Files => files::GUEST_ADDR,
         }
     }
     /// Parses `wire` / `imds`.
@@ -293,6 +299,7 @@ impl Endpoint {
         match s {
             "wire" => Some(Endpoint::Wire),
             "imds" => Some(Endpoint::Imds),
+            "files" => Some(Endpoint::Files),
             _ => None,
         }
     }
@@ -587,6 +594,7 @@ async fn serve_connection(
         },
         // No relay connects for DHCP (`Endpoint::parse` never names it).
         Endpoint::Dhcp => (Response::text(404, "not an HTTP endpoint\n"), None),
+        Endpoint::Files => (Response::text(404, "not served here\n"), None),
     };
     let _ = http::write_response(&mut s, &resp, req.method == "HEAD").await;
     let _ = s.shutdown().await;
@@ -732,7 +740,7 @@ pub fn relay(socket: &Path, endpoint: &str) -> std::io::Result<()> {
     let ep = Endpoint::parse(endpoint).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("unknown endpoint `{endpoint}` (wire, imds)"),
+            format!("unknown endpoint `{endpoint}` (wire, imds, files)"),
         )
     })?;
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;

@@ -19,9 +19,21 @@ pub struct Sizes {
     /// Repetitions of the upload (each moves `upload_bytes` three times: kiln, ssh, scp).
     pub upload_reps: usize,
     pub concurrency: &'static [usize],
+    /// Windows file delivery: bytes and repetitions (each moves the bytes twice).
+    pub winfile_bytes: u64,
+    pub winfile_reps: usize,
+    /// Build the Windows file-delivery benchmark in release mode (as kiln).
+    pub release: bool,
 }
 
-pub const NAMES: &[&str] = &["prep", "export", "sha256", "upload", "concurrency"];
+pub const NAMES: &[&str] = &[
+    "prep",
+    "export",
+    "sha256",
+    "upload",
+    "concurrency",
+    "winfile",
+];
 
 fn kiln_bench(ctx: &Ctx, args: &[&std::ffi::OsStr]) -> Result<Value> {
     let out = run_ok(Command::new(&ctx.kiln).arg("__bench").args(args))?;
@@ -297,4 +309,38 @@ pub fn concurrency(ctx: &Ctx, dir: &Path, sz: Sizes, single_median: Option<f64>)
         );
     }
     Ok(Value::Object(out))
+}
+
+/// Windows file delivery to the WinRS test server over NTLM-sealed HTTP: kiln's WinRM-chunked
+/// upload (Packer's way) beside kiln's HTTP pull from the per-build file endpoint, interleaved
+/// (tests/examples/winfile_bench.rs, which needs kiln-tests' WinRS server and so runs as a cargo
+/// example rather than `kiln __bench`).
+pub fn winfile(ctx: &Ctx, sz: Sizes) -> Result<Value> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.current_dir(&ctx.repo).args([
+        "run",
+        "-q",
+        "-p",
+        "kiln-tests",
+        "--example",
+        "winfile_bench",
+    ]);
+    if sz.release {
+        c.arg("--release");
+    }
+    c.args(["--", "--json", "--mib"])
+        .arg((sz.winfile_bytes >> 20).max(1).to_string())
+        .arg("--reps")
+        .arg(sz.winfile_reps.to_string());
+    let out = run_ok(&mut c)?;
+    let mut v: Value = serde_json::from_slice(&out.stdout).context("winfile_bench output")?;
+    v["command"] = json!(format!(
+        "cargo run{} -p kiln-tests --example winfile_bench -- --mib {} --reps {}",
+        if sz.release { " --release" } else { "" },
+        (sz.winfile_bytes >> 20).max(1),
+        sz.winfile_reps
+    ));
+    v["build"] = json!(if sz.release { "release" } else { "debug" });
+    Ok(v)
 }

@@ -130,10 +130,12 @@ fn selected(opts: &Options) -> Vec<String> {
         return opts.only.clone();
     }
     if opts.quick {
-        return ["kiln", "floor", "prep", "export", "sha256", "upload"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        return [
+            "kiln", "floor", "prep", "export", "sha256", "upload", "winfile",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     }
     all_names().iter().map(|s| s.to_string()).collect()
 }
@@ -254,6 +256,9 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
             upload_bytes: 16 << 20,
             upload_reps: 1,
             concurrency: &[2],
+            winfile_bytes: 4 << 20,
+            winfile_reps: 1,
+            release: opts.release,
         }
     } else {
         micro::Sizes {
@@ -262,6 +267,9 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
             upload_bytes: 256 << 20,
             upload_reps: 1,
             concurrency: &[2, 4],
+            winfile_bytes: 32 << 20,
+            winfile_reps: 3,
+            release: opts.release,
         }
     };
     let mdir = work.join("micro");
@@ -279,6 +287,7 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
             "export" => micro::export(&ctx, &mdir, sizes),
             "sha256" => micro::sha256(&ctx, &mdir, sizes),
             "upload" => micro::upload(&ctx, &mdir, sizes),
+            "winfile" => micro::winfile(&ctx, sizes),
             "concurrency" => {
                 micro::concurrency(&ctx, &mdir, sizes, util::stats(&kiln_totals).map(|s| s.0))
             }

@@ -204,6 +204,18 @@ pub fn targets(raw: &Value) -> Vec<(String, String, String, Option<bool>)> {
         "≥ 0.8×",
         |v| v >= 0.8,
     );
+    let wf = m["winfile"]["pullMBps"].as_f64().unwrap_or(f64::NAN);
+    add(
+        "Windows file delivery (HTTP pull from the file endpoint; issue #8)",
+        wf,
+        format!(
+            "{} MB/s ({}× the WinRM-chunked upload)",
+            f(wf),
+            f(m["winfile"]["ratio"].as_f64().unwrap_or(f64::NAN))
+        ),
+        "≥ 3 MB/s",
+        |v| v >= 3.0,
+    );
     let rss = median(&kiln_extra(raw, "peakRssKiB")) * 1024.0 / 1e6;
     add(
         "engine peak RSS per build",
@@ -380,7 +392,7 @@ pub fn markdown(raw: &Value, json_name: &str) -> String {
     }
 
     // targets
-    let _ = writeln!(s, "\n## Targets (issue #7)\n");
+    let _ = writeln!(s, "\n## Targets (issues #7, #8)\n");
     let _ = writeln!(s, "| target | measured | wanted | |");
     let _ = writeln!(s, "|---|---|---|---|");
     for (what, val, target, met) in targets(raw) {
@@ -481,6 +493,22 @@ pub fn markdown(raw: &Value, json_name: &str) -> String {
                 f(u["opensshCatMBps"].as_f64().unwrap_or(f64::NAN)),
                 f(u["scpMBps"].as_f64().unwrap_or(f64::NAN)),
                 f(u["ratioToOpensshCat"].as_f64().unwrap_or(f64::NAN))
+            );
+        }
+        let w = &mi["winfile"];
+        if w.get("pull").is_some() {
+            let mib = w["bytes"].as_u64().unwrap_or(0) >> 20;
+            let _ = writeln!(
+                s,
+                "| Windows file delivery of {mib} MiB to the WinRS test server (HTTP + NTLM sealed; `{}`): kiln's HTTP pull from the file endpoint | {} | WinRM-chunked upload (Packer's way): {} | pull {} MB/s, chunked {} MB/s ({} commands, {} WS-Man requests); {}× |",
+                w["command"].as_str().unwrap_or("winfile_bench"),
+                sum_row(&w["pull"]),
+                sum_row(&w["chunked"]),
+                f(w["pullMBps"].as_f64().unwrap_or(f64::NAN)),
+                f(w["chunkedMBps"].as_f64().unwrap_or(f64::NAN)),
+                w["chunkedCommands"],
+                w["chunkedRequests"],
+                f(w["ratio"].as_f64().unwrap_or(f64::NAN))
             );
         }
         let c = &mi["concurrency"];
@@ -706,7 +734,10 @@ mod tests {
                 run("kiln", 1, 22.0, k(0.3)), run("floor", 1, 20.0, json!({})), run("packer", 1, 30.0, json!({})),
                 {"contender": "virt-customize", "round": 0, "ok": false, "error": "boom\nsecond line"}
             ],
-            "micro": {"prep": {"ratio64to1": 1.5}, "upload": {"error": "no guest"}}
+            "micro": {"prep": {"ratio64to1": 1.5}, "upload": {"error": "no guest"},
+                "winfile": {"bytes": 33554432, "command": "cargo run -p kiln-tests --example winfile_bench -- --mib 32 --reps 3",
+                    "pull": {"median": 0.2, "min": 0.19, "max": 0.3}, "chunked": {"median": 40.0, "min": 39.0, "max": 41.0},
+                    "pullMBps": 167.77, "chunkedMBps": 0.84, "ratio": 200.0, "chunkedCommands": 5494, "chunkedRequests": 16482}}
         })
     }
 
@@ -723,6 +754,11 @@ mod tests {
         assert_eq!(get("source prep").3, Some(false));
         assert_eq!(get("VHD export").3, None, "not measured");
         assert_eq!(get("engine peak RSS").3, Some(true));
+        let w = get("Windows file delivery");
+        assert_eq!(
+            (w.1.as_str(), w.3),
+            ("168 MB/s (200× the WinRM-chunked upload)", Some(true))
+        );
     }
 
     #[test]
@@ -741,6 +777,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| upload | failed: no guest |"), "{md}");
+        assert!(
+            md.contains("| Windows file delivery of 32 MiB to the WinRS test server (HTTP + NTLM sealed; `cargo run -p kiln-tests --example winfile_bench -- --mib 32 --reps 3`): kiln's HTTP pull from the file endpoint | 0.20 s (0.19–0.30) | WinRM-chunked upload (Packer's way): 40.0 s (39.0–41.0) | pull 168 MB/s, chunked 0.84 MB/s (5494 commands, 16482 WS-Man requests); 200× |"),
+            "{md}"
+        );
         assert!(md.contains("**missed**") && md.contains("| met |"));
     }
 
