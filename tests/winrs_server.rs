@@ -1311,12 +1311,42 @@ pub fn shim_windows_script(lines: &[&str]) -> Option<Shimmed> {
                 ))
             )));
         }
+        if let Some(round) = windows_update_round(&script) {
+            return Some(round);
+        }
         return Some(match script_file(&script) {
             Shimmed::Sh(body) => Shimmed::Sh(format!("exec 2>&1\n{body}")),
             other => other,
         });
     }
     None
+}
+
+/// kiln's Windows Update round script (uploaded to `script_path`, run through the elevated
+/// runner) as one round of the Windows Update Agent emulation in [`crate::winrs_wu`]: the round
+/// runs here, when the command starts (the guest's state files under `C:\kiln-wu`, the boot id
+/// of this boot), and the command prints its `kiln-wu:` lines and exits with its code. Fails as
+/// PowerShell would when kiln did not upload `C:\Windows\Temp\kiln-windows-update.ps1` first.
+/// `None`: the script is not kiln's round script.
+pub fn windows_update_round(script_path: &str) -> Option<Shimmed> {
+    let text = std::fs::read_to_string(host_path(script_path)).ok()?;
+    let call = crate::winrs_wu::parse_round(&unwrap_kiln_script(&text))?;
+    let real = format!(r"C:\Windows\Temp\{}", crate::winrs_wu::SCRIPT);
+    if !std::path::Path::new(&host_path(&real)).is_file() {
+        return Some(Shimmed::Sh(format!(
+            "echo {} >&2; exit 1",
+            sh_quote(&format!(
+                "The term '{real}' is not recognized (not uploaded)"
+            ))
+        )));
+    }
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let (out, code) =
+        crate::winrs_wu::run_round(std::path::Path::new(&host_path("C:")), &boot_id, &call);
+    Some(Shimmed::Sh(format!(
+        "exec 2>&1\nprintf '%s' {}\nexit {code}",
+        sh_quote(&out)
+    )))
 }
 
 fn finished(out: Vec<(bool, Vec<u8>)>, code: i32) -> Arc<Command> {

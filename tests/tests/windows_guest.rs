@@ -502,3 +502,205 @@ fn a_file_destination_without_its_directory_fails_naming_it() {
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+/// WindowsUpdate through kiln's rounds against the guest's Windows Update emulation
+/// (tests/winrs_wu.rs): round 1 installs one update (updateLimit 1) that needs a reboot, kiln
+/// reboots the guest (verified), round 2 installs the other, and the step ends when nothing
+/// selectable is pending. The Preview update is excluded by the filters, the driver by the
+/// search criteria.
+#[test]
+fn windows_update_runs_two_rounds_with_a_reboot_until_nothing_is_pending() {
+    let c = Case::new("wu");
+    let t = c.template(
+        "winrs-wu",
+        "gen1",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "catalogue", "inline": [
+                format!("mkdir -p {C}/kiln-wu"),
+                format!("cat > {C}/kiln-wu/pending <<'EOF'"),
+                "KB5000001|Security Updates|2026-11 Cumulative Update for Microsoft server operating system (KB5000001)|reboot",
+                "KB5000002|Definition Updates|Security Intelligence Update for Microsoft Defender Antivirus (KB5000002)",
+                "KB5000003|Updates|2026-11 Cumulative Update Preview for .NET Framework (KB5000003)",
+                "KB5000004|Drivers|Fake Network Adapter driver (KB5000004)|driver",
+                "EOF",
+                "echo boot-before=$(cat /proc/sys/kernel/random/boot_id)"
+            ]},
+            {"type": "WindowsUpdate", "searchCriteria": "IsInstalled=0 and Type='Software'",
+             "filters": ["exclude:$_.Title -like '*Preview*'", "include:$true"], "updateLimit": 1},
+            {"type": "PowerShell", "name": "after", "inline": [
+                "echo boot-after=$(cat /proc/sys/kernel/random/boot_id)",
+                format!("sed 's/^/installed: /' {C}/kiln-wu/installed"),
+                format!("sed 's/^/pending: /' {C}/kiln-wu/pending")
+            ]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let took = t0.elapsed();
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Succeeded", "{all}");
+    eprintln!(
+        "winrs guest WindowsUpdate build took {:.1}s",
+        took.as_secs_f64()
+    );
+    let ev = events(&out);
+    let info = infos(&ev);
+    let wu = output_of(&ev, "Customize: WindowsUpdate");
+    let kb1 = "2026-11 Cumulative Update for Microsoft server operating system (KB5000001)";
+    let kb2 = "Security Intelligence Update for Microsoft Defender Antivirus (KB5000002)";
+    let preview = "2026-11 Cumulative Update Preview for .NET Framework (KB5000003)";
+    let round1 = [
+        "kiln-wu: searching: IsInstalled=0 and Type='Software'".to_string(),
+        format!("kiln-wu: selected: {kb1}"),
+        format!("kiln-wu: skipped (filters): {preview}"),
+        "kiln-wu: downloading 1 update(s)".into(),
+        "kiln-wu: installing 1 update(s)".into(),
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb1}"),
+        "kiln-wu: a reboot is required".into(),
+    ];
+    let round2 = [
+        "kiln-wu: searching: IsInstalled=0 and Type='Software'".to_string(),
+        format!("kiln-wu: selected: {kb2}"),
+        format!("kiln-wu: skipped (filters): {preview}"),
+        "kiln-wu: downloading 1 update(s)".into(),
+        "kiln-wu: installing 1 update(s)".into(),
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb2}"),
+    ];
+    let kiln_wu: Vec<String> = wu
+        .iter()
+        .filter(|l| l.starts_with("kiln-wu: "))
+        .cloned()
+        .collect();
+    assert_eq!(kiln_wu, [&round1[..], &round2[..]].concat(), "{wu:?}");
+    for want in [
+        "Windows Update round 1 of at most 10",
+        "Windows Update round 2 of at most 10",
+        "Windows Update: nothing left after 2 round(s)",
+    ] {
+        assert!(info.iter().any(|m| m == want), "{want}: {info:?}");
+    }
+    assert!(
+        !info.iter().any(|m| m.starts_with("Windows Update round 3")),
+        "{info:?}"
+    );
+    assert!(
+        info.iter()
+            .any(|m| m.contains("reboot verified (QMP RESET)")),
+        "{info:?}"
+    );
+    assert_eq!(
+        info.iter()
+            .filter(|m| m.starts_with("reconnected after"))
+            .count(),
+        1,
+        "one reboot between the two rounds: {info:?}"
+    );
+    let before = value_after(
+        &output_of(&ev, "Customize: PowerShell \"catalogue\""),
+        "boot-before=",
+    );
+    let after = output_of(&ev, "Customize: PowerShell \"after\"");
+    let after_boot = value_after(&after, "boot-after=");
+    assert_eq!(before.len(), 36, "{after:?}");
+    assert_ne!(before, after_boot, "the guest rebooted between the rounds");
+    let installed: Vec<&String> = after
+        .iter()
+        .filter(|l| l.starts_with("installed: "))
+        .collect();
+    assert!(
+        installed.len() == 2
+            && installed[0].starts_with("installed: KB5000001|")
+            && installed[1].starts_with("installed: KB5000002|"),
+        "{after:?}"
+    );
+    let pending: Vec<&String> = after
+        .iter()
+        .filter(|l| l.starts_with("pending: "))
+        .collect();
+    assert!(
+        pending.len() == 2
+            && pending[0].starts_with("pending: KB5000003|")
+            && pending[1].starts_with("pending: KB5000004|"),
+        "the Preview (filters) and the driver (searchCriteria) are left: {after:?}"
+    );
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let log =
+        std::fs::read_to_string(run_dir.join("customization.log")).expect("customization.log");
+    for want in [
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb1}"),
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb2}"),
+        "kiln-wu: a reboot is required".to_string(),
+    ] {
+        assert!(log.contains(&want), "customization.log lacks {want:?}");
+    }
+    assert_no_qemu(&run_dir.display().to_string());
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// The WindowsUpdate guard: an update failing in two rounds (a reboot between them) stops the
+/// step with an error naming it, instead of rebooting until the round limit.
+#[test]
+fn an_update_failing_in_two_rounds_fails_the_step_naming_it() {
+    let c = Case::new("wu-fail");
+    let t = c.template(
+        "winrs-wu-fail",
+        "gen1",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "catalogue", "inline": [
+                format!("mkdir -p {C}/kiln-wu"),
+                format!("echo 'KB5000009|Updates|Broken update (KB5000009)|fail' > {C}/kiln-wu/pending")
+            ]},
+            {"type": "WindowsUpdate"},
+            {"type": "PowerShell", "name": "never", "inline": ["echo never-runs"]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Failed", "{all}");
+    eprintln!(
+        "winrs guest failing WindowsUpdate build took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("Customize: WindowsUpdate")
+            && err.contains("round 2: an update failed in two rounds: Broken update (KB5000009)"),
+        "{err}"
+    );
+    let ev = events(&out);
+    let wu = output_of(&ev, "Customize: WindowsUpdate");
+    let fails = wu
+        .iter()
+        .filter(|l| *l == "kiln-wu: result 4 (HRESULT 0x80070643): Broken update (KB5000009)")
+        .count();
+    assert_eq!(fails, 2, "{wu:?}");
+    assert!(
+        wu.contains(&"kiln-wu: some updates failed; another round retries them once".to_string()),
+        "{wu:?}"
+    );
+    let info = infos(&ev);
+    assert!(
+        info.iter()
+            .any(|m| m.contains("reboot verified (QMP RESET)")),
+        "{info:?}"
+    );
+    assert!(
+        !ev.iter()
+            .any(|e| e["event"] == "stepStarted"
+                && e["step"].as_str().unwrap_or("").contains("never")),
+        "stops at the failure"
+    );
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
