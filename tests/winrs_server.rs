@@ -1150,33 +1150,40 @@ fn script_file(path: &str) -> Shimmed {
 }
 
 /// kiln's sysprep wrapper (scripts/windows/kiln-sysprep.ps1) as POSIX sh with the same control
-/// flow: `c:\DeprovisioningScript.ps1` runs instead when present (printed first, its exit code
-/// returned); else the absent Azure agent services are skipped with kiln's log line, the cached
-/// answer files are removed, "Sysprep" moves `ImageState` in `C:\Windows\Setup\State\State.ini`
-/// from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to
-/// IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE in the background, and the foreground polls it (every
-/// second, 120 s deadline, the stuck state reported) as the wrapper polls the registry. Like
-/// `Sysprep.exe /quit`, it does not power off: kiln's shutdown step does (`shutdown /s`).
+/// flow: `c:\DeprovisioningScript.ps1` runs instead when present (the cached answer files removed
+/// first, the script printed, run by `sh`, its exit code returned); else the absent Azure agent
+/// services are skipped with kiln's log line, the cached answer files are removed, "Sysprep"
+/// moves `ImageState` in `C:\Windows\Setup\State\State.ini` from IMAGE_STATE_COMPLETE through
+/// IMAGE_STATE_UNDEPLOYABLE to IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE in the background, and the
+/// foreground polls it (every second, 120 s deadline, the stuck state reported) as the wrapper
+/// polls the registry. Like `Sysprep.exe /quit`, it does not power off: kiln's shutdown step
+/// does (`shutdown /s`).
 pub fn sysprep_sh() -> String {
     let c = sh_quote(&host_path("C:"));
     format!(
         r#"C={c}
 override="$C/DeprovisioningScript.ps1"
+remove_answer_files() {{
+	for f in Windows/system32/Sysprep/unattend.xml Windows/Panther/unattend.xml Windows/Panther/Unattend/unattend.xml; do
+		if [ -f "$C/$f" ]; then
+			rm -f "$C/$f"
+			echo ">>> removed C:\\$(echo "$f" | tr / '\\')"
+		fi
+	done
+}}
 if [ -f "$override" ]; then
+	remove_answer_files
 	echo ">>> Running the deprovisioning script c:\DeprovisioningScript.ps1 :"
 	sed 's/^/    /' "$override"
 	sh "$override"
-	exit $?
+	code=$?
+	echo ">>> kiln (winrs shim): no Windows account to disable on this Linux guest"
+	exit $code
 fi
 for svc in RdAgent WindowsAzureTelemetryService WindowsAzureGuestAgent; do
 	echo ">>> kiln: service $svc is not installed: not waiting for it (local build, no Azure fabric)"
 done
-for f in Windows/system32/Sysprep/unattend.xml Windows/Panther/unattend.xml Windows/Panther/Unattend/unattend.xml; do
-	if [ -f "$C/$f" ]; then
-		rm -f "$C/$f"
-		echo ">>> removed C:\\$(echo "$f" | tr / '\\')"
-	fi
-done
+remove_answer_files
 echo ">>> kiln (winrs shim): no Windows account to disable on this Linux guest"
 echo '>>> Sysprepping VM ...'
 S="$C/Windows/Setup/State"
@@ -1655,8 +1662,14 @@ mod tests {
             "echo custom-deprovision\nexit 4\n",
         )
         .unwrap();
+        std::fs::write(c.join("Windows/Panther/unattend.xml"), "<unattend/>").unwrap();
         let (code, out) = run_sh(&script);
         assert_eq!(code, 4, "{out}");
+        assert!(
+            !c.join("Windows/Panther/unattend.xml").exists()
+                && out.contains(r">>> removed C:\Windows\Panther\unattend.xml"),
+            "kiln's answer file goes with an override too: {out}"
+        );
         assert!(
             out.contains("Running the deprovisioning script")
                 && out.contains("    echo custom-deprovision")

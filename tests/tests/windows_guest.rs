@@ -704,3 +704,86 @@ fn an_update_failing_in_two_rounds_fails_the_step_naming_it() {
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+/// Sysprep with `c:\DeprovisioningScript.ps1` written by a customizer: kiln's wrapper runs it
+/// instead of the default (no service waits, no ImageState poll), prints it first, and still
+/// removes kiln's cached answer file (the build password) before it; the exported disk shows
+/// what the script did.
+#[test]
+fn a_deprovisioning_script_override_runs_instead_of_the_default_sysprep() {
+    let c = Case::new("deprov");
+    let t = c.template(
+        "winrs-deprov",
+        "gen1",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "write override", "inline": [
+                format!("mkdir -p {C}/kiln"),
+                format!("cat > {C}/DeprovisioningScript.ps1 <<'EOF'"),
+                "echo custom-deprovisioning-ran",
+                format!("echo custom > {C}/kiln/deprovisioned"),
+                "EOF"
+            ]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Succeeded", "{all}");
+    eprintln!(
+        "winrs guest build with a deprovisioning override took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let ev = events(&out);
+    let sp = output_of(&ev, "Sysprep");
+    let at = |want: &str| {
+        sp.iter()
+            .position(|l| l == want)
+            .unwrap_or_else(|| panic!("no {want:?} in {sp:?}"))
+    };
+    let removed = at(r">>> removed C:\Windows\Panther\unattend.xml");
+    let banner = at(r">>> Running the deprovisioning script c:\DeprovisioningScript.ps1 :");
+    let printed = at("    echo custom-deprovisioning-ran");
+    let ran = at("custom-deprovisioning-ran");
+    assert!(
+        removed < banner && banner < printed && printed < ran,
+        "{sp:?}"
+    );
+    assert!(
+        !sp.iter().any(|l| l.starts_with("IMAGE_STATE_")
+            || l.contains("Sysprepping VM")
+            || l.contains("service RdAgent")),
+        "the default did not run: {sp:?}"
+    );
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let log =
+        std::fs::read_to_string(run_dir.join("customization.log")).expect("customization.log");
+    assert!(
+        log.contains("Running the deprovisioning script")
+            && log.contains("custom-deprovisioning-ran"),
+        "customization.log tells it"
+    );
+    assert_no_qemu(&run_dir.display().to_string());
+    let vhd = c.dir.join("out.vhd");
+    kiln_images::vhd::verify_fixed(&vhd).expect("a fixed VHD");
+    let part = c.dir.join("root.ext4");
+    root_partition(&vhd, &part);
+    let cat = |p: &str| debugfs(&part, &format!("cat {p}"));
+    assert_eq!(cat(&format!("{C}/kiln/deprovisioned")).0.trim(), "custom");
+    let (o, e) = cat(&format!("{C}/Windows/Setup/State/State.ini"));
+    assert!(
+        o.is_empty() && e.contains("not found"),
+        "no default sysprep: {o:?} {e:?}"
+    );
+    let (o, e) = cat(&format!("{C}/Windows/Panther/unattend.xml"));
+    assert!(
+        o.is_empty() && e.contains("not found"),
+        "no answer file (password) left in the image: {o:?} {e:?}"
+    );
+    let _ = std::fs::remove_file(&part);
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
