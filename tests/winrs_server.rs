@@ -47,13 +47,14 @@
 //! | `shutdown /s …` (kiln's shutdown step) | a real `poweroff`, the same way |
 //! | the default restartCheckCommand (`… [System.Net.Dns]::GetHostName() … restarted.`) | `echo "$(hostname) restarted."` (the hostname is the answer file's ComputerName) |
 //! | `powershell … -File "<path>"` (a PowerShell customizer kiln uploaded) | the file's text without kiln's wrapper lines ([`unwrap_kiln_script`]: BOM, `$ProgressPreference …`, `if ($LASTEXITCODE) …`) under `/bin/sh -c`; its exit code |
-//! | `powershell … -File "…\kiln-sysprep.ps1"` | [`sysprep_sh`]: the sysprep wrapper's control flow (`c:\DeprovisioningScript.ps1` run instead when present; else the Azure-agent skip lines, cached answer files removed, `ImageState` in `C:\Windows\Setup\State\State.ini` polled from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE; no power-off, as `Sysprep.exe /quit`) |
+//! | `powershell … -File "…\kiln-sysprep.ps1"` | [`sysprep_sh`]: the sysprep wrapper's control flow (`c:\DeprovisioningScript.ps1` run instead when present, by `sh`, after the cached answer files are removed; else the Azure-agent skip lines, cached answer files removed, `ImageState` in `C:\Windows\Setup\State\State.ini` polled from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE; no power-off, as `Sysprep.exe /quit`) |
 //! | `-EncodedCommand` of the elevated runner call (`& '…\kiln-elevated.ps1' -ScriptPath '…' -AsSystem` or `-User '…' -Password '…'`; runElevated / runAsSystem) | the script (unwrapped) under `/bin/sh -c` as root (the guest's only account), stderr merged into stdout as the scheduled task's output file merges them, streamed; its exit code. Fails as PowerShell would when the runner was not uploaded first |
+//! | `-EncodedCommand` of the elevated runner call whose script is kiln's Windows Update round (`& (Join-Path $env:SystemRoot 'Temp\kiln-windows-update.ps1') -SearchCriteria '…' -Filters @(…) -UpdateLimit N`) | [`windows_update_round`]: one round of the Windows Update Agent emulation ([`crate::winrs_wu`]: fake updates in `C:\kiln-wu\pending`, the script's `kiln-wu:` lines and exit codes 0/101/102/1), run when the command starts; fails as PowerShell would when `kiln-windows-update.ps1` was not uploaded |
 //! | `-EncodedCommand` of the File step's directory check (`$d = Split-Path -Parent '…'; if ($d -and -not (Test-Path …)) { exit 3 }; exit 0`) | `[ -d <mapped parent> ] \|\| exit 3` |
 //! | `echo <base64> >[>] "X:\…"` (upload chunks into a drive path) | the same `echo` into the mapped path |
 //!
-//! Not mapped (they fail in the guest): the Windows Update round script, `runAsSystem`'s SYSTEM
-//! identity (everything runs as root), anything else of Windows.
+//! Not mapped (they fail in the guest): `runAsSystem`'s SYSTEM identity (everything runs as
+//! root), anything else of Windows.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
