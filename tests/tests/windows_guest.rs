@@ -3,8 +3,10 @@
 //! Windows so that kiln plans its Windows steps. kiln writes the unattend media, the guest's
 //! init reads the build account from it and serves WinRM (NTLM, sealed) on 5985; PowerShell
 //! (direct and runElevated, validExitCodes), File, WindowsRestart (a real reboot: QMP RESET, a
-//! new boot id, WinRM reconnected, the restart check), Sysprep's control flow and the shutdown
-//! run through kiln, then the disk is exported to a fixed VHD and inspected. The "PowerShell"
+//! new boot id, WinRM reconnected, the restart check), WindowsUpdate rounds (against the guest's
+//! Windows Update Agent emulation, tests/winrs_wu.rs), Sysprep's control flow (also with a
+//! `c:\DeprovisioningScript.ps1` override) and the shutdown run through kiln, then the disk is
+//! exported to a fixed VHD and inspected. The "PowerShell"
 //! payloads are POSIX sh, as the shim documents (tests/winrs_server.rs); `C:\` is
 //! /var/lib/kiln-winrs/c in the guest.
 
