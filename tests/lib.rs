@@ -8,11 +8,13 @@
 //!   its SSH port forwarded to a free host port; killed on drop;
 //! - [`ssh`]: runs commands with the OpenSSH client;
 //! - [`winrs_server`]: a WinRS (WS-Man Windows Remote Shell) server for Linux, with NTLM sealing
-//!   and HTTPS, running received commands through a documented shim.
+//!   and HTTPS, running received commands through a documented shim;
+//! - [`winrs_wu`]: the Windows Update Agent emulation the shim runs for kiln's WindowsUpdate rounds.
 
 pub mod guest;
 pub mod inspect;
 pub mod winrs_server;
+pub mod winrs_wu;
 
 pub use guest::*;
 

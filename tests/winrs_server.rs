@@ -50,13 +50,14 @@
 //! | `shutdown /s …` (kiln's shutdown step) | a real `poweroff`, the same way |
 //! | the default restartCheckCommand (`… [System.Net.Dns]::GetHostName() … restarted.`) | `echo "$(hostname) restarted."` (the hostname is the answer file's ComputerName) |
 //! | `powershell … -File "<path>"` (a PowerShell customizer kiln uploaded) | the file's text without kiln's wrapper lines ([`unwrap_kiln_script`]: BOM, `$ProgressPreference …`, `if ($LASTEXITCODE) …`) under `/bin/sh -c`; its exit code |
-//! | `powershell … -File "…\kiln-sysprep.ps1"` | [`sysprep_sh`]: the sysprep wrapper's control flow (`c:\DeprovisioningScript.ps1` run instead when present; else the Azure-agent skip lines, cached answer files removed, `ImageState` in `C:\Windows\Setup\State\State.ini` polled from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE; no power-off, as `Sysprep.exe /quit`) |
+//! | `powershell … -File "…\kiln-sysprep.ps1"` | [`sysprep_sh`]: the sysprep wrapper's control flow (`c:\DeprovisioningScript.ps1` run instead when present, by `sh`, after the cached answer files are removed; else the Azure-agent skip lines, cached answer files removed, `ImageState` in `C:\Windows\Setup\State\State.ini` polled from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE; no power-off, as `Sysprep.exe /quit`) |
 //! | `-EncodedCommand` of the elevated runner call (`& '…\kiln-elevated.ps1' -ScriptPath '…' -AsSystem` or `-User '…' -Password '…'`; runElevated / runAsSystem) | the script (unwrapped) under `/bin/sh -c` as root (the guest's only account), stderr merged into stdout as the scheduled task's output file merges them, streamed; its exit code. Fails as PowerShell would when the runner was not uploaded first |
+//! | `-EncodedCommand` of the elevated runner call whose script is kiln's Windows Update round (`& (Join-Path $env:SystemRoot 'Temp\kiln-windows-update.ps1') -SearchCriteria '…' -Filters @(…) -UpdateLimit N`) | [`windows_update_round`]: one round of the Windows Update Agent emulation ([`crate::winrs_wu`]: fake updates in `C:\kiln-wu\pending`, the script's `kiln-wu:` lines and exit codes 0/101/102/1), run when the command starts; fails as PowerShell would when `kiln-windows-update.ps1` was not uploaded |
 //! | `-EncodedCommand` of the File step's directory check (`$d = Split-Path -Parent '…'; if ($d -and -not (Test-Path …)) { exit 3 }; exit 0`) | `[ -d <mapped parent> ] \|\| exit 3` |
 //! | `echo <base64> >[>] "X:\…"` (upload chunks into a drive path) | the same `echo` into the mapped path |
 //!
-//! Not mapped (they fail in the guest): the Windows Update round script, `runAsSystem`'s SYSTEM
-//! identity (everything runs as root), anything else of Windows.
+//! Not mapped (they fail in the guest): `runAsSystem`'s SYSTEM identity (everything runs as
+//! root), anything else of Windows.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -1341,33 +1342,40 @@ fn script_file(path: &str) -> Shimmed {
 }
 
 /// kiln's sysprep wrapper (scripts/windows/kiln-sysprep.ps1) as POSIX sh with the same control
-/// flow: `c:\DeprovisioningScript.ps1` runs instead when present (printed first, its exit code
-/// returned); else the absent Azure agent services are skipped with kiln's log line, the cached
-/// answer files are removed, "Sysprep" moves `ImageState` in `C:\Windows\Setup\State\State.ini`
-/// from IMAGE_STATE_COMPLETE through IMAGE_STATE_UNDEPLOYABLE to
-/// IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE in the background, and the foreground polls it (every
-/// second, 120 s deadline, the stuck state reported) as the wrapper polls the registry. Like
-/// `Sysprep.exe /quit`, it does not power off: kiln's shutdown step does (`shutdown /s`).
+/// flow: `c:\DeprovisioningScript.ps1` runs instead when present (the cached answer files removed
+/// first, the script printed, run by `sh`, its exit code returned); else the absent Azure agent
+/// services are skipped with kiln's log line, the cached answer files are removed, "Sysprep"
+/// moves `ImageState` in `C:\Windows\Setup\State\State.ini` from IMAGE_STATE_COMPLETE through
+/// IMAGE_STATE_UNDEPLOYABLE to IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE in the background, and the
+/// foreground polls it (every second, 120 s deadline, the stuck state reported) as the wrapper
+/// polls the registry. Like `Sysprep.exe /quit`, it does not power off: kiln's shutdown step
+/// does (`shutdown /s`).
 pub fn sysprep_sh() -> String {
     let c = sh_quote(&host_path("C:"));
     format!(
         r#"C={c}
 override="$C/DeprovisioningScript.ps1"
+remove_answer_files() {{
+	for f in Windows/system32/Sysprep/unattend.xml Windows/Panther/unattend.xml Windows/Panther/Unattend/unattend.xml; do
+		if [ -f "$C/$f" ]; then
+			rm -f "$C/$f"
+			echo ">>> removed C:\\$(echo "$f" | tr / '\\')"
+		fi
+	done
+}}
 if [ -f "$override" ]; then
+	remove_answer_files
 	echo ">>> Running the deprovisioning script c:\DeprovisioningScript.ps1 :"
 	sed 's/^/    /' "$override"
 	sh "$override"
-	exit $?
+	code=$?
+	echo ">>> kiln (winrs shim): no Windows account to disable on this Linux guest"
+	exit $code
 fi
 for svc in RdAgent WindowsAzureTelemetryService WindowsAzureGuestAgent; do
 	echo ">>> kiln: service $svc is not installed: not waiting for it (local build, no Azure fabric)"
 done
-for f in Windows/system32/Sysprep/unattend.xml Windows/Panther/unattend.xml Windows/Panther/Unattend/unattend.xml; do
-	if [ -f "$C/$f" ]; then
-		rm -f "$C/$f"
-		echo ">>> removed C:\\$(echo "$f" | tr / '\\')"
-	fi
-done
+remove_answer_files
 echo ">>> kiln (winrs shim): no Windows account to disable on this Linux guest"
 echo '>>> Sysprepping VM ...'
 S="$C/Windows/Setup/State"
@@ -1502,12 +1510,42 @@ pub fn shim_windows_script(lines: &[&str]) -> Option<Shimmed> {
                 ))
             )));
         }
+        if let Some(round) = windows_update_round(&script) {
+            return Some(round);
+        }
         return Some(match script_file(&script) {
             Shimmed::Sh(body) => Shimmed::Sh(format!("exec 2>&1\n{body}")),
             other => other,
         });
     }
     None
+}
+
+/// kiln's Windows Update round script (uploaded to `script_path`, run through the elevated
+/// runner) as one round of the Windows Update Agent emulation in [`crate::winrs_wu`]: the round
+/// runs here, when the command starts (the guest's state files under `C:\kiln-wu`, the boot id
+/// of this boot), and the command prints its `kiln-wu:` lines and exits with its code. Fails as
+/// PowerShell would when kiln did not upload `C:\Windows\Temp\kiln-windows-update.ps1` first.
+/// `None`: the script is not kiln's round script.
+pub fn windows_update_round(script_path: &str) -> Option<Shimmed> {
+    let text = std::fs::read_to_string(host_path(script_path)).ok()?;
+    let call = crate::winrs_wu::parse_round(&unwrap_kiln_script(&text))?;
+    let real = format!(r"C:\Windows\Temp\{}", crate::winrs_wu::SCRIPT);
+    if !std::path::Path::new(&host_path(&real)).is_file() {
+        return Some(Shimmed::Sh(format!(
+            "echo {} >&2; exit 1",
+            sh_quote(&format!(
+                "The term '{real}' is not recognized (not uploaded)"
+            ))
+        )));
+    }
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let (out, code) =
+        crate::winrs_wu::run_round(std::path::Path::new(&host_path("C:")), &boot_id, &call);
+    Some(Shimmed::Sh(format!(
+        "exec 2>&1\nprintf '%s' {}\nexit {code}",
+        sh_quote(&out)
+    )))
 }
 
 fn finished(out: Vec<(bool, Vec<u8>)>, code: i32) -> Arc<Command> {
@@ -1823,8 +1861,14 @@ mod tests {
             "echo custom-deprovision\nexit 4\n",
         )
         .unwrap();
+        std::fs::write(c.join("Windows/Panther/unattend.xml"), "<unattend/>").unwrap();
         let (code, out) = run_sh(&script);
         assert_eq!(code, 4, "{out}");
+        assert!(
+            !c.join("Windows/Panther/unattend.xml").exists()
+                && out.contains(r">>> removed C:\Windows\Panther\unattend.xml"),
+            "kiln's answer file goes with an override too: {out}"
+        );
         assert!(
             out.contains("Running the deprovisioning script")
                 && out.contains("    echo custom-deprovision")

@@ -2,7 +2,9 @@
 # divergences documented in docs/windows.md.
 #
 # - c:\DeprovisioningScript.ps1, when a customizer wrote one, runs instead (as on AIB; its
-#   contents are printed first).
+#   contents are printed first). kiln's own traces are removed around it all the same: the
+#   cached answer files (they hold kiln's per-build password) before it, and the build account
+#   is disabled after it when the script returns (it may itself shut the VM down).
 # - The Azure agent services (RdAgent, WindowsAzureTelemetryService, WindowsAzureGuestAgent) are
 #   waited for only when they exist, and only up to ServiceWaitMinutes: under QEMU there is no
 #   Azure fabric, so they may be absent or never start. Each skip is logged.
@@ -17,11 +19,27 @@ $ErrorActionPreference = 'Stop'
 $ProgressPreference = 'SilentlyContinue'
 $override = 'c:\DeprovisioningScript.ps1'
 
+function Remove-AnswerFiles {
+    foreach ($f in "$env:SystemRoot\system32\Sysprep\unattend.xml", "$env:SystemRoot\Panther\unattend.xml", "$env:SystemRoot\Panther\Unattend\unattend.xml") {
+        if (Test-Path -LiteralPath $f) { Remove-Item -LiteralPath $f -Force; Write-Output ">>> removed $f" }
+    }
+}
+function Disable-BuildUser {
+    # The build account keeps no usable credential in the image.
+    if (Get-LocalUser -Name $BuildUser -ErrorAction SilentlyContinue) {
+        Disable-LocalUser -Name $BuildUser
+        Write-Output ">>> kiln: build account $BuildUser disabled"
+    }
+}
+
 if (Test-Path -LiteralPath $override) {
+    Remove-AnswerFiles
     Write-Output ">>> Running the deprovisioning script $override :"
     Get-Content -LiteralPath $override | ForEach-Object { Write-Output "    $_" }
     & $override
-    exit $LASTEXITCODE
+    $code = $LASTEXITCODE
+    Disable-BuildUser
+    exit $code
 }
 
 foreach ($svcName in 'RdAgent', 'WindowsAzureTelemetryService', 'WindowsAzureGuestAgent') {
@@ -41,14 +59,8 @@ foreach ($svcName in 'RdAgent', 'WindowsAzureTelemetryService', 'WindowsAzureGue
     }
 }
 
-foreach ($f in "$env:SystemRoot\system32\Sysprep\unattend.xml", "$env:SystemRoot\Panther\unattend.xml", "$env:SystemRoot\Panther\Unattend\unattend.xml") {
-    if (Test-Path -LiteralPath $f) { Remove-Item -LiteralPath $f -Force; Write-Output ">>> removed $f" }
-}
-# The build account keeps no usable credential in the image.
-if (Get-LocalUser -Name $BuildUser -ErrorAction SilentlyContinue) {
-    Disable-LocalUser -Name $BuildUser
-    Write-Output ">>> kiln: build account $BuildUser disabled"
-}
+Remove-AnswerFiles
+Disable-BuildUser
 
 Write-Output '>>> Sysprepping VM ...'
 & $env:SystemRoot\System32\Sysprep\Sysprep.exe /oobe /generalize /quiet /quit

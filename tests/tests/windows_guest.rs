@@ -3,8 +3,10 @@
 //! Windows so that kiln plans its Windows steps. kiln writes the unattend media, the guest's
 //! init reads the build account from it and serves WinRM (NTLM, sealed) on 5985; PowerShell
 //! (direct and runElevated, validExitCodes), File, WindowsRestart (a real reboot: QMP RESET, a
-//! new boot id, WinRM reconnected, the restart check), Sysprep's control flow and the shutdown
-//! run through kiln, then the disk is exported to a fixed VHD and inspected. The "PowerShell"
+//! new boot id, WinRM reconnected, the restart check), WindowsUpdate rounds (against the guest's
+//! Windows Update Agent emulation, tests/winrs_wu.rs), Sysprep's control flow (also with a
+//! `c:\DeprovisioningScript.ps1` override) and the shutdown run through kiln, then the disk is
+//! exported to a fixed VHD and inspected. The "PowerShell"
 //! payloads are POSIX sh, as the shim documents (tests/winrs_server.rs); `C:\` is
 //! /var/lib/kiln-winrs/c in the guest.
 
@@ -500,5 +502,290 @@ fn a_file_destination_without_its_directory_fails_naming_it() {
         "nothing uploaded"
     );
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// WindowsUpdate through kiln's rounds against the guest's Windows Update emulation
+/// (tests/winrs_wu.rs): round 1 installs one update (updateLimit 1) that needs a reboot, kiln
+/// reboots the guest (verified), round 2 installs the other, and the step ends when nothing
+/// selectable is pending. The Preview update is excluded by the filters, the driver by the
+/// search criteria.
+#[test]
+fn windows_update_runs_two_rounds_with_a_reboot_until_nothing_is_pending() {
+    let c = Case::new("wu");
+    let t = c.template(
+        "winrs-wu",
+        "gen1",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "catalogue", "inline": [
+                format!("mkdir -p {C}/kiln-wu"),
+                format!("cat > {C}/kiln-wu/pending <<'EOF'"),
+                "KB5000001|Security Updates|2026-11 Cumulative Update for Microsoft server operating system (KB5000001)|reboot",
+                "KB5000002|Definition Updates|Security Intelligence Update for Microsoft Defender Antivirus (KB5000002)",
+                "KB5000003|Updates|2026-11 Cumulative Update Preview for .NET Framework (KB5000003)",
+                "KB5000004|Drivers|Fake Network Adapter driver (KB5000004)|driver",
+                "EOF",
+                "echo boot-before=$(cat /proc/sys/kernel/random/boot_id)"
+            ]},
+            {"type": "WindowsUpdate", "searchCriteria": "IsInstalled=0 and Type='Software'",
+             "filters": ["exclude:$_.Title -like '*Preview*'", "include:$true"], "updateLimit": 1},
+            {"type": "PowerShell", "name": "after", "inline": [
+                "echo boot-after=$(cat /proc/sys/kernel/random/boot_id)",
+                format!("sed 's/^/installed: /' {C}/kiln-wu/installed"),
+                format!("sed 's/^/pending: /' {C}/kiln-wu/pending")
+            ]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let took = t0.elapsed();
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Succeeded", "{all}");
+    eprintln!(
+        "winrs guest WindowsUpdate build took {:.1}s",
+        took.as_secs_f64()
+    );
+    let ev = events(&out);
+    let info = infos(&ev);
+    let wu = output_of(&ev, "Customize: WindowsUpdate");
+    let kb1 = "2026-11 Cumulative Update for Microsoft server operating system (KB5000001)";
+    let kb2 = "Security Intelligence Update for Microsoft Defender Antivirus (KB5000002)";
+    let preview = "2026-11 Cumulative Update Preview for .NET Framework (KB5000003)";
+    let round1 = [
+        "kiln-wu: searching: IsInstalled=0 and Type='Software'".to_string(),
+        format!("kiln-wu: selected: {kb1}"),
+        format!("kiln-wu: skipped (filters): {preview}"),
+        "kiln-wu: downloading 1 update(s)".into(),
+        "kiln-wu: installing 1 update(s)".into(),
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb1}"),
+        "kiln-wu: a reboot is required".into(),
+    ];
+    let round2 = [
+        "kiln-wu: searching: IsInstalled=0 and Type='Software'".to_string(),
+        format!("kiln-wu: selected: {kb2}"),
+        format!("kiln-wu: skipped (filters): {preview}"),
+        "kiln-wu: downloading 1 update(s)".into(),
+        "kiln-wu: installing 1 update(s)".into(),
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb2}"),
+    ];
+    let kiln_wu: Vec<String> = wu
+        .iter()
+        .filter(|l| l.starts_with("kiln-wu: "))
+        .cloned()
+        .collect();
+    assert_eq!(kiln_wu, [&round1[..], &round2[..]].concat(), "{wu:?}");
+    for want in [
+        "Windows Update round 1 of at most 10",
+        "Windows Update round 2 of at most 10",
+        "Windows Update: nothing left after 2 round(s)",
+    ] {
+        assert!(info.iter().any(|m| m == want), "{want}: {info:?}");
+    }
+    assert!(
+        !info.iter().any(|m| m.starts_with("Windows Update round 3")),
+        "{info:?}"
+    );
+    assert!(
+        info.iter()
+            .any(|m| m.contains("reboot verified (QMP RESET)")),
+        "{info:?}"
+    );
+    assert_eq!(
+        info.iter()
+            .filter(|m| m.starts_with("reconnected after"))
+            .count(),
+        1,
+        "one reboot between the two rounds: {info:?}"
+    );
+    let before = value_after(
+        &output_of(&ev, "Customize: PowerShell \"catalogue\""),
+        "boot-before=",
+    );
+    let after = output_of(&ev, "Customize: PowerShell \"after\"");
+    let after_boot = value_after(&after, "boot-after=");
+    assert_eq!(before.len(), 36, "{after:?}");
+    assert_ne!(before, after_boot, "the guest rebooted between the rounds");
+    let installed: Vec<&String> = after
+        .iter()
+        .filter(|l| l.starts_with("installed: "))
+        .collect();
+    assert!(
+        installed.len() == 2
+            && installed[0].starts_with("installed: KB5000001|")
+            && installed[1].starts_with("installed: KB5000002|"),
+        "{after:?}"
+    );
+    let pending: Vec<&String> = after
+        .iter()
+        .filter(|l| l.starts_with("pending: "))
+        .collect();
+    assert!(
+        pending.len() == 2
+            && pending[0].starts_with("pending: KB5000003|")
+            && pending[1].starts_with("pending: KB5000004|"),
+        "the Preview (filters) and the driver (searchCriteria) are left: {after:?}"
+    );
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let log =
+        std::fs::read_to_string(run_dir.join("customization.log")).expect("customization.log");
+    for want in [
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb1}"),
+        format!("kiln-wu: result 2 (HRESULT 0x00000000): {kb2}"),
+        "kiln-wu: a reboot is required".to_string(),
+    ] {
+        assert!(log.contains(&want), "customization.log lacks {want:?}");
+    }
+    assert_no_qemu(&run_dir.display().to_string());
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// The WindowsUpdate guard: an update failing in two rounds (a reboot between them) stops the
+/// step with an error naming it, instead of rebooting until the round limit.
+#[test]
+fn an_update_failing_in_two_rounds_fails_the_step_naming_it() {
+    let c = Case::new("wu-fail");
+    let t = c.template(
+        "winrs-wu-fail",
+        "gen1",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "catalogue", "inline": [
+                format!("mkdir -p {C}/kiln-wu"),
+                format!("echo 'KB5000009|Updates|Broken update (KB5000009)|fail' > {C}/kiln-wu/pending")
+            ]},
+            {"type": "WindowsUpdate"},
+            {"type": "PowerShell", "name": "never", "inline": ["echo never-runs"]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Failed", "{all}");
+    eprintln!(
+        "winrs guest failing WindowsUpdate build took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("Customize: WindowsUpdate")
+            && err.contains("round 2: an update failed in two rounds: Broken update (KB5000009)"),
+        "{err}"
+    );
+    let ev = events(&out);
+    let wu = output_of(&ev, "Customize: WindowsUpdate");
+    let fails = wu
+        .iter()
+        .filter(|l| *l == "kiln-wu: result 4 (HRESULT 0x80070643): Broken update (KB5000009)")
+        .count();
+    assert_eq!(fails, 2, "{wu:?}");
+    assert!(
+        wu.contains(&"kiln-wu: some updates failed; another round retries them once".to_string()),
+        "{wu:?}"
+    );
+    let info = infos(&ev);
+    assert!(
+        info.iter()
+            .any(|m| m.contains("reboot verified (QMP RESET)")),
+        "{info:?}"
+    );
+    assert!(
+        !ev.iter()
+            .any(|e| e["event"] == "stepStarted"
+                && e["step"].as_str().unwrap_or("").contains("never")),
+        "stops at the failure"
+    );
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// Sysprep with `c:\DeprovisioningScript.ps1` written by a customizer: kiln's wrapper runs it
+/// instead of the default (no service waits, no ImageState poll), prints it first, and still
+/// removes kiln's cached answer file (the build password) before it; the exported disk shows
+/// what the script did.
+#[test]
+fn a_deprovisioning_script_override_runs_instead_of_the_default_sysprep() {
+    let c = Case::new("deprov");
+    let t = c.template(
+        "winrs-deprov",
+        "gen1",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "write override", "inline": [
+                format!("mkdir -p {C}/kiln"),
+                format!("cat > {C}/DeprovisioningScript.ps1 <<'EOF'"),
+                "echo custom-deprovisioning-ran",
+                format!("echo custom > {C}/kiln/deprovisioned"),
+                "EOF"
+            ]}
+        ]),
+    );
+    let t0 = Instant::now();
+    let out = c.build(&t);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Succeeded", "{all}");
+    eprintln!(
+        "winrs guest build with a deprovisioning override took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let ev = events(&out);
+    let sp = output_of(&ev, "Sysprep");
+    let at = |want: &str| {
+        sp.iter()
+            .position(|l| l == want)
+            .unwrap_or_else(|| panic!("no {want:?} in {sp:?}"))
+    };
+    let removed = at(r">>> removed C:\Windows\Panther\unattend.xml");
+    let banner = at(r">>> Running the deprovisioning script c:\DeprovisioningScript.ps1 :");
+    let printed = at("    echo custom-deprovisioning-ran");
+    let ran = at("custom-deprovisioning-ran");
+    assert!(
+        removed < banner && banner < printed && printed < ran,
+        "{sp:?}"
+    );
+    assert!(
+        !sp.iter().any(|l| l.starts_with("IMAGE_STATE_")
+            || l.contains("Sysprepping VM")
+            || l.contains("service RdAgent")),
+        "the default did not run: {sp:?}"
+    );
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let log =
+        std::fs::read_to_string(run_dir.join("customization.log")).expect("customization.log");
+    assert!(
+        log.contains("Running the deprovisioning script")
+            && log.contains("custom-deprovisioning-ran"),
+        "customization.log tells it"
+    );
+    assert_no_qemu(&run_dir.display().to_string());
+    let vhd = c.dir.join("out.vhd");
+    kiln_images::vhd::verify_fixed(&vhd).expect("a fixed VHD");
+    let part = c.dir.join("root.ext4");
+    root_partition(&vhd, &part);
+    let cat = |p: &str| debugfs(&part, &format!("cat {p}"));
+    assert_eq!(cat(&format!("{C}/kiln/deprovisioned")).0.trim(), "custom");
+    let (o, e) = cat(&format!("{C}/Windows/Setup/State/State.ini"));
+    assert!(
+        o.is_empty() && e.contains("not found"),
+        "no default sysprep: {o:?} {e:?}"
+    );
+    let (o, e) = cat(&format!("{C}/Windows/Panther/unattend.xml"));
+    assert!(
+        o.is_empty() && e.contains("not found"),
+        "no answer file (password) left in the image: {o:?} {e:?}"
+    );
+    let _ = std::fs::remove_file(&part);
     let _ = std::fs::remove_dir_all(&c.dir);
 }

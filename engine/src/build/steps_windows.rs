@@ -1150,6 +1150,17 @@ async fn exec_streamed(
     command: &str,
     log_command: bool,
 ) -> Result<i32, ExecErr> {
+    exec_streamed_tee(cx, step, command, log_command, None).await
+}
+
+/// [`exec_streamed`], also keeping stdout's bytes in `tee` when given.
+async fn exec_streamed_tee(
+    cx: &mut BuildCx,
+    step: &str,
+    command: &str,
+    log_command: bool,
+    mut tee: Option<&mut Vec<u8>>,
+) -> Result<i32, ExecErr> {
     if log_command {
         cx.events.info(format!("running: {command}"));
     }
@@ -1161,6 +1172,9 @@ async fn exec_streamed(
         .ok_or_else(|| ExecErr::Other("not connected".into()))?;
     let r = {
         let mut sink = |s: Stream, d: &[u8]| {
+            if let (Stream::Stdout, Some(t)) = (s, tee.as_deref_mut()) {
+                t.extend_from_slice(d);
+            }
             lines.feed(
                 &events,
                 if s == Stream::Stdout {
@@ -1224,6 +1238,17 @@ async fn run_ps_file(
     path: &str,
     elevation: Elevation,
 ) -> Result<i32, BuildError> {
+    run_ps_file_tee(cx, step, path, elevation, None).await
+}
+
+/// [`run_ps_file`], also keeping the script's stdout in `tee` when given.
+async fn run_ps_file_tee(
+    cx: &mut BuildCx,
+    step: &str,
+    path: &str,
+    elevation: Elevation,
+    tee: Option<&mut Vec<u8>>,
+) -> Result<i32, BuildError> {
     let command = match elevation {
         Elevation::None => direct_command(path),
         e => {
@@ -1242,7 +1267,7 @@ async fn run_ps_file(
         }
         Elevation::System => format!("running {path} as SYSTEM (scheduled task)"),
     });
-    exec_streamed(cx, step, &command, false)
+    exec_streamed_tee(cx, step, &command, false, tee)
         .await
         .map_err(|e| step_err(step, e))
 }
@@ -1453,6 +1478,19 @@ async fn restart(
     }
 }
 
+/// The updates a Windows Update round names in its `kiln-wu: failed in two rounds, stopping: …`
+/// line (exit 102), `; `-separated as the script prints them.
+pub fn failed_twice(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("kiln-wu: failed in two rounds, stopping: ")
+        })
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
 /// Windows Update rounds as SYSTEM until nothing is left, rebooting between rounds.
 async fn windows_update(
     cx: &mut BuildCx,
@@ -1475,7 +1513,8 @@ async fn windows_update(
         cx.events.info(format!(
             "Windows Update round {round} of at most {MAX_UPDATE_ROUNDS}"
         ));
-        match run_ps_file(cx, step, &round_path, Elevation::System).await? {
+        let mut out = Vec::new();
+        match run_ps_file_tee(cx, step, &round_path, Elevation::System, Some(&mut out)).await? {
             0 => {
                 cx.events.info(format!(
                     "Windows Update: nothing left after {round} round(s)"
@@ -1495,7 +1534,10 @@ async fn windows_update(
             102 => {
                 return Err(step_err(
                     step,
-                    "an update failed in two rounds (see the kiln-wu lines above)",
+                    match failed_twice(&String::from_utf8_lossy(&out)) {
+                        Some(t) => format!("round {round}: an update failed in two rounds: {t}"),
+                        None => format!("round {round}: an update failed in two rounds (see the kiln-wu lines above)"),
+                    },
                 ))
             }
             c => {
@@ -1831,6 +1873,20 @@ mod tests {
         assert!(
             sys.contains("-AsSystem") && !sys.contains("secret"),
             "{sys}"
+        );
+    }
+
+    #[test]
+    fn a_round_exiting_102_names_the_updates_its_script_printed() {
+        let out = "kiln-wu: installing 1 update(s)\r\nkiln-wu: result 4 (HRESULT 0x80070643): Broken (KB9)\r\nkiln-wu: failed in two rounds, stopping: Broken (KB9); Other (KB8)\r\n";
+        assert_eq!(
+            failed_twice(out).as_deref(),
+            Some("Broken (KB9); Other (KB8)")
+        );
+        assert_eq!(failed_twice("kiln-wu: a reboot is required\n"), None);
+        assert!(
+            WINDOWS_UPDATE.contains("'kiln-wu: failed in two rounds, stopping: '"),
+            "the prefix failed_twice reads is the script's"
         );
     }
 

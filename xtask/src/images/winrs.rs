@@ -94,6 +94,7 @@ impl Recipe for Winrs {
             ws.join("tests/Cargo.toml"),
             ws.join("agents/Cargo.toml"),
             ws.join("tests/winrs_server.rs"),
+            ws.join("tests/winrs_wu.rs"),
             ws.join("tests/bin/kiln-winrs-server.rs"),
         ];
         rust_files(&ws.join("agents/src"), &mut files)?;
