@@ -20,6 +20,17 @@
 //! dropped to make room, so a fresh connection reaches the guest at least once a second
 //! (`cargo xtask bench` measured ~1.7 s of lag after sshd listened without this). No new attempt
 //! starts while one is past the banner, so a live server is not flooded.
+//!
+//! # Answering guest
+//!
+//! An attempt that the far side closes (or refuses) before any banner means the guest's network
+//! stack is up and only sshd is missing: through QEMU user networking that is the guest's TCP
+//! RST coming back, within milliseconds. sshd is then usually moments away, so for
+//! [`FAST_WINDOW`] after such an answer attempts start at least every [`FAST_POLL`] instead of
+//! the growing schedule (one short-lived connection per poll, closed by the guest at once;
+//! `cargo xtask bench` measured up to a second of lag with the growing schedule alone). After
+//! the window the growing schedule resumes, so a host that keeps refusing for minutes is not
+//! polled at this rate all along.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,6 +51,10 @@ use crate::error::{AttemptFailure, ConnectError};
 pub(crate) const MIN_DELAY: Duration = Duration::from_millis(20);
 /// The longest retry delay.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(1);
+/// The poll interval while the guest answers but sshd does not listen yet (see the module docs).
+pub(crate) const FAST_POLL: Duration = Duration::from_millis(50);
+/// How long the [`FAST_POLL`] rate lasts after the first banner-less close or refusal.
+pub(crate) const FAST_WINDOW: Duration = Duration::from_secs(30);
 /// After an authentication rejection, wait at least this long before trying again.
 const AUTH_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// Attempts allowed to run at once (see the module docs).
@@ -48,6 +63,16 @@ pub(crate) const MAX_IN_FLIGHT: usize = 4;
 /// Delay between attempt starts after `elapsed` of waiting.
 pub(crate) fn retry_delay(elapsed: Duration) -> Duration {
     (elapsed / 5).clamp(MIN_DELAY, MAX_DELAY)
+}
+
+/// Delay between attempt starts after `elapsed` of waiting, where the guest first answered
+/// (closed or refused a banner-less attempt) at `answering` (as time since the wait began).
+pub(crate) fn next_delay(elapsed: Duration, answering: Option<Duration>) -> Duration {
+    let d = retry_delay(elapsed);
+    match answering {
+        Some(a) if elapsed.saturating_sub(a) < FAST_WINDOW => d.min(FAST_POLL),
+        _ => d,
+    }
 }
 
 /// State shared between a live session's handler (inside russh's task) and the communicator.
@@ -325,6 +350,8 @@ pub(crate) async fn establish(
     let mut first_auth_reject: Option<Instant> = None;
     let mut auth_attempts: u32 = 0;
     let mut next_launch = started;
+    // When (since `started`) an attempt was first closed or refused before any banner.
+    let mut answering: Option<Duration> = None;
 
     tokio::pin!(interrupt);
     let deadline_sleep = tokio::time::sleep_until(deadline.into());
@@ -367,7 +394,7 @@ pub(crate) async fn establish(
                         continue;
                     }
                 };
-                probes.remove(&id);
+                let banner_seen = probes.remove(&id).is_some_and(|p| p.first_byte.get().is_some());
                 started_order.retain(|(i, _)| *i != id);
                 match result {
                     Ok(est) => {
@@ -387,6 +414,16 @@ pub(crate) async fn establish(
                     Err(failed) => {
                         if let Some(t) = failed.tcp_connected {
                             first_tcp = Some(first_tcp.map_or(t, |f| f.min(t)));
+                        }
+                        if !banner_seen
+                            && matches!(failed.failure, AttemptFailure::Refused | AttemptFailure::ClosedEarly(_))
+                        {
+                            let now = Instant::now();
+                            let since = now - started;
+                            if answering.is_none() {
+                                answering = Some(since);
+                            }
+                            next_launch = next_launch.min(now + next_delay(since, answering));
                         }
                         if let Some((expected, actual)) = failed.mismatch {
                             return Err(ConnectError::HostKeyMismatch { addr, expected, actual });
@@ -415,7 +452,7 @@ pub(crate) async fn establish(
             }
             () = tokio::time::sleep_until(next_launch.into()) => {
                 let now = Instant::now();
-                next_launch = now + retry_delay(now - started);
+                next_launch = now + next_delay(now - started, answering);
                 // A server that has sent its banner is alive; let that attempt finish.
                 if probes.values().any(|p| p.first_byte.get().is_some()) {
                     continue;
@@ -458,6 +495,18 @@ mod tests {
             Duration::from_millis(600)
         );
         assert_eq!(retry_delay(Duration::from_secs(1200)), MAX_DELAY);
+    }
+
+    #[test]
+    fn an_answering_guest_is_polled_fast_for_a_while() {
+        let s = Duration::from_secs;
+        // Not answering yet: the growing schedule.
+        assert_eq!(next_delay(s(10), None), MAX_DELAY);
+        // Answering since 8 s: the fast poll, but never slower than the schedule.
+        assert_eq!(next_delay(s(10), Some(s(8))), FAST_POLL);
+        assert_eq!(next_delay(Duration::ZERO, Some(Duration::ZERO)), MIN_DELAY);
+        // The window is over: back to the schedule.
+        assert_eq!(next_delay(s(8) + FAST_WINDOW, Some(s(8))), MAX_DELAY);
     }
 
     #[test]
