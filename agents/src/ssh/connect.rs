@@ -16,8 +16,8 @@
 //! opened before sshd listens may only get through seconds after it does). So a hung attempt
 //! does not block the schedule: up to [`MAX_IN_FLIGHT`] attempts run at once, each bounded by the
 //! banner and handshake timeouts, and the first to authenticate wins (the others are dropped).
-//! When a start is due and all slots are taken, the oldest attempt that has not seen a banner is
-//! dropped to make room, so a fresh connection reaches the guest at least once a second
+//! When a start is due and all slots are taken, the oldest attempt that has not seen a banner
+//! (and is at least [`DROP_AGE`] old) is dropped to make room, so a fresh connection reaches the guest at least once a second
 //! (`cargo xtask bench` measured ~1.7 s of lag after sshd listened without this). No new attempt
 //! starts while one is past the banner, so a live server is not flooded.
 //!
@@ -53,6 +53,13 @@ pub(crate) const MIN_DELAY: Duration = Duration::from_millis(20);
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(1);
 /// The poll interval while the guest answers but sshd does not listen yet (see the module docs).
 pub(crate) const FAST_POLL: Duration = Duration::from_millis(50);
+/// A banner-less attempt younger than this is never dropped to make room (see the module
+/// docs): under load a TCG guest's sshd can take hundreds of milliseconds to greet a connection
+/// it has accepted, and dropping such attempts every [`FAST_POLL`] would never let one finish
+/// (`cargo xtask bench` saw 17 s of lag that way). Past the first seconds the growing schedule
+/// lets each attempt live about four retry delays anyway. dropbear also refuses more than 5
+/// unauthenticated connections from one address (all of QEMU user networking's come from one).
+pub(crate) const DROP_AGE: Duration = Duration::from_secs(2);
 /// How long the [`FAST_POLL`] rate lasts after the first banner-less close or refusal.
 pub(crate) const FAST_WINDOW: Duration = Duration::from_secs(30);
 /// After an authentication rejection, wait at least this long before trying again.
@@ -343,7 +350,7 @@ pub(crate) async fn establish(
     let mut set: JoinSet<Result<Established, Failed>> = JoinSet::new();
     let mut probes: HashMap<tokio::task::Id, Arc<Probe>> = HashMap::new();
     // In-flight attempts in start order, to drop the oldest banner-less one when slots run out.
-    let mut started_order: Vec<(tokio::task::Id, tokio::task::AbortHandle)> = Vec::new();
+    let mut started_order: Vec<(tokio::task::Id, tokio::task::AbortHandle, Instant)> = Vec::new();
     let mut attempts: u32 = 0;
     let mut last: Option<AttemptFailure> = None;
     let mut first_tcp: Option<Instant> = None;
@@ -387,7 +394,7 @@ pub(crate) async fn establish(
                     Ok((id, r)) => (id, r),
                     Err(e) => {
                         probes.remove(&e.id());
-                        started_order.retain(|(i, _)| *i != e.id());
+                        started_order.retain(|(i, _, _)| *i != e.id());
                         if !e.is_cancelled() {
                             last = Some(AttemptFailure::Protocol(format!("connection attempt failed: {e}")));
                         }
@@ -395,7 +402,7 @@ pub(crate) async fn establish(
                     }
                 };
                 let banner_seen = probes.remove(&id).is_some_and(|p| p.first_byte.get().is_some());
-                started_order.retain(|(i, _)| *i != id);
+                started_order.retain(|(i, _, _)| *i != id);
                 match result {
                     Ok(est) => {
                         let report = ConnectReport {
@@ -460,8 +467,13 @@ pub(crate) async fn establish(
                 if !room {
                     // Every slot holds an attempt without a banner: drop the oldest (stuck in
                     // SLIRP's SYN back-off) so a fresh connection reaches the guest now.
-                    if let Some(pos) = started_order.iter().position(|(id, _)| probes.get(id).is_some_and(|p| p.first_byte.get().is_none())) {
-                        let (id, handle) = started_order.remove(pos);
+                    // Only one that has waited DROP_AGE: a younger one may be a connection the
+                    // guest's sshd has accepted and is about to greet (slowly, under load).
+                    if let Some(pos) = started_order.iter().position(|(id, _, at)| {
+                        now.duration_since(*at) >= DROP_AGE
+                            && probes.get(id).is_some_and(|p| p.first_byte.get().is_none())
+                    }) {
+                        let (id, handle, _) = started_order.remove(pos);
                         handle.abort();
                         probes.remove(&id);
                     } else {
@@ -471,7 +483,7 @@ pub(crate) async fn establish(
                 let probe = Arc::new(Probe::default());
                 let handle = set.spawn(attempt(cfg.clone(), probe.clone()));
                 probes.insert(handle.id(), probe);
-                started_order.push((handle.id(), handle));
+                started_order.push((handle.id(), handle, now));
                 attempts += 1;
             }
         }
