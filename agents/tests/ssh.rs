@@ -420,6 +420,43 @@ async fn forward(listener: tokio::net::TcpListener, upstream: std::net::SocketAd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_greeting_after_refusals_is_not_dropped() {
+    // A guest whose network answers before its sshd (the first connections are closed at once,
+    // which switches the connect loop to its fast poll) and whose sshd then greets each
+    // connection only after 1 s, as a loaded TCG guest's may. Dropping banner-less attempts
+    // to make room for the fast poll's new ones would never let one reach its banner.
+    let server = Server::started(Kind::OpenSsh);
+    server.wait_listening().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = server.addr();
+    let proxy = tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            n += 1;
+            if n <= 3 {
+                drop(s);
+                continue;
+            }
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                if let Ok(mut u) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut s, &mut u).await;
+                }
+            });
+        }
+    });
+    let mut cfg = server.config();
+    cfg.addr = addr;
+    // Less than the fast poll's window, so a loop that keeps dropping young attempts fails.
+    cfg.timeout = Duration::from_secs(20);
+    let c = SshCommunicator::connect(cfg, pending()).await;
+    proxy.abort();
+    let c = c.expect("connected through the slow greeter");
+    assert_eq!(sh(&c, "echo slow").await.1, "slow\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_waits_for_a_late_server_and_is_prompt() {
     // The port starts answering 300 ms into the wait. To time our side exactly, sshd is already
     // up behind a forwarder whose bind is the moment the "guest" becomes reachable.

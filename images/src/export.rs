@@ -1,7 +1,8 @@
 //! Export to a fixed VHD, what AIB's VHD distributor produces and Azure accepts.
 //!
 //! [`export_fixed_vhd`]:
-//! 1. reads the source's virtual size and rounds it **up** to a whole MiB (Azure rejects other
+//! 1. reads the source's virtual size (a qcow2 header directly, anything else through
+//!    `qemu-img info`) and rounds it **up** to a whole MiB (Azure rejects other
 //!    sizes; qemu-img's `force_size=on` keeps the size exactly and does not round);
 //! 2. when padding is needed, puts a temporary qcow2 overlay of the rounded size on the source
 //!    (the source itself is never resized or written);
@@ -39,6 +40,28 @@ pub struct Progress {
     pub done: u64,
     /// Bytes in all.
     pub total: u64,
+}
+
+/// The virtual size in a qcow2 header: the big-endian `size` field at byte 24, after the magic
+/// `QFI\xfb`, the version, the backing file offset and length and the cluster bits (qemu's
+/// docs/interop/qcow2.rst, versions 2 and 3). `None` when the file does not start with the
+/// magic or is a version this does not know.
+pub fn qcow2_virtual_size(path: &Path) -> io::Result<Option<u64>> {
+    use std::io::Read;
+    let mut head = [0u8; 32];
+    let mut f = fs::File::open(path)?;
+    match f.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let be32 = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    if head[..4] != *b"QFI\xfb" || !matches!(be32(4), 2 | 3) {
+        return Ok(None);
+    }
+    let mut size = [0u8; 8];
+    size.copy_from_slice(&head[24..32]);
+    Ok(Some(u64::from_be_bytes(size)))
 }
 
 /// One export.
@@ -187,8 +210,18 @@ pub fn export_fixed_vhd(
         )));
     }
 
-    let info = tool.info(source, Some(*source_format))?;
-    let size = info.virtual_size;
+    // A qcow2 source (the build's overlay) records its size in its header: reading it here
+    // saves a `qemu-img info` process (~10–30 ms, a third of a small export). Anything else, a
+    // header we do not recognise or one we cannot read asks qemu-img (whose error then names
+    // the problem).
+    let header_size = match source_format {
+        DiskFormat::Qcow2 => qcow2_virtual_size(source).ok().flatten(),
+        _ => None,
+    };
+    let size = match header_size {
+        Some(size) => size,
+        None => tool.info(source, Some(*source_format))?.virtual_size,
+    };
     if size == 0 {
         return Err(ExportError::Empty {
             path: source.clone(),

@@ -576,3 +576,48 @@ fn sizes_out_of_range_are_refused_before_any_work() {
     assert_eq!(report.virtual_size, 2040 * GIB);
     assert_eq!(report.footer.geometry, Geometry::MAX);
 }
+
+#[test]
+fn qcow2_header_size_matches_qemu_img_info() {
+    // The export reads a qcow2 source's size from its header instead of running `qemu-img info`.
+    let dir = TempDir::new("exp-q2size");
+    for (i, (size, compat)) in [
+        (MIB, "1.1"),
+        (10 * MIB + 512, "1.1"),
+        (3 * GIB + 7 * 512, "0.10"),
+        (64 * GIB, "1.1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = dir.join(&format!("d{i}.qcow2"));
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("compat={compat}"))
+            .arg(&p)
+            .arg(size.to_string())
+            .status()
+            .expect("qemu-img create");
+        assert!(st.success());
+        let want = qemu_info_json(&p, "qcow2")["virtual-size"].as_u64();
+        assert_eq!(want, Some(size));
+        assert_eq!(
+            kiln_images::export::qcow2_virtual_size(&p).expect("read"),
+            Some(size),
+            "{compat} {size}"
+        );
+    }
+    // Not qcow2 (a raw disk, a short file): no answer, so the export asks qemu-img.
+    let raw = dir.join("r.raw");
+    raw_disk(&raw, MIB, &[]);
+    assert_eq!(
+        kiln_images::export::qcow2_virtual_size(&raw).expect("read"),
+        None
+    );
+    let short = dir.join("short");
+    fs::write(&short, b"QFI").expect("write");
+    assert_eq!(
+        kiln_images::export::qcow2_virtual_size(&short).expect("read"),
+        None
+    );
+}

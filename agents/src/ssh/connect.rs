@@ -16,10 +16,21 @@
 //! opened before sshd listens may only get through seconds after it does). So a hung attempt
 //! does not block the schedule: up to [`MAX_IN_FLIGHT`] attempts run at once, each bounded by the
 //! banner and handshake timeouts, and the first to authenticate wins (the others are dropped).
-//! When a start is due and all slots are taken, the oldest attempt that has not seen a banner is
-//! dropped to make room, so a fresh connection reaches the guest at least once a second
+//! When a start is due and all slots are taken, the oldest attempt that has not seen a banner
+//! (and is at least [`DROP_AGE`] old) is dropped to make room, so a fresh connection reaches the guest at least once a second
 //! (`cargo xtask bench` measured ~1.7 s of lag after sshd listened without this). No new attempt
 //! starts while one is past the banner, so a live server is not flooded.
+//!
+//! # Answering guest
+//!
+//! An attempt that the far side closes (or refuses) before any banner means the guest's network
+//! stack is up and only sshd is missing: through QEMU user networking that is the guest's TCP
+//! RST coming back, within milliseconds. sshd is then usually moments away, so for
+//! [`FAST_WINDOW`] after such an answer attempts start at least every [`FAST_POLL`] instead of
+//! the growing schedule (one short-lived connection per poll, closed by the guest at once;
+//! `cargo xtask bench` measured up to a second of lag with the growing schedule alone). After
+//! the window the growing schedule resumes, so a host that keeps refusing for minutes is not
+//! polled at this rate all along.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,6 +51,17 @@ use crate::error::{AttemptFailure, ConnectError};
 pub(crate) const MIN_DELAY: Duration = Duration::from_millis(20);
 /// The longest retry delay.
 pub(crate) const MAX_DELAY: Duration = Duration::from_secs(1);
+/// The poll interval while the guest answers but sshd does not listen yet (see the module docs).
+pub(crate) const FAST_POLL: Duration = Duration::from_millis(50);
+/// A banner-less attempt younger than this is never dropped to make room (see the module
+/// docs): under load a TCG guest's sshd can take hundreds of milliseconds to greet a connection
+/// it has accepted, and dropping such attempts every [`FAST_POLL`] would never let one finish
+/// (`cargo xtask bench` saw 17 s of lag that way). Past the first seconds the growing schedule
+/// lets each attempt live about four retry delays anyway. dropbear also refuses more than 5
+/// unauthenticated connections from one address (all of QEMU user networking's come from one).
+pub(crate) const DROP_AGE: Duration = Duration::from_secs(2);
+/// How long the [`FAST_POLL`] rate lasts after the first banner-less close or refusal.
+pub(crate) const FAST_WINDOW: Duration = Duration::from_secs(30);
 /// After an authentication rejection, wait at least this long before trying again.
 const AUTH_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// Attempts allowed to run at once (see the module docs).
@@ -48,6 +70,16 @@ pub(crate) const MAX_IN_FLIGHT: usize = 4;
 /// Delay between attempt starts after `elapsed` of waiting.
 pub(crate) fn retry_delay(elapsed: Duration) -> Duration {
     (elapsed / 5).clamp(MIN_DELAY, MAX_DELAY)
+}
+
+/// Delay between attempt starts after `elapsed` of waiting, where the guest first answered
+/// (closed or refused a banner-less attempt) at `answering` (as time since the wait began).
+pub(crate) fn next_delay(elapsed: Duration, answering: Option<Duration>) -> Duration {
+    let d = retry_delay(elapsed);
+    match answering {
+        Some(a) if elapsed.saturating_sub(a) < FAST_WINDOW => d.min(FAST_POLL),
+        _ => d,
+    }
 }
 
 /// State shared between a live session's handler (inside russh's task) and the communicator.
@@ -318,13 +350,15 @@ pub(crate) async fn establish(
     let mut set: JoinSet<Result<Established, Failed>> = JoinSet::new();
     let mut probes: HashMap<tokio::task::Id, Arc<Probe>> = HashMap::new();
     // In-flight attempts in start order, to drop the oldest banner-less one when slots run out.
-    let mut started_order: Vec<(tokio::task::Id, tokio::task::AbortHandle)> = Vec::new();
+    let mut started_order: Vec<(tokio::task::Id, tokio::task::AbortHandle, Instant)> = Vec::new();
     let mut attempts: u32 = 0;
     let mut last: Option<AttemptFailure> = None;
     let mut first_tcp: Option<Instant> = None;
     let mut first_auth_reject: Option<Instant> = None;
     let mut auth_attempts: u32 = 0;
     let mut next_launch = started;
+    // When (since `started`) an attempt was first closed or refused before any banner.
+    let mut answering: Option<Duration> = None;
 
     tokio::pin!(interrupt);
     let deadline_sleep = tokio::time::sleep_until(deadline.into());
@@ -360,15 +394,15 @@ pub(crate) async fn establish(
                     Ok((id, r)) => (id, r),
                     Err(e) => {
                         probes.remove(&e.id());
-                        started_order.retain(|(i, _)| *i != e.id());
+                        started_order.retain(|(i, _, _)| *i != e.id());
                         if !e.is_cancelled() {
                             last = Some(AttemptFailure::Protocol(format!("connection attempt failed: {e}")));
                         }
                         continue;
                     }
                 };
-                probes.remove(&id);
-                started_order.retain(|(i, _)| *i != id);
+                let banner_seen = probes.remove(&id).is_some_and(|p| p.first_byte.get().is_some());
+                started_order.retain(|(i, _, _)| *i != id);
                 match result {
                     Ok(est) => {
                         let report = ConnectReport {
@@ -387,6 +421,16 @@ pub(crate) async fn establish(
                     Err(failed) => {
                         if let Some(t) = failed.tcp_connected {
                             first_tcp = Some(first_tcp.map_or(t, |f| f.min(t)));
+                        }
+                        if !banner_seen
+                            && matches!(failed.failure, AttemptFailure::Refused | AttemptFailure::ClosedEarly(_))
+                        {
+                            let now = Instant::now();
+                            let since = now - started;
+                            if answering.is_none() {
+                                answering = Some(since);
+                            }
+                            next_launch = next_launch.min(now + next_delay(since, answering));
                         }
                         if let Some((expected, actual)) = failed.mismatch {
                             return Err(ConnectError::HostKeyMismatch { addr, expected, actual });
@@ -415,7 +459,7 @@ pub(crate) async fn establish(
             }
             () = tokio::time::sleep_until(next_launch.into()) => {
                 let now = Instant::now();
-                next_launch = now + retry_delay(now - started);
+                next_launch = now + next_delay(now - started, answering);
                 // A server that has sent its banner is alive; let that attempt finish.
                 if probes.values().any(|p| p.first_byte.get().is_some()) {
                     continue;
@@ -423,8 +467,13 @@ pub(crate) async fn establish(
                 if !room {
                     // Every slot holds an attempt without a banner: drop the oldest (stuck in
                     // SLIRP's SYN back-off) so a fresh connection reaches the guest now.
-                    if let Some(pos) = started_order.iter().position(|(id, _)| probes.get(id).is_some_and(|p| p.first_byte.get().is_none())) {
-                        let (id, handle) = started_order.remove(pos);
+                    // Only one that has waited DROP_AGE: a younger one may be a connection the
+                    // guest's sshd has accepted and is about to greet (slowly, under load).
+                    if let Some(pos) = started_order.iter().position(|(id, _, at)| {
+                        now.duration_since(*at) >= DROP_AGE
+                            && probes.get(id).is_some_and(|p| p.first_byte.get().is_none())
+                    }) {
+                        let (id, handle, _) = started_order.remove(pos);
                         handle.abort();
                         probes.remove(&id);
                     } else {
@@ -434,7 +483,7 @@ pub(crate) async fn establish(
                 let probe = Arc::new(Probe::default());
                 let handle = set.spawn(attempt(cfg.clone(), probe.clone()));
                 probes.insert(handle.id(), probe);
-                started_order.push((handle.id(), handle));
+                started_order.push((handle.id(), handle, now));
                 attempts += 1;
             }
         }
@@ -458,6 +507,18 @@ mod tests {
             Duration::from_millis(600)
         );
         assert_eq!(retry_delay(Duration::from_secs(1200)), MAX_DELAY);
+    }
+
+    #[test]
+    fn an_answering_guest_is_polled_fast_for_a_while() {
+        let s = Duration::from_secs;
+        // Not answering yet: the growing schedule.
+        assert_eq!(next_delay(s(10), None), MAX_DELAY);
+        // Answering since 8 s: the fast poll, but never slower than the schedule.
+        assert_eq!(next_delay(s(10), Some(s(8))), FAST_POLL);
+        assert_eq!(next_delay(Duration::ZERO, Some(Duration::ZERO)), MIN_DELAY);
+        // The window is over: back to the schedule.
+        assert_eq!(next_delay(s(8) + FAST_WINDOW, Some(s(8))), MAX_DELAY);
     }
 
     #[test]

@@ -189,8 +189,9 @@ pub fn kiln(ctx: &Ctx, dir: &Path, round: usize) -> Result<RunResult> {
     let boot = step("Start VM") + step("Connect");
     let deprov = step("Deprovision");
     let shutdown = step("Shutdown");
-    let export = step("Export VHD");
-    let record = step("Record runOutputs");
+    // "Export disk" (formerly "Export VHD").
+    let export = step("Export ");
+    let record = step("Record runOutputs") + step("Distribute");
     let guest_time = boot + customizers.iter().map(|c| c.1).sum::<f64>() + deprov + shutdown;
     let mut phases = vec![
         ("prepare".to_string(), prepare),

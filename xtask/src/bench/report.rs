@@ -466,7 +466,8 @@ pub fn markdown(raw: &Value, json_name: &str) -> String {
         if e.get("kiln").is_some() {
             let _ = writeln!(
                 s,
-                "| fixed VHD export of a 1 GiB disk (process wall) | {} | `qemu-img convert -O vpc`: {} | {}×; bytes written: kiln {} MiB, bare {} MiB |",
+                "| fixed VHD export of a 1 GiB disk (`export_fixed_vhd` in the engine: convert + footer check + fsync + rename; `kiln __bench` process wall {}) | {} | `qemu-img convert -O vpc` (process wall): {} | {}×; bytes written: kiln {} MiB, bare {} MiB |",
+                if e.get("kilnProcessWall").is_some() { sum_row(&e["kilnProcessWall"]) } else { "–".to_string() },
                 sum_row(&e["kiln"]),
                 sum_row(&e["bareQemuImg"]),
                 f(e["ratio"].as_f64().unwrap_or(f64::NAN)),
