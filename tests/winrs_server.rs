@@ -1101,8 +1101,8 @@ pub fn shim_pull(lines: &[&str]) -> Option<Shimmed> {
     }
     Some(Shimmed::Pull {
         url: lit(u, "$u = ")?,
-        tmp: lit(t, "$t = ")?,
-        dest: lit(d, "$d = ")?,
+        tmp: host_path(&lit(t, "$t = ")?),
+        dest: host_path(&lit(d, "$d = ")?),
         size,
         sha256,
     })
@@ -1135,7 +1135,13 @@ async fn pull_native(
     };
     let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let mut tcp = match tokio::net::TcpStream::connect(hostport).await {
+    // A URL without a port means 80, as for WebClient.
+    let addr = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    let mut tcp = match tokio::net::TcpStream::connect(&addr).await {
         Ok(t) => t,
         Err(e) => return fail(format!("Unable to connect to the remote server ({e})")),
     };

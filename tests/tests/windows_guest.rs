@@ -293,6 +293,17 @@ fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
             .any(|m| m.contains("as SYSTEM (scheduled task)")),
         "{info:?}"
     );
+    // File: the guest pulled the bytes from the build's file endpoint (no WinRM fallback).
+    assert!(
+        info.iter()
+            .any(|m| m.starts_with("delivered ") && m.contains("through kiln's file endpoint")),
+        "{info:?}"
+    );
+    assert!(
+        !ev.iter().any(|e| e["event"] == "warning"
+            && e["message"].as_str().unwrap_or("").contains("falling back")),
+        "no fallback to the WinRM upload"
+    );
     // WindowsRestart: a real reboot (QMP RESET, another boot id), WinRM reconnected, the check.
     assert!(
         info.iter()

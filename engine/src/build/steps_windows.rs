@@ -1383,7 +1383,26 @@ async fn restart(
     } else {
         command
     };
-    match exec_streamed(cx, step, command, true).await {
+    // Bounded by restartTimeout too: a command that neither returns nor reboots the guest
+    // must not hold the build.
+    let ran = match tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        exec_streamed(cx, step, command, true),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(step_err(
+                step,
+                format!(
+                    "the restart command `{command}` did not return within restartTimeout ({}s)",
+                    timeout.as_secs()
+                ),
+            ))
+        }
+    };
+    match ran {
         Ok(0) => {}
         Ok(c) if RESTART_IN_PROGRESS.contains(&i64::from(c)) => cx
             .events
