@@ -46,7 +46,7 @@
 //! | kiln sends | the shim runs |
 //! |---|---|
 //! | a drive path `X:\a\b` anywhere below (uploads, downloads, scripts) | `$KILN_WINRS_ROOT/x/a/b` ([`host_path`]; root `/var/lib/kiln-winrs`, so `C:\` is `/var/lib/kiln-winrs/c`; case-sensitive) |
-//! | `shutdown /r …` (WindowsRestart's default `shutdown /r /f /t 0 /c "packer restart"`) | a real `reboot` of the guest through busybox init, 1 s later in its own session; the command exits 0 |
+//! | `shutdown /r …` (WindowsRestart's default `shutdown /r /f /t 0 /c "packer restart"`) | a real `reboot` of the guest through busybox init, 1 s later, started by the server itself in a process group of its own (never the command's, which the client's Signal/Delete kills); the command exits 0 |
 //! | `shutdown /s …` (kiln's shutdown step) | a real `poweroff`, the same way |
 //! | the default restartCheckCommand (`… [System.Net.Dns]::GetHostName() … restarted.`) | `echo "$(hostname) restarted."` (the hostname is the answer file's ComputerName) |
 //! | `powershell … -File "<path>"` (a PowerShell customizer kiln uploaded) | the file's text without kiln's wrapper lines ([`unwrap_kiln_script`]: BOM, `$ProgressPreference …`, `if ($LASTEXITCODE) …`) under `/bin/sh -c`; its exit code |
@@ -1603,9 +1603,31 @@ fn native(op: Shimmed) -> Arc<Command> {
     }
 }
 
+/// `shutdown /r` and `shutdown /s`: the server starts the delayed reboot or poweroff itself, in
+/// a process group of its own, and the command finishes with exit 0 at once. (Run as the
+/// command's own shell line, the backgrounded `setsid` child could still be in the command's
+/// process group when the client ends the command and the server kills that group — on a slow
+/// guest the reboot was then lost.)
+fn power_action(script: &str) -> std::io::Result<Arc<Command>> {
+    let action = if script == REBOOT_SH { "reboot" } else { "poweroff" };
+    use std::os::unix::process::CommandExt as _;
+    let child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("sleep 1; exec {action}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    // Not waited for: the guest goes down with it.
+    std::mem::forget(child);
+    Ok(finished(Vec::new(), 0))
+}
+
 /// Start a command line through the shim.
 fn start(line: &str) -> std::io::Result<Arc<Command>> {
     let script = match shim(line) {
+        Shimmed::Sh(s) if s == REBOOT_SH || s == POWEROFF_SH => return power_action(&s),
         Shimmed::Sh(s) => s,
         Shimmed::Pull {
             url,

@@ -293,6 +293,12 @@ fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
             .any(|m| m.contains("as SYSTEM (scheduled task)")),
         "{info:?}"
     );
+    // Shutdown: the guest's own `shutdown /s` powered it off (not kiln's ACPI fallback).
+    assert!(
+        info.iter()
+            .any(|m| m == "build VM stopped: the guest shut down on the guest command"),
+        "{info:?}"
+    );
     // File: the guest pulled the bytes from the build's file endpoint (no WinRM fallback).
     assert!(
         info.iter()
