@@ -165,24 +165,7 @@ impl FileServer {
         guest_addr: &str,
         sink: FileSink,
     ) -> Result<FileServer, FabricError> {
-        let bind_err = |source| FabricError::Bind {
-            path: socket.to_path_buf(),
-            source,
-        };
-        if let Some(d) = own_dir {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d)
-                .map_err(bind_err)?;
-        }
-        let _ = std::fs::remove_file(socket);
-        let listener = tokio::net::UnixListener::bind(socket).map_err(bind_err)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
-        }
+        let listener = super::bind_private_socket(socket, own_dir)?;
         let shared = Arc::new(Shared {
             tokens: Mutex::default(),
             sink,

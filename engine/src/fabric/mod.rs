@@ -362,6 +362,33 @@ pub fn socket_path_for(run_dir: &Path, run_id: &str) -> (PathBuf, Option<PathBuf
     (dir.join("fabric.sock"), Some(dir))
 }
 
+/// Binds a Unix socket only the owner can use (0600), replacing a stale socket file; `own_dir`,
+/// if given, is created (0700) to hold it. Shared by the fabric and the file endpoint.
+pub(crate) fn bind_private_socket(
+    socket: &Path,
+    own_dir: Option<&Path>,
+) -> Result<UnixListener, FabricError> {
+    let bind_err = |source| FabricError::Bind {
+        path: socket.to_path_buf(),
+        source,
+    };
+    if let Some(d) = own_dir {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .map_err(bind_err)?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).map_err(bind_err)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(listener)
+}
+
 impl Fabric {
     /// Starts serving `config` on `socket` (replacing a stale socket file there). `own_dir`, if
     /// given, is a directory created (0700) for the socket and removed on drop.
@@ -371,24 +398,7 @@ impl Fabric {
         config: FabricConfig,
         sink: EventSink,
     ) -> Result<Fabric, FabricError> {
-        let bind_err = |source| FabricError::Bind {
-            path: socket.to_path_buf(),
-            source,
-        };
-        if let Some(d) = own_dir {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d)
-                .map_err(bind_err)?;
-        }
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket).map_err(bind_err)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
-        }
+        let listener = bind_private_socket(socket, own_dir)?;
         let dir = socket.parent().unwrap_or(Path::new("."));
         let listeners = tap::Listeners::bind(dir).map_err(|source| FabricError::Bind {
             path: dir.join(tap::FILE_NAMES[0]),
