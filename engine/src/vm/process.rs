@@ -341,7 +341,9 @@ mod tests {
         let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = OwnedFd::from(b);
         let n = fd.as_raw_fd();
-        let mut cmd = Command::new("sh");
+        // bash: dash's `>&N` takes one digit only, and the descriptor may well be ≥ 10 when
+        // tests run in parallel
+        let mut cmd = Command::new("bash");
         // writes "<pgid> <pid>" through the inherited descriptor
         cmd.args(["-c", &format!("echo $(ps -o pgid= -p $$) $$ >&{n}")]);
         let p = ChildProc::spawn(cmd, Some(fd), Tie::DiesWithKiln, "test-fd").unwrap();
