@@ -1718,7 +1718,7 @@ mod tests {
     fn root() -> &'static str {
         static ROOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         ROOT.get_or_init(|| {
-            let r = std::env::temp_dir().join(format!("kiln-winrs-root-{}", std::process::id()));
+            let r = crate::scratch_dir("kiln-winrs-root");
             std::fs::create_dir_all(r.join("c/Windows/Temp")).unwrap();
             std::env::set_var("KILN_WINRS_ROOT", &r);
             r.to_string_lossy().into_owned()
