@@ -517,7 +517,19 @@ async fn a_transport_reconnecting_by_itself_keeps_the_pinned_certificate() {
     // The server goes away and something with another certificate takes the port; the idle
     // connection closes, and the next request reconnects on its own.
     server.stop().await;
-    let _impostor = WinrsServer::start(scfg).await.unwrap();
+    // The old listener may linger a moment after stop (its task is dropped asynchronously):
+    // retry the bind on the same port for a while instead of failing on "Address in use".
+    let mut tries = 0;
+    let _impostor = loop {
+        match WinrsServer::start(scfg.clone()).await {
+            Ok(s) => break s,
+            Err(e) if tries < 100 && format!("{e:#}").contains("in use") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("restarting on {}: {e:#}", scfg.bind),
+        }
+    };
     for _ in 0..100 {
         if client.transport.is_closed() {
             break;
