@@ -244,7 +244,7 @@ pub fn source_version(source: &Source, exact: Option<&str>) -> Result<(i64, i64,
 pub fn stored_provisioning(cx: &BuildCx) -> Vec<String> {
     use kiln_images::catalog::ProvisioningMethod as M;
     let mut out: Vec<M> = Vec::new();
-    if crate::build::steps_windows::target_os(cx).windows {
+    if cx.windows.is_some() {
         out.push(M::Unattend);
     }
     match cx.provisioning {
@@ -307,7 +307,8 @@ impl Distribute {
             resource_group: id.resource_group.clone(),
             name: id.name().to_string(),
             location: location.to_string(),
-            os_type: if crate::build::steps_windows::target_os(cx).windows {
+            // Set by the first Windows step: no second look at the source's store row.
+            os_type: if cx.windows.is_some() {
                 "Windows".into()
             } else {
                 "Linux".into()

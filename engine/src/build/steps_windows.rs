@@ -1143,18 +1143,9 @@ impl std::fmt::Display for ExecErr {
     }
 }
 
-/// Runs `command` in the guest, streaming its output as the step's lines; returns the exit code.
+/// Runs `command` in the guest, streaming its output as the step's lines (and keeping stdout's
+/// bytes in `tee` when given); returns the exit code.
 async fn exec_streamed(
-    cx: &mut BuildCx,
-    step: &str,
-    command: &str,
-    log_command: bool,
-) -> Result<i32, ExecErr> {
-    exec_streamed_tee(cx, step, command, log_command, None).await
-}
-
-/// [`exec_streamed`], also keeping stdout's bytes in `tee` when given.
-async fn exec_streamed_tee(
     cx: &mut BuildCx,
     step: &str,
     command: &str,
@@ -1231,18 +1222,9 @@ async fn upload_text(
     Ok(())
 }
 
-/// Runs an uploaded script with `elevation`; returns its exit code.
+/// Runs an uploaded script with `elevation` (keeping its stdout in `tee` when given); returns
+/// its exit code.
 async fn run_ps_file(
-    cx: &mut BuildCx,
-    step: &str,
-    path: &str,
-    elevation: Elevation,
-) -> Result<i32, BuildError> {
-    run_ps_file_tee(cx, step, path, elevation, None).await
-}
-
-/// [`run_ps_file`], also keeping the script's stdout in `tee` when given.
-async fn run_ps_file_tee(
     cx: &mut BuildCx,
     step: &str,
     path: &str,
@@ -1267,7 +1249,7 @@ async fn run_ps_file_tee(
         }
         Elevation::System => format!("running {path} as SYSTEM (scheduled task)"),
     });
-    exec_streamed_tee(cx, step, &command, false, tee)
+    exec_streamed(cx, step, &command, false, tee)
         .await
         .map_err(|e| step_err(step, e))
 }
@@ -1293,7 +1275,7 @@ async fn run_powershell(
     };
     let path = remote_script_path(cx, what, index);
     upload_text(cx, step, &powershell_file(&body), &path).await?;
-    let code = run_ps_file(cx, step, &path, Elevation::of(p)).await?;
+    let code = run_ps_file(cx, step, &path, Elevation::of(p), None).await?;
     let valid = valid_codes(p);
     if exit_code_ok(code, &valid) {
         Ok(())
@@ -1318,7 +1300,7 @@ async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), Buil
         .ok_or_else(|| step_err(step, format!("{} was not fetched", f.source_uri)))?;
     recover_after_reboot(cx, step, false).await?;
     let check = destination_dir_check(&f.destination);
-    let code = exec_streamed(cx, step, &powershell::command_line(&check), false)
+    let code = exec_streamed(cx, step, &powershell::command_line(&check), false, None)
         .await
         .map_err(|e| step_err(step, e))?;
     if code == 3 {
@@ -1387,7 +1369,7 @@ async fn restart(
     // must not hold the build.
     let ran = match tokio::time::timeout(
         deadline.saturating_duration_since(Instant::now()),
-        exec_streamed(cx, step, command, true),
+        exec_streamed(cx, step, command, true, None),
     )
     .await
     {
@@ -1475,7 +1457,7 @@ async fn restart(
         check
     };
     loop {
-        match exec_streamed(cx, step, check, true).await {
+        match exec_streamed(cx, step, check, true, None).await {
             Ok(0) => return Ok(()),
             Ok(c) => cx
                 .events
@@ -1533,7 +1515,7 @@ async fn windows_update(
             "Windows Update round {round} of at most {MAX_UPDATE_ROUNDS}"
         ));
         let mut out = Vec::new();
-        match run_ps_file_tee(cx, step, &round_path, Elevation::System, Some(&mut out)).await? {
+        match run_ps_file(cx, step, &round_path, Elevation::System, Some(&mut out)).await? {
             0 => {
                 cx.events.info(format!(
                     "Windows Update: nothing left after {round} round(s)"
@@ -1600,7 +1582,7 @@ impl Step for Sysprep {
         let step = self.name();
         let path = format!(r"{GUEST_TEMP}\kiln-sysprep.ps1");
         upload_text(cx, &step, SYSPREP, &path).await?;
-        let code = run_ps_file(cx, &step, &path, Elevation::None).await?;
+        let code = run_ps_file(cx, &step, &path, Elevation::None, None).await?;
         if code == 0 {
             Ok(())
         } else {
