@@ -66,7 +66,8 @@ mod tests {
         drop(b);
         let held = exclusive_now(&disk).unwrap();
         assert!(matches!(held, Exclusive::Held(_)));
-        // A delete that removed the file while a build waited: the build sees it.
+        // A file recreated at the path is another image and leasable; a removed one is NotFound.
+        // (The inode check against a delete racing a waiting build is not exercised here.)
         std::fs::remove_file(&disk).unwrap();
         std::fs::write(&disk, b"y").unwrap();
         drop(held);
