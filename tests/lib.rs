@@ -35,7 +35,8 @@ pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
             else {
                 continue;
             };
-            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

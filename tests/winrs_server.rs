@@ -1609,7 +1609,11 @@ fn native(op: Shimmed) -> Arc<Command> {
 /// process group when the client ends the command and the server kills that group — on a slow
 /// guest the reboot was then lost.)
 fn power_action(script: &str) -> std::io::Result<Arc<Command>> {
-    let action = if script == REBOOT_SH { "reboot" } else { "poweroff" };
+    let action = if script == REBOOT_SH {
+        "reboot"
+    } else {
+        "poweroff"
+    };
     use std::os::unix::process::CommandExt as _;
     let child = std::process::Command::new("/bin/sh")
         .arg("-c")

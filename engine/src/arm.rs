@@ -171,7 +171,10 @@ pub fn parse_parameters_file(root: &Node) -> Result<Vec<(String, JV)>, ArmDiag> 
     if root.as_object().is_none() {
         return Err(err(
             root.span,
-            format!("an ARM parameters file is a JSON object, found {}", root.value.kind()),
+            format!(
+                "an ARM parameters file is a JSON object, found {}",
+                root.value.kind()
+            ),
             "write {\"parameters\": {\"NAME\": {\"value\": VALUE}}}",
         ));
     }
@@ -189,17 +192,25 @@ pub fn parse_parameters_file(root: &Node) -> Result<Vec<(String, JV)>, ArmDiag> 
     let Some(members) = params.as_object() else {
         return Err(err(
             params.span,
-            format!("`parameters` must be an object, found {}", params.value.kind()),
+            format!(
+                "`parameters` must be an object, found {}",
+                params.value.kind()
+            ),
             "write \"parameters\": {\"NAME\": {\"value\": VALUE}}",
         ));
     };
     let mut out: Vec<(String, JV)> = Vec::new();
     for (k, v) in members {
-        if std::ptr::eq(params, root) && (k.name.starts_with('$') || k.name.eq_ignore_ascii_case("contentVersion")) {
+        if std::ptr::eq(params, root)
+            && (k.name.starts_with('$') || k.name.eq_ignore_ascii_case("contentVersion"))
+        {
             continue;
         }
         if let Some((_, r)) = v.get_ci("reference") {
-            let secret = r.get_ci("secretName").and_then(|(_, s)| s.as_str()).unwrap_or("?");
+            let secret = r
+                .get_ci("secretName")
+                .and_then(|(_, s)| s.as_str())
+                .unwrap_or("?");
             return Err(err(
                 v.span,
                 format!(
@@ -239,12 +250,19 @@ pub fn evaluate_image_templates(
         ev.diag(
             ARM_EXPRESSION_ERROR,
             root.span,
-            format!("a deployment template is a JSON object, found {}", root.value.kind()),
+            format!(
+                "a deployment template is a JSON object, found {}",
+                root.value.kind()
+            ),
             "pass an ARM deployment template or a bare image template",
         );
         return (out, ev.diags);
     }
-    let schema = root.get_ci("$schema").and_then(|(_, s)| s.as_str()).unwrap_or("").to_ascii_lowercase();
+    let schema = root
+        .get_ci("$schema")
+        .and_then(|(_, s)| s.as_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let rg_scope = !(schema.contains("subscriptiondeploymenttemplate")
         || schema.contains("managementgroupdeploymenttemplate")
         || schema.contains("tenantdeploymenttemplate"));
@@ -301,7 +319,10 @@ pub fn evaluate_image_templates(
 }
 
 fn content_version(tpl: &Node) -> String {
-    tpl.get_ci("contentVersion").and_then(|(_, s)| s.as_str()).unwrap_or("1.0.0.0").to_string()
+    tpl.get_ci("contentVersion")
+        .and_then(|(_, s)| s.as_str())
+        .unwrap_or("1.0.0.0")
+        .to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,12 +363,18 @@ impl Src {
     fn new(span: Span, text: &str) -> Src {
         // Escapes always make the source text longer than the value; equal lengths (plus the two
         // quotes) mean every byte of the value stands at its own offset in the file.
-        Src { span, exact: span.end >= span.start && span.end - span.start == text.len() + 2 }
+        Src {
+            span,
+            exact: span.end >= span.start && span.end - span.start == text.len() + 2,
+        }
     }
 
     fn at(&self, r: (usize, usize)) -> Span {
         if self.exact {
-            Span::new(self.span.start + 1 + r.0, self.span.start + 1 + r.1.max(r.0))
+            Span::new(
+                self.span.start + 1 + r.0,
+                self.span.start + 1 + r.1.max(r.0),
+            )
         } else {
             self.span
         }
@@ -367,9 +394,19 @@ enum ExKind {
     Int(i64),
     Bool(bool),
     Null,
-    Call { name: String, name_at: (usize, usize), args: Vec<Ex> },
-    Prop { target: Box<Ex>, name: String },
-    Index { target: Box<Ex>, index: Box<Ex> },
+    Call {
+        name: String,
+        name_at: (usize, usize),
+        args: Vec<Ex>,
+    },
+    Prop {
+        target: Box<Ex>,
+        name: String,
+    },
+    Index {
+        target: Box<Ex>,
+        index: Box<Ex>,
+    },
 }
 
 #[derive(Debug)]
@@ -381,10 +418,19 @@ struct SyntaxError {
 /// Parses the expression string `text` (`[` ... `]`, brackets included).
 fn parse_expression(text: &str) -> Result<Ex, SyntaxError> {
     let end = text.len() - 1;
-    let mut p = Parser { s: text, b: text.as_bytes(), pos: 1, end, depth: 0 };
+    let mut p = Parser {
+        s: text,
+        b: text.as_bytes(),
+        pos: 1,
+        end,
+        depth: 0,
+    };
     p.ws();
     if p.pos >= end {
-        return Err(SyntaxError { at: (0, text.len()), msg: "empty expression `[]`".into() });
+        return Err(SyntaxError {
+            at: (0, text.len()),
+            msg: "empty expression `[]`".into(),
+        });
     }
     let e = p.expr()?;
     p.ws();
@@ -418,13 +464,22 @@ impl Parser<'_> {
     }
 
     fn err(&self, at: (usize, usize), msg: impl Into<String>) -> SyntaxError {
-        SyntaxError { at, msg: msg.into() }
+        SyntaxError {
+            at,
+            msg: msg.into(),
+        }
     }
 
     fn unexpected(&self, context: &str) -> SyntaxError {
         match self.s[self.pos..self.end].chars().next() {
-            Some(c) => self.err((self.pos, self.pos + c.len_utf8()), format!("unexpected `{c}` {context}")),
-            None => self.err((self.end, self.end + 1), format!("the expression ends too early ({context})")),
+            Some(c) => self.err(
+                (self.pos, self.pos + c.len_utf8()),
+                format!("unexpected `{c}` {context}"),
+            ),
+            None => self.err(
+                (self.end, self.end + 1),
+                format!("the expression ends too early ({context})"),
+            ),
         }
     }
 
@@ -453,14 +508,21 @@ impl Parser<'_> {
                     self.pos += 1;
                     self.ws();
                     let ns = self.pos;
-                    while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'-' || c == b'@') {
+                    while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'-' || c == b'@')
+                    {
                         self.pos += 1;
                     }
                     if self.pos == ns {
                         return Err(self.unexpected("after `.` (a property name is expected)"));
                     }
                     let name = self.s[ns..self.pos].to_string();
-                    e = Ex { kind: ExKind::Prop { target: Box::new(e), name }, at: (start, self.pos) };
+                    e = Ex {
+                        kind: ExKind::Prop {
+                            target: Box::new(e),
+                            name,
+                        },
+                        at: (start, self.pos),
+                    };
                 }
                 Some(b'[') => {
                     self.enter(self.pos)?;
@@ -475,7 +537,13 @@ impl Parser<'_> {
                         return Err(self.unexpected("in an index (`]` expected)"));
                     }
                     self.pos += 1;
-                    e = Ex { kind: ExKind::Index { target: Box::new(e), index: Box::new(index) }, at: (start, self.pos) };
+                    e = Ex {
+                        kind: ExKind::Index {
+                            target: Box::new(e),
+                            index: Box::new(index),
+                        },
+                        at: (start, self.pos),
+                    };
                 }
                 _ => break,
             }
@@ -491,7 +559,8 @@ impl Parser<'_> {
             Some(b'\'') => self.string(),
             Some(b'0'..=b'9' | b'-') => self.integer(),
             Some(c) if c.is_ascii_alphabetic() || c == b'_' => {
-                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == b'_' || c == b'.') {
+                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == b'_' || c == b'.')
+                {
                     self.pos += 1;
                 }
                 let name = &self.s[start..self.pos];
@@ -523,11 +592,21 @@ impl Parser<'_> {
                                         format!("unclosed `(` of `{name}(`: `)` expected"),
                                     ))
                                 }
-                                Some(_) => return Err(self.unexpected("in an argument list (`,` or `)` expected)")),
+                                Some(_) => {
+                                    return Err(self
+                                        .unexpected("in an argument list (`,` or `)` expected)"))
+                                }
                             }
                         }
                     }
-                    Ok(Ex { kind: ExKind::Call { name: name.to_string(), name_at, args }, at: (start, self.pos) })
+                    Ok(Ex {
+                        kind: ExKind::Call {
+                            name: name.to_string(),
+                            name_at,
+                            args,
+                        },
+                        at: (start, self.pos),
+                    })
                 } else {
                     let kind = match name.to_ascii_lowercase().as_str() {
                         "true" => ExKind::Bool(true),
@@ -543,7 +622,9 @@ impl Parser<'_> {
                     Ok(Ex { kind, at: name_at })
                 }
             }
-            Some(_) => Err(self.unexpected("(a function call, a 'string' or a number is expected)")),
+            Some(_) => {
+                Err(self.unexpected("(a function call, a 'string' or a number is expected)"))
+            }
         }
     }
 
@@ -555,7 +636,10 @@ impl Parser<'_> {
             let rest = &self.b[self.pos..self.end];
             match rest.iter().position(|&c| c == b'\'') {
                 None => {
-                    return Err(self.err((start, start + 1), "unterminated string literal: closing `'` expected"));
+                    return Err(self.err(
+                        (start, start + 1),
+                        "unterminated string literal: closing `'` expected",
+                    ));
                 }
                 Some(i) => {
                     out.push_str(&self.s[self.pos..self.pos + i]);
@@ -569,7 +653,10 @@ impl Parser<'_> {
                 }
             }
         }
-        Ok(Ex { kind: ExKind::Str(out), at: (start, self.pos) })
+        Ok(Ex {
+            kind: ExKind::Str(out),
+            at: (start, self.pos),
+        })
     }
 
     fn integer(&mut self) -> Result<Ex, SyntaxError> {
@@ -592,8 +679,14 @@ impl Parser<'_> {
         }
         let text = &self.s[start..self.pos];
         match text.parse::<i64>() {
-            Ok(n) => Ok(Ex { kind: ExKind::Int(n), at: (start, self.pos) }),
-            Err(_) => Err(self.err((start, self.pos), format!("integer `{text}` is out of range"))),
+            Ok(n) => Ok(Ex {
+                kind: ExKind::Int(n),
+                at: (start, self.pos),
+            }),
+            Err(_) => Err(self.err(
+                (start, self.pos),
+                format!("integer `{text}` is out of range"),
+            )),
         }
     }
 }
@@ -627,7 +720,10 @@ enum ParamInput<'a, 't> {
     Given(&'a [(String, JV)]),
     /// An inner-scope nested template: values from the deployment resource's
     /// `properties.parameters`, evaluated in the scope `outer`.
-    Nested { outer: usize, params: Option<&'t Node> },
+    Nested {
+        outer: usize,
+        params: Option<&'t Node>,
+    },
 }
 
 enum PSource<'t> {
@@ -692,7 +788,10 @@ struct Frame {
 
 impl Frame {
     fn new(scope: usize) -> Frame {
-        Frame { scope, ..Frame::default() }
+        Frame {
+            scope,
+            ..Frame::default()
+        }
     }
 
     fn with_loop(&self, name: &str, i: i64) -> Frame {
@@ -788,11 +887,30 @@ fn measure(v: &JV, cap: u64) -> (u64, usize) {
 
 impl<'t> Eval<'t> {
     fn new() -> Eval<'t> {
-        Eval { scopes: Vec::new(), diags: Vec::new(), work: 0, exhausted: false, depth: 0, skipped: 0, linked: 0 }
+        Eval {
+            scopes: Vec::new(),
+            diags: Vec::new(),
+            work: 0,
+            exhausted: false,
+            depth: 0,
+            skipped: 0,
+            linked: 0,
+        }
     }
 
-    fn diag(&mut self, code: &'static str, span: Span, message: impl Into<String>, fix: impl Into<String>) {
-        self.diags.push(ArmDiag { code, span, message: message.into(), fix: fix.into() });
+    fn diag(
+        &mut self,
+        code: &'static str,
+        span: Span,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.diags.push(ArmDiag {
+            code,
+            span,
+            message: message.into(),
+            fix: fix.into(),
+        });
     }
 
     fn fail(&mut self, span: Span, message: impl Into<String>, fix: impl Into<String>) -> Failed {
@@ -858,16 +976,29 @@ impl<'t> Eval<'t> {
             match d.as_object() {
                 Some(m) => {
                     for (pk, pd) in m {
-                        params.push(Param { name: pk.name.clone(), key_span: pk.span, decl: pd, source: PSource::Default, memo: Memo::Todo });
+                        params.push(Param {
+                            name: pk.name.clone(),
+                            key_span: pk.span,
+                            decl: pd,
+                            source: PSource::Default,
+                            memo: Memo::Todo,
+                        });
                     }
                 }
-                None => self.diag(ARM_EXPRESSION_ERROR, k.span, "`parameters` must be an object", "declare parameters as \"parameters\": {\"name\": {\"type\": \"string\"}}"),
+                None => self.diag(
+                    ARM_EXPRESSION_ERROR,
+                    k.span,
+                    "`parameters` must be an object",
+                    "declare parameters as \"parameters\": {\"name\": {\"type\": \"string\"}}",
+                ),
             }
         }
         let nested = matches!(input, ParamInput::Nested { .. });
         match input {
             ParamInput::Given(list) => {
-                let at = decls.map_or(Span::new(tpl.span.start, tpl.span.start + 1), |(k, _)| k.span);
+                let at = decls.map_or(Span::new(tpl.span.start, tpl.span.start + 1), |(k, _)| {
+                    k.span
+                });
                 for (name, v) in list {
                     match find_ci(&params, name, |p| &p.name) {
                         Some(i) => params[i].source = PSource::Given(v.clone()),
@@ -883,7 +1014,10 @@ impl<'t> Eval<'t> {
                     }
                 }
             }
-            ParamInput::Nested { outer, params: given } => {
+            ParamInput::Nested {
+                outer,
+                params: given,
+            } => {
                 if let Some(m) = given.and_then(Node::as_object) {
                     for (k, v) in m {
                         match find_ci(&params, &k.name, |p| &p.name) {
@@ -891,9 +1025,20 @@ impl<'t> Eval<'t> {
                                 params[i].source = if v.get_ci("reference").is_some() {
                                     PSource::KeyVault(v.span)
                                 } else if let Some((_, val)) = v.get_ci("value") {
-                                    PSource::Outer { scope: outer, node: val }
+                                    PSource::Outer {
+                                        scope: outer,
+                                        node: val,
+                                    }
                                 } else {
-                                    self.diag(ARM_EXPRESSION_ERROR, v.span, format!("nested deployment parameter '{}' has no \"value\"", k.name), format!("write \"{}\": {{\"value\": ...}}", k.name));
+                                    self.diag(
+                                        ARM_EXPRESSION_ERROR,
+                                        v.span,
+                                        format!(
+                                            "nested deployment parameter '{}' has no \"value\"",
+                                            k.name
+                                        ),
+                                        format!("write \"{}\": {{\"value\": ...}}", k.name),
+                                    );
                                     PSource::Default
                                 };
                             }
@@ -915,28 +1060,52 @@ impl<'t> Eval<'t> {
                     if let Some(specs) = v.as_array() {
                         for spec in specs {
                             match spec.get_ci("name").and_then(|(_, n)| n.as_str()) {
-                                Some(n) => vars.push(Var { name: n.to_string(), def: VarDef::Copy(spec), memo: Memo::Todo }),
-                                None => self.diag(ARM_EXPRESSION_ERROR, spec.span, "a variable `copy` entry needs a literal \"name\"", "write {\"name\": \"x\", \"count\": N, \"input\": ...}"),
+                                Some(n) => vars.push(Var {
+                                    name: n.to_string(),
+                                    def: VarDef::Copy(spec),
+                                    memo: Memo::Todo,
+                                }),
+                                None => self.diag(
+                                    ARM_EXPRESSION_ERROR,
+                                    spec.span,
+                                    "a variable `copy` entry needs a literal \"name\"",
+                                    "write {\"name\": \"x\", \"count\": N, \"input\": ...}",
+                                ),
                             }
                         }
                         continue;
                     }
                 }
-                vars.push(Var { name: k.name.clone(), def: VarDef::Node(v), memo: Memo::Todo });
+                vars.push(Var {
+                    name: k.name.clone(),
+                    def: VarDef::Node(v),
+                    memo: Memo::Todo,
+                });
             }
         }
         let mut funcs = Vec::new();
         if let Some((_, fs)) = tpl.get_ci("functions") {
             for ns in fs.as_array().unwrap_or(&[]) {
-                let Some(nsname) = ns.get_ci("namespace").and_then(|(_, n)| n.as_str()) else { continue };
+                let Some(nsname) = ns.get_ci("namespace").and_then(|(_, n)| n.as_str()) else {
+                    continue;
+                };
                 if let Some((_, members)) = ns.get_ci("members") {
                     for (k, def) in members.as_object().unwrap_or(&[]) {
-                        funcs.push(UserFn { name: format!("{nsname}.{}", k.name).to_ascii_lowercase(), node: def });
+                        funcs.push(UserFn {
+                            name: format!("{nsname}.{}", k.name).to_ascii_lowercase(),
+                            node: def,
+                        });
                     }
                 }
             }
         }
-        self.scopes.push(Scope { params, vars, funcs, ctx, nested });
+        self.scopes.push(Scope {
+            params,
+            vars,
+            funcs,
+            ctx,
+            nested,
+        });
         self.scopes.len() - 1
     }
 
@@ -970,7 +1139,10 @@ impl<'t> Eval<'t> {
     fn resolve_param(&mut self, scope: usize, idx: usize) -> R<JV> {
         let p = &self.scopes[scope].params[idx];
         let (name, key_span, decl) = (p.name.clone(), p.key_span, p.decl);
-        let declared = decl.get_ci("type").and_then(|(_, t)| t.as_str()).map(str::to_ascii_lowercase);
+        let declared = decl
+            .get_ci("type")
+            .and_then(|(_, t)| t.as_str())
+            .map(str::to_ascii_lowercase);
         let declared = declared.as_deref();
         let (value, vspan) = match &p.source {
             PSource::Given(v) => {
@@ -987,7 +1159,10 @@ impl<'t> Eval<'t> {
             }
             PSource::Default => match decl.get_ci("defaultValue") {
                 Some((_, dv)) => {
-                    let f = Frame { in_param_default: true, ..Frame::new(scope) };
+                    let f = Frame {
+                        in_param_default: true,
+                        ..Frame::new(scope)
+                    };
                     (self.eval_json(dv, &f)?, dv.span)
                 }
                 None => return Err(self.param_unavailable(scope, &name, key_span, false)),
@@ -999,7 +1174,13 @@ impl<'t> Eval<'t> {
 
     #[cold]
     #[inline(never)]
-    fn param_unavailable(&mut self, scope: usize, name: &str, span: Span, key_vault: bool) -> Failed {
+    fn param_unavailable(
+        &mut self,
+        scope: usize,
+        name: &str,
+        span: Span,
+        key_vault: bool,
+    ) -> Failed {
         if key_vault {
             return self.fail(
                 span,
@@ -1036,7 +1217,9 @@ impl<'t> Eval<'t> {
                 _ => None,
             },
             Some("array") => serde_json::from_str::<JV>(s).ok().filter(JV::is_array),
-            Some("object" | "secureobject") => serde_json::from_str::<JV>(s).ok().filter(JV::is_object),
+            Some("object" | "secureobject") => {
+                serde_json::from_str::<JV>(s).ok().filter(JV::is_object)
+            }
             _ => return Ok(v),
         };
         match parsed {
@@ -1051,7 +1234,10 @@ impl<'t> Eval<'t> {
                 };
                 Err(self.fail(
                     span,
-                    format!("the value '{}' given for parameter '{name}' is not a valid {t}", truncate(s, 60)),
+                    format!(
+                        "the value '{}' given for parameter '{name}' is not a valid {t}",
+                        truncate(s, 60)
+                    ),
                     format!("pass a {t}, for example -p {name}={example}"),
                 ))
             }
@@ -1068,7 +1254,13 @@ impl<'t> Eval<'t> {
             (Some("bool"), JV::Bool(_)) => true,
             (Some("array"), JV::Array(_)) => true,
             (Some("object" | "secureobject"), JV::Object(_)) => true,
-            (Some("string" | "securestring" | "int" | "bool" | "array" | "object" | "secureobject"), _) => false,
+            (
+                Some(
+                    "string" | "securestring" | "int" | "bool" | "array" | "object"
+                    | "secureobject",
+                ),
+                _,
+            ) => false,
             _ => true,
         };
         if !ok {
@@ -1076,7 +1268,11 @@ impl<'t> Eval<'t> {
             self.diag(
                 ARM_EXPRESSION_ERROR,
                 span,
-                format!("parameter '{name}' is declared as {t} but its value is {} {}", article(kind(v)), kind(v)),
+                format!(
+                    "parameter '{name}' is declared as {t} but its value is {} {}",
+                    article(kind(v)),
+                    kind(v)
+                ),
                 format!("give parameter '{name}' a {t} value"),
             );
             return;
@@ -1090,7 +1286,10 @@ impl<'t> Eval<'t> {
                     _ => fits(v),
                 };
                 if !good {
-                    let shown: Vec<String> = list.iter().map(|a| serde_json::to_string(a).unwrap_or_default()).collect();
+                    let shown: Vec<String> = list
+                        .iter()
+                        .map(|a| serde_json::to_string(a).unwrap_or_default())
+                        .collect();
                     self.diag(
                         ARM_EXPRESSION_ERROR,
                         span,
@@ -1132,7 +1331,12 @@ impl<'t> Eval<'t> {
             }
         }
         for p in problems {
-            self.diag(ARM_EXPRESSION_ERROR, span, format!("the value of parameter '{name}' {p}"), format!("pass a value for '{name}' within its declared limits"));
+            self.diag(
+                ARM_EXPRESSION_ERROR,
+                span,
+                format!("the value of parameter '{name}' {p}"),
+                format!("pass a value for '{name}' within its declared limits"),
+            );
         }
     }
 
@@ -1183,7 +1387,13 @@ impl<'t> Eval<'t> {
             )
         } else {
             let name = self.scopes[scope].vars[idx].name.clone();
-            self.fail(span, format!("variable '{name}' depends on itself (circular reference through variables())"), "break the cycle between the variables")
+            self.fail(
+                span,
+                format!(
+                    "variable '{name}' depends on itself (circular reference through variables())"
+                ),
+                "break the cycle between the variables",
+            )
         }
     }
 
@@ -1216,7 +1426,11 @@ impl<'t> Eval<'t> {
             JV::String(s) => Ok(s),
             other => Err(self.fail(
                 k.span,
-                format!("a property name must evaluate to a string, this one is {} {}", article(kind(&other)), kind(&other)),
+                format!(
+                    "a property name must evaluate to a string, this one is {} {}",
+                    article(kind(&other)),
+                    kind(&other)
+                ),
                 "use string() around the expression",
             )),
         }
@@ -1282,13 +1496,25 @@ impl<'t> Eval<'t> {
     /// The loop name and count of a copy entry `{"name", "count", "input"}`.
     fn copy_header<'n>(&mut self, spec: &'n Node, f: &Frame) -> R<(String, i64, &'n Node)> {
         let Some(name) = spec.get_ci("name").and_then(|(_, n)| n.as_str()) else {
-            return Err(self.fail(spec.span, "a copy loop needs a literal \"name\"", "write {\"name\": \"x\", \"count\": N, \"input\": ...}"));
+            return Err(self.fail(
+                spec.span,
+                "a copy loop needs a literal \"name\"",
+                "write {\"name\": \"x\", \"count\": N, \"input\": ...}",
+            ));
         };
         let Some((_, input)) = spec.get_ci("input") else {
-            return Err(self.fail(spec.span, format!("copy loop '{name}' has no \"input\""), "add \"input\": the value of each element"));
+            return Err(self.fail(
+                spec.span,
+                format!("copy loop '{name}' has no \"input\""),
+                "add \"input\": the value of each element",
+            ));
         };
         let Some((_, count_node)) = spec.get_ci("count") else {
-            return Err(self.fail(spec.span, format!("copy loop '{name}' has no \"count\""), "add \"count\": the number of elements"));
+            return Err(self.fail(
+                spec.span,
+                format!("copy loop '{name}' has no \"count\""),
+                "add \"count\": the number of elements",
+            ));
         };
         let count = self.eval_json(count_node, f)?;
         match as_int(&count) {
@@ -1329,7 +1555,10 @@ impl<'t> Eval<'t> {
                     unresolved.push(node.span);
                     return node.clone();
                 }
-                let out = items.iter().map(|n| self.eval_tree(n, f, unresolved)).collect();
+                let out = items
+                    .iter()
+                    .map(|n| self.eval_tree(n, f, unresolved))
+                    .collect();
                 self.leave();
                 Node::new(Value::Array(out), node.span)
             }
@@ -1346,7 +1575,10 @@ impl<'t> Eval<'t> {
                     }
                     let key = match classify(&k.name) {
                         Lit::Plain => k.clone(),
-                        Lit::Escaped => Key { name: k.name[1..].to_string(), span: k.span },
+                        Lit::Escaped => Key {
+                            name: k.name[1..].to_string(),
+                            span: k.span,
+                        },
                         Lit::Expr => match self.eval_key(k, f) {
                             Ok(name) => Key { name, span: k.span },
                             Err(Failed) => {
@@ -1366,7 +1598,14 @@ impl<'t> Eval<'t> {
     }
 
     /// Expands a property `copy` array into the properties it defines.
-    fn copy_tree(&mut self, k: &Key, v: &Node, f: &Frame, unresolved: &mut Vec<Span>, out: &mut Vec<(Key, Node)>) {
+    fn copy_tree(
+        &mut self,
+        k: &Key,
+        v: &Node,
+        f: &Frame,
+        unresolved: &mut Vec<Span>,
+        out: &mut Vec<(Key, Node)>,
+    ) {
         let specs = v.as_array().unwrap_or(&[]);
         let mut headers = Vec::new();
         for spec in specs {
@@ -1381,22 +1620,42 @@ impl<'t> Eval<'t> {
         }
         for ((name, count, input), spec) in headers {
             let name_span = spec.get_ci("name").map_or(spec.span, |(_, n)| n.span);
-            let items = (0..count).map(|i| self.eval_tree(input, &f.with_loop(&name, i), unresolved)).collect();
-            out.push((Key { name, span: name_span }, Node::new(Value::Array(items), spec.span)));
+            let items = (0..count)
+                .map(|i| self.eval_tree(input, &f.with_loop(&name, i), unresolved))
+                .collect();
+            out.push((
+                Key {
+                    name,
+                    span: name_span,
+                },
+                Node::new(Value::Array(items), spec.span),
+            ));
         }
     }
 
     // -- resources -----------------------------------------------------------------------------------
 
-    fn walk(&mut self, resources: &'t Node, scope: usize, out: &mut Vec<EvaluatedResource>, level: usize) {
+    fn walk(
+        &mut self,
+        resources: &'t Node,
+        scope: usize,
+        out: &mut Vec<EvaluatedResource>,
+        level: usize,
+    ) {
         let list: Vec<&'t Node> = match &resources.value {
             Value::Array(a) => a.iter().collect(),
             Value::Object(m) => m.iter().map(|(_, n)| n).collect(),
             _ => return,
         };
         for res in list {
-            let ty = res.get_ci("type").and_then(|(_, t)| t.as_str()).unwrap_or("");
-            let existing = matches!(res.get_ci("existing").map(|(_, e)| &e.value), Some(Value::Bool(true)));
+            let ty = res
+                .get_ci("type")
+                .and_then(|(_, t)| t.as_str())
+                .unwrap_or("");
+            let existing = matches!(
+                res.get_ci("existing").map(|(_, e)| &e.value),
+                Some(Value::Bool(true))
+            );
             if ty.eq_ignore_ascii_case(IMAGE_TEMPLATE_TYPE) {
                 if !existing {
                     self.eval_resource(res, scope, out);
@@ -1414,13 +1673,23 @@ impl<'t> Eval<'t> {
 
     /// Whether a condition (if any) lets the resource be deployed.
     fn condition_holds(&mut self, res: &Node, f: &Frame) -> bool {
-        let Some((_, cond)) = res.get_ci("condition") else { return true };
+        let Some((_, cond)) = res.get_ci("condition") else {
+            return true;
+        };
         match self.eval_json(cond, f) {
             Ok(JV::Bool(b)) => b,
             Ok(JV::String(s)) if s.eq_ignore_ascii_case("false") => false,
             Ok(JV::String(s)) if s.eq_ignore_ascii_case("true") => true,
             Ok(other) => {
-                self.diag(ARM_EXPRESSION_ERROR, cond.span, format!("a resource condition must be a boolean, got {}", short(&other)), "make the condition evaluate to true or false");
+                self.diag(
+                    ARM_EXPRESSION_ERROR,
+                    cond.span,
+                    format!(
+                        "a resource condition must be a boolean, got {}",
+                        short(&other)
+                    ),
+                    "make the condition evaluate to true or false",
+                );
                 true
             }
             Err(Failed) => true,
@@ -1442,7 +1711,10 @@ impl<'t> Eval<'t> {
                         self.skipped += 1;
                     }
                     for i in 0..count {
-                        let f = Frame { res_loop: Some((name.clone(), i)), ..base.clone() };
+                        let f = Frame {
+                            res_loop: Some((name.clone(), i)),
+                            ..base.clone()
+                        };
                         let mut unresolved = Vec::new();
                         let node = self.eval_tree(res, &f, &mut unresolved);
                         out.push(EvaluatedResource { node, unresolved });
@@ -1457,9 +1729,18 @@ impl<'t> Eval<'t> {
     }
 
     fn copy_header_resource(&mut self, copy: &Node, f: &Frame) -> Option<(String, i64)> {
-        let name = copy.get_ci("name").and_then(|(_, n)| n.as_str()).unwrap_or("").to_string();
+        let name = copy
+            .get_ci("name")
+            .and_then(|(_, n)| n.as_str())
+            .unwrap_or("")
+            .to_string();
         let Some((_, count_node)) = copy.get_ci("count") else {
-            self.diag(ARM_EXPRESSION_ERROR, copy.span, "a resource copy loop needs a \"count\"", "add \"count\": the number of resources");
+            self.diag(
+                ARM_EXPRESSION_ERROR,
+                copy.span,
+                "a resource copy loop needs a \"count\"",
+                "add \"count\": the number of resources",
+            );
             return None;
         };
         let count = self.eval_json(count_node, f).ok()?;
@@ -1469,7 +1750,10 @@ impl<'t> Eval<'t> {
                 self.diag(
                     ARM_EXPRESSION_ERROR,
                     count_node.span,
-                    format!("a resource copy count must be an integer from 0 to {MAX_COPY}, got {}", short(&count)),
+                    format!(
+                        "a resource copy count must be an integer from 0 to {MAX_COPY}, got {}",
+                        short(&count)
+                    ),
                     "fix the count expression",
                 );
                 None
@@ -1477,8 +1761,16 @@ impl<'t> Eval<'t> {
         }
     }
 
-    fn nested_deployment(&mut self, res: &'t Node, scope: usize, out: &mut Vec<EvaluatedResource>, level: usize) {
-        let Some((_, props)) = res.get_ci("properties") else { return };
+    fn nested_deployment(
+        &mut self,
+        res: &'t Node,
+        scope: usize,
+        out: &mut Vec<EvaluatedResource>,
+        level: usize,
+    ) {
+        let Some((_, props)) = res.get_ci("properties") else {
+            return;
+        };
         let Some((_, tpl)) = props.get_ci("template") else {
             if props.get_ci("templateLink").is_some() {
                 self.linked += 1;
@@ -1493,7 +1785,9 @@ impl<'t> Eval<'t> {
             self.skipped += 1;
             return;
         }
-        let Some((_, resources)) = tpl.get_ci("resources") else { return };
+        let Some((_, resources)) = tpl.get_ci("resources") else {
+            return;
+        };
         let inner = props
             .get_ci("expressionEvaluationOptions")
             .and_then(|(_, o)| o.get_ci("scope"))
@@ -1525,14 +1819,23 @@ impl<'t> Eval<'t> {
         }
         ctx.content_version = content_version(tpl);
         let params = props.get_ci("parameters").map(|(_, p)| p);
-        let new = self.build_scope(tpl, ctx, ParamInput::Nested { outer: scope, params });
+        let new = self.build_scope(
+            tpl,
+            ctx,
+            ParamInput::Nested {
+                outer: scope,
+                params,
+            },
+        );
         self.walk(resources, new, out, level + 1);
     }
 }
 
 fn is_copy_array(v: &Node) -> bool {
     match v.as_array() {
-        Some(specs) if !specs.is_empty() => specs.iter().all(|s| s.get_ci("name").is_some() && s.get_ci("input").is_some()),
+        Some(specs) if !specs.is_empty() => specs
+            .iter()
+            .all(|s| s.get_ci("name").is_some() && s.get_ci("input").is_some()),
         _ => false,
     }
 }
@@ -1543,14 +1846,19 @@ fn contains_image_template(tpl: &Node, level: usize) -> bool {
     if level > MAX_NESTED_DEPLOYMENTS {
         return false;
     }
-    let Some((_, resources)) = tpl.get_ci("resources") else { return false };
+    let Some((_, resources)) = tpl.get_ci("resources") else {
+        return false;
+    };
     let list: Vec<&Node> = match &resources.value {
         Value::Array(a) => a.iter().collect(),
         Value::Object(m) => m.iter().map(|(_, n)| n).collect(),
         _ => return false,
     };
     list.into_iter().any(|res| {
-        let ty = res.get_ci("type").and_then(|(_, t)| t.as_str()).unwrap_or("");
+        let ty = res
+            .get_ci("type")
+            .and_then(|(_, t)| t.as_str())
+            .unwrap_or("");
         ty.eq_ignore_ascii_case(IMAGE_TEMPLATE_TYPE)
             || contains_image_template(res, level + 1)
             || res
@@ -1587,23 +1895,112 @@ fn short(v: &JV) -> String {
 
 /// The functions kiln evaluates (lower case), for messages and for dispatch.
 const SUPPORTED: &[&str] = &[
-    "add", "and", "array", "base64", "base64ToJson", "base64ToString", "bool", "coalesce", "concat", "contains",
-    "copyIndex", "createArray", "createObject", "dataUri", "dataUriToString", "deployment", "div", "empty",
-    "endsWith", "environment", "equals", "extensionResourceId", "false", "filter", "first", "format",
-    "greater", "greaterOrEquals", "guid", "if", "indexOf", "int", "intersection", "items", "join", "json",
-    "lambda", "lambdaVariables", "last", "lastIndexOf", "length", "less", "lessOrEquals", "map", "max", "min",
-    "mod", "mul", "newGuid", "not", "null", "objectKeys", "or", "padLeft", "parameters", "range", "reduce",
-    "replace", "resourceGroup", "resourceId", "skip", "sort", "split", "startsWith", "string", "sub",
-    "subscription", "subscriptionResourceId", "substring", "take", "tenant", "tenantResourceId", "toLower",
-    "toObject", "toUpper", "trim", "true", "union", "uniqueString", "uri", "uriComponent",
-    "uriComponentToString", "utcNow", "variables",
+    "add",
+    "and",
+    "array",
+    "base64",
+    "base64ToJson",
+    "base64ToString",
+    "bool",
+    "coalesce",
+    "concat",
+    "contains",
+    "copyIndex",
+    "createArray",
+    "createObject",
+    "dataUri",
+    "dataUriToString",
+    "deployment",
+    "div",
+    "empty",
+    "endsWith",
+    "environment",
+    "equals",
+    "extensionResourceId",
+    "false",
+    "filter",
+    "first",
+    "format",
+    "greater",
+    "greaterOrEquals",
+    "guid",
+    "if",
+    "indexOf",
+    "int",
+    "intersection",
+    "items",
+    "join",
+    "json",
+    "lambda",
+    "lambdaVariables",
+    "last",
+    "lastIndexOf",
+    "length",
+    "less",
+    "lessOrEquals",
+    "map",
+    "max",
+    "min",
+    "mod",
+    "mul",
+    "newGuid",
+    "not",
+    "null",
+    "objectKeys",
+    "or",
+    "padLeft",
+    "parameters",
+    "range",
+    "reduce",
+    "replace",
+    "resourceGroup",
+    "resourceId",
+    "skip",
+    "sort",
+    "split",
+    "startsWith",
+    "string",
+    "sub",
+    "subscription",
+    "subscriptionResourceId",
+    "substring",
+    "take",
+    "tenant",
+    "tenantResourceId",
+    "toLower",
+    "toObject",
+    "toUpper",
+    "trim",
+    "true",
+    "union",
+    "uniqueString",
+    "uri",
+    "uriComponent",
+    "uriComponentToString",
+    "utcNow",
+    "variables",
 ];
 
 /// ARM functions that kiln knows but does not evaluate.
 const KNOWN_UNSUPPORTED: &[&str] = &[
-    "datetimeadd", "datetimefromepoch", "datetimetoepoch", "managementgroup", "managementgroupresourceid",
-    "tryget", "indexfromend", "tryindexfromend", "parsecidr", "cidrsubnet", "cidrhost", "groupby", "mapvalues",
-    "shallowmerge", "float", "objectvalues", "externalinput", "deployer",
+    "datetimeadd",
+    "datetimefromepoch",
+    "datetimetoepoch",
+    "managementgroup",
+    "managementgroupresourceid",
+    "tryget",
+    "indexfromend",
+    "tryindexfromend",
+    "parsecidr",
+    "cidrsubnet",
+    "cidrhost",
+    "groupby",
+    "mapvalues",
+    "shallowmerge",
+    "float",
+    "objectvalues",
+    "externalinput",
+    "deployer",
 ];
 
 fn supported_list() -> String {
@@ -1616,12 +2013,19 @@ fn is_supported(lname: &str) -> bool {
 
 /// Functions that read live Azure state.
 fn needs_azure(lname: &str) -> bool {
-    lname == "reference" || lname == "pickzones" || lname == "providers" || lname.starts_with("list")
+    lname == "reference"
+        || lname == "pickzones"
+        || lname == "providers"
+        || lname.starts_with("list")
 }
 
 fn as_int(v: &JV) -> Option<i64> {
     match v {
-        JV::Number(n) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64)),
+        JV::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .map(|f| f as i64)
+        }),
         _ => None,
     }
 }
@@ -1633,8 +2037,12 @@ fn jv_eq(a: &JV, b: &JV) -> bool {
             (Some(i), Some(j)) => i == j,
             _ => x.as_f64() == y.as_f64(),
         },
-        (JV::Array(x), JV::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| jv_eq(p, q)),
-        (JV::Object(x), JV::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| jv_eq(v, w))),
+        (JV::Array(x), JV::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| jv_eq(p, q))
+        }
+        (JV::Object(x), JV::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| jv_eq(v, w)))
+        }
         _ => a == b,
     }
 }
@@ -1677,8 +2085,18 @@ impl<'t> Eval<'t> {
                 let i = self.eval(index, f, src)?;
                 self.index(t, i, src.at((target.at.1, e.at.1)))
             }
-            ExKind::Call { name, name_at, args } => {
-                let site = Site { name, name_span: src.at(*name_at), span: src.at(e.at), args, src };
+            ExKind::Call {
+                name,
+                name_at,
+                args,
+            } => {
+                let site = Site {
+                    name,
+                    name_span: src.at(*name_at),
+                    span: src.at(e.at),
+                    args,
+                    src,
+                };
                 self.call(&site, f)
             }
         }
@@ -1695,7 +2113,11 @@ impl<'t> Eval<'t> {
                     Some(v) => Ok(v),
                     None => {
                         let available: Vec<&str> = m.keys().map(String::as_str).collect();
-                        let available = if available.is_empty() { "none".to_string() } else { truncate(&available.join(", "), 200) };
+                        let available = if available.is_empty() {
+                            "none".to_string()
+                        } else {
+                            truncate(&available.join(", "), 200)
+                        };
                         Err(self.fail(
                             span,
                             format!("property '{name}' doesn't exist; available properties: {available}"),
@@ -1706,7 +2128,11 @@ impl<'t> Eval<'t> {
             }
             other => Err(self.fail(
                 span,
-                format!("cannot read property '{name}' of {} {} value", article(kind(&other)), kind(&other)),
+                format!(
+                    "cannot read property '{name}' of {} {} value",
+                    article(kind(&other)),
+                    kind(&other)
+                ),
                 "property access works on objects only",
             )),
         }
@@ -1716,14 +2142,33 @@ impl<'t> Eval<'t> {
         match (t, i) {
             (JV::Array(mut a), i) => match as_int(&i) {
                 Some(n) if n >= 0 && (n as u64) < a.len() as u64 => Ok(a.swap_remove(n as usize)),
-                Some(n) => Err(self.fail(span, format!("index {n} is out of range: the array has {} elements", a.len()), "use an index from 0 to length(...) - 1")),
-                None => Err(self.fail(span, format!("an array index must be an integer, got {}", short(&i)), "use an integer index")),
+                Some(n) => Err(self.fail(
+                    span,
+                    format!(
+                        "index {n} is out of range: the array has {} elements",
+                        a.len()
+                    ),
+                    "use an index from 0 to length(...) - 1",
+                )),
+                None => Err(self.fail(
+                    span,
+                    format!("an array index must be an integer, got {}", short(&i)),
+                    "use an integer index",
+                )),
             },
             (JV::Object(m), JV::String(k)) => self.property(JV::Object(m), &k, span),
-            (JV::Object(_), i) => Err(self.fail(span, format!("an object index must be a string, got {}", short(&i)), "use a property name string")),
+            (JV::Object(_), i) => Err(self.fail(
+                span,
+                format!("an object index must be a string, got {}", short(&i)),
+                "use a property name string",
+            )),
             (other, _) => Err(self.fail(
                 span,
-                format!("cannot index {} {} value", article(kind(&other)), kind(&other)),
+                format!(
+                    "cannot index {} {} value",
+                    article(kind(&other)),
+                    kind(&other)
+                ),
                 "indexes work on arrays and objects only",
             )),
         }
@@ -1735,7 +2180,9 @@ impl<'t> Eval<'t> {
             "if" => return self.f_if(c, f),
             "and" | "or" => return self.f_and_or(c, f, lname == "and"),
             "coalesce" => return self.f_coalesce(c, f),
-            "map" | "filter" | "reduce" | "sort" | "toobject" => return self.f_lambda(&lname, c, f),
+            "map" | "filter" | "reduce" | "sort" | "toobject" => {
+                return self.f_lambda(&lname, c, f)
+            }
             "lambda" => {
                 return Err(self.fail(
                     c.name_span,
@@ -1763,7 +2210,9 @@ impl<'t> Eval<'t> {
             return Err(Failed);
         }
         let v = match lname.as_str() {
-            "parameters" | "variables" | "copyindex" | "lambdavariables" => return self.scoped(&lname, c, vals, f),
+            "parameters" | "variables" | "copyindex" | "lambdavariables" => {
+                return self.scoped(&lname, c, vals, f)
+            }
             _ => self.builtin(&lname, c, vals, f)?,
         };
         self.charge(&v, c.span)?;
@@ -1813,7 +2262,11 @@ impl<'t> Eval<'t> {
         } else {
             format!("{min} to {max} arguments")
         };
-        Err(self.fail(c.span, format!("{}() takes {want}, got {n}", c.name), format!("call {}() with {want}", c.name)))
+        Err(self.fail(
+            c.span,
+            format!("{}() takes {want}, got {n}", c.name),
+            format!("call {}() with {want}", c.name),
+        ))
     }
 
     fn type_err(&mut self, c: &Site, i: usize, want: &str, got: &JV) -> Failed {
@@ -1826,7 +2279,12 @@ impl<'t> Eval<'t> {
         };
         self.fail(
             c.arg(i),
-            format!("the {ord} argument of {}() must be {want}, got {} {}", c.name, article(kind(got)), kind(got)),
+            format!(
+                "the {ord} argument of {}() must be {want}, got {} {}",
+                c.name,
+                article(kind(got)),
+                kind(got)
+            ),
             format!("pass {want}"),
         )
     }
@@ -1854,7 +2312,15 @@ impl<'t> Eval<'t> {
 
     fn too_long(&mut self, c: &Site, len: usize) -> R<()> {
         if len > MAX_STRING_BYTES {
-            return Err(self.fail(c.span, format!("{}() would build a string longer than {} MiB", c.name, MAX_STRING_BYTES >> 20), "build smaller strings"));
+            return Err(self.fail(
+                c.span,
+                format!(
+                    "{}() would build a string longer than {} MiB",
+                    c.name,
+                    MAX_STRING_BYTES >> 20
+                ),
+                "build smaller strings",
+            ));
         }
         Ok(())
     }
@@ -1892,7 +2358,13 @@ impl<'t> Eval<'t> {
     }
 
     /// The parameter names and body of `lambda('a', 'b', body)`.
-    fn lambda_of<'e>(&mut self, c: &Site, e: &'e Ex, min: usize, max: usize) -> R<(Vec<String>, &'e Ex)> {
+    fn lambda_of<'e>(
+        &mut self,
+        c: &Site,
+        e: &'e Ex,
+        min: usize,
+        max: usize,
+    ) -> R<(Vec<String>, &'e Ex)> {
         if let ExKind::Call { name, args, .. } = &e.kind {
             if name.eq_ignore_ascii_case("lambda") && args.len() >= 2 {
                 let (body, names) = args.split_last().ok_or(Failed)?;
@@ -1900,20 +2372,40 @@ impl<'t> Eval<'t> {
                 for n in names {
                     match &n.kind {
                         ExKind::Str(s) => out.push(s.clone()),
-                        _ => return Err(self.fail(c.src.at(n.at), "lambda variable names must be string literals", "write lambda('x', ...)")),
+                        _ => {
+                            return Err(self.fail(
+                                c.src.at(n.at),
+                                "lambda variable names must be string literals",
+                                "write lambda('x', ...)",
+                            ))
+                        }
                     }
                 }
                 if out.len() < min || out.len() > max {
                     return Err(self.fail(
                         c.src.at(e.at),
-                        format!("the lambda given to {}() must take {} variable{}, it takes {}", c.name, if min == max { min.to_string() } else { format!("{min} or {max}") }, if max == 1 { "" } else { "s" }, out.len()),
+                        format!(
+                            "the lambda given to {}() must take {} variable{}, it takes {}",
+                            c.name,
+                            if min == max {
+                                min.to_string()
+                            } else {
+                                format!("{min} or {max}")
+                            },
+                            if max == 1 { "" } else { "s" },
+                            out.len()
+                        ),
                         "fix the lambda's variable list",
                     ));
                 }
                 return Ok((out, body));
             }
         }
-        Err(self.fail(c.src.at(e.at), format!("{}() expects lambda('x', ...) here", c.name), "pass a lambda expression"))
+        Err(self.fail(
+            c.src.at(e.at),
+            format!("{}() expects lambda('x', ...) here", c.name),
+            "pass a lambda expression",
+        ))
     }
 
     fn with_lambda(f: &Frame, bind: &[(&String, JV)]) -> Frame {
@@ -1932,10 +2424,13 @@ impl<'t> Eval<'t> {
         };
         self.arity(c, c.args.len(), min, max)?;
         let input = self.eval(&c.args[0], f, c.src)?;
-        let JV::Array(items) = input else { return Err(self.type_err(c, 0, "an array", &input)) };
+        let JV::Array(items) = input else {
+            return Err(self.type_err(c, 0, "an array", &input));
+        };
         match lname {
             "filter" | "map" => {
-                let (vars, body) = self.lambda_of(c, &c.args[1], 1, if lname == "map" { 2 } else { 1 })?;
+                let (vars, body) =
+                    self.lambda_of(c, &c.args[1], 1, if lname == "map" { 2 } else { 1 })?;
                 let mut out = Vec::new();
                 for (i, item) in items.into_iter().enumerate() {
                     let mut bind = vec![(&vars[0], item.clone())];
@@ -2006,10 +2501,18 @@ impl<'t> Eval<'t> {
                 };
                 let mut out = Map::new();
                 for item in items {
-                    let key = self.eval(kbody, &Self::with_lambda(f, &[(&kv[0], item.clone())]), c.src)?;
-                    let JV::String(key) = key else { return Err(self.type_err(c, 1, "a lambda returning a string key", &key)) };
+                    let key = self.eval(
+                        kbody,
+                        &Self::with_lambda(f, &[(&kv[0], item.clone())]),
+                        c.src,
+                    )?;
+                    let JV::String(key) = key else {
+                        return Err(self.type_err(c, 1, "a lambda returning a string key", &key));
+                    };
                     let val = match &vlam {
-                        Some((vv, vbody)) => self.eval(vbody, &Self::with_lambda(f, &[(&vv[0], item)]), c.src)?,
+                        Some((vv, vbody)) => {
+                            self.eval(vbody, &Self::with_lambda(f, &[(&vv[0], item)]), c.src)?
+                        }
                         None => item,
                     };
                     out.insert(key, val);
@@ -2021,7 +2524,11 @@ impl<'t> Eval<'t> {
 
     fn user_fn(&mut self, lname: &str, c: &Site, f: &Frame) -> R<JV> {
         let scope = f.scope;
-        let Some(i) = self.scopes[scope].funcs.iter().position(|u| u.name == lname) else {
+        let Some(i) = self.scopes[scope]
+            .funcs
+            .iter()
+            .position(|u| u.name == lname)
+        else {
             return Err(self.fail(
                 c.name_span,
                 format!("the template defines no user function '{}'", c.name),
@@ -2034,17 +2541,30 @@ impl<'t> Eval<'t> {
             .and_then(|(_, p)| p.as_array())
             .unwrap_or(&[])
             .iter()
-            .map(|p| p.get_ci("name").and_then(|(_, n)| n.as_str()).unwrap_or("").to_string())
+            .map(|p| {
+                p.get_ci("name")
+                    .and_then(|(_, n)| n.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            })
             .collect();
         self.arity(c, c.args.len(), decls.len(), decls.len())?;
         let Some((_, out)) = node.get_ci("output").and_then(|(_, o)| o.get_ci("value")) else {
-            return Err(self.fail(c.name_span, format!("user function '{}' has no output.value", c.name), "add \"output\": {\"type\": ..., \"value\": ...}"));
+            return Err(self.fail(
+                c.name_span,
+                format!("user function '{}' has no output.value", c.name),
+                "add \"output\": {\"type\": ..., \"value\": ...}",
+            ));
         };
         let mut bound = Vec::new();
         for (name, a) in decls.into_iter().zip(c.args) {
             bound.push((name, self.eval(a, f, c.src)?));
         }
-        let frame = Frame { scope, fn_args: Some(Rc::new(bound)), ..Frame::default() };
+        let frame = Frame {
+            scope,
+            fn_args: Some(Rc::new(bound)),
+            ..Frame::default()
+        };
         self.enter(c.span)?;
         let r = self.eval_json(out, &frame);
         self.leave();
@@ -2094,19 +2614,35 @@ impl<'t> Eval<'t> {
                     "pass the value as an argument of the function",
                 )
             } else {
-                self.fail(c.name_span, "a user function cannot use variables()", "pass the value as an argument of the function")
+                self.fail(
+                    c.name_span,
+                    "a user function cannot use variables()",
+                    "pass the value as an argument of the function",
+                )
             };
         }
         if !is_param && f.in_param_default {
-            return self.fail(c.name_span, "variables() cannot be used in a parameter's defaultValue", "compute the value in a variable instead");
+            return self.fail(
+                c.name_span,
+                "variables() cannot be used in a parameter's defaultValue",
+                "compute the value in a variable instead",
+            );
         }
         let scope = &self.scopes[f.scope];
         if is_param {
             let declared = names(&scope.params, |p| &p.name);
-            self.fail(c.arg(0), format!("the template declares no parameter '{name}' (declared: {declared})"), "declare it under \"parameters\" or fix the name")
+            self.fail(
+                c.arg(0),
+                format!("the template declares no parameter '{name}' (declared: {declared})"),
+                "declare it under \"parameters\" or fix the name",
+            )
         } else {
             let declared = names(&scope.vars, |x| &x.name);
-            self.fail(c.arg(0), format!("the template declares no variable '{name}' (declared: {declared})"), "declare it under \"variables\" or fix the name")
+            self.fail(
+                c.arg(0),
+                format!("the template declares no variable '{name}' (declared: {declared})"),
+                "declare it under \"variables\" or fix the name",
+            )
         }
     }
 
@@ -2116,9 +2652,18 @@ impl<'t> Eval<'t> {
         if lname == "lambdavariables" {
             self.arity(c, n, 1, 1)?;
             let name = self.str_arg(c, v, 0)?;
-            return match f.lambdas.iter().rev().find(|(l, _)| l.eq_ignore_ascii_case(name)) {
+            return match f
+                .lambdas
+                .iter()
+                .rev()
+                .find(|(l, _)| l.eq_ignore_ascii_case(name))
+            {
                 Some((_, val)) => Ok(val.clone()),
-                None => Err(self.fail(c.arg(0), format!("no lambda variable '{name}' is in scope"), "use a variable name of an enclosing lambda")),
+                None => Err(self.fail(
+                    c.arg(0),
+                    format!("no lambda variable '{name}' is in scope"),
+                    "use a variable name of an enclosing lambda",
+                )),
             };
         }
         self.arity(c, n, 0, 2)?;
@@ -2130,7 +2675,13 @@ impl<'t> Eval<'t> {
             (Some(other), Some(_)) => return Err(self.type_err(c, 0, "a loop name", other)),
         };
         let idx = match name {
-            Some(name) => f.loops.iter().rev().chain(f.res_loop.iter()).find(|(l, _)| l.eq_ignore_ascii_case(name)).map(|(_, i)| *i),
+            Some(name) => f
+                .loops
+                .iter()
+                .rev()
+                .chain(f.res_loop.iter())
+                .find(|(l, _)| l.eq_ignore_ascii_case(name))
+                .map(|(_, i)| *i),
             None => f.res_loop.as_ref().map(|(_, i)| *i),
         };
         match idx {
@@ -2167,7 +2718,14 @@ impl<'t> Eval<'t> {
                         match a {
                             JV::Array(items) => out.extend(items),
                             JV::Null => {}
-                            other => return Err(self.type_err(c, i, "an array (the first argument is one)", &other)),
+                            other => {
+                                return Err(self.type_err(
+                                    c,
+                                    i,
+                                    "an array (the first argument is one)",
+                                    &other,
+                                ))
+                            }
                         }
                     }
                     return Ok(JV::Array(out));
@@ -2175,7 +2733,14 @@ impl<'t> Eval<'t> {
                 let mut out = String::new();
                 for (i, a) in v.iter().enumerate() {
                     match a {
-                        JV::Array(_) | JV::Object(_) => return Err(self.type_err(c, i, "a string, integer or boolean (the first argument is not an array)", a)),
+                        JV::Array(_) | JV::Object(_) => {
+                            return Err(self.type_err(
+                                c,
+                                i,
+                                "a string, integer or boolean (the first argument is not an array)",
+                                a,
+                            ))
+                        }
                         other => out.push_str(&text_of(other)),
                     }
                     self.too_long(c, out.len())?;
@@ -2187,13 +2752,21 @@ impl<'t> Eval<'t> {
                 let fmt = self.str_arg(c, &v, 0)?.to_string();
                 match dotnet_format(&fmt, &v[1..], MAX_STRING_BYTES) {
                     Ok(s) => Ok(JV::String(s)),
-                    Err(msg) => Err(self.fail(c.span, format!("format(): {msg}"), "placeholders look like {0}, {1:N0}; write {{ and }} for literal braces")),
+                    Err(msg) => Err(self.fail(
+                        c.span,
+                        format!("format(): {msg}"),
+                        "placeholders look like {0}, {1:N0}; write {{ and }} for literal braces",
+                    )),
                 }
             }
             "tolower" | "toupper" => {
                 self.arity(c, n, 1, 1)?;
                 let s = self.str_arg(c, &v, 0)?;
-                Ok(JV::String(if lname == "tolower" { s.to_lowercase() } else { s.to_uppercase() }))
+                Ok(JV::String(if lname == "tolower" {
+                    s.to_lowercase()
+                } else {
+                    s.to_uppercase()
+                }))
             }
             "string" => {
                 self.arity(c, n, 1, 1)?;
@@ -2204,7 +2777,11 @@ impl<'t> Eval<'t> {
                 match &v[0] {
                     JV::String(s) => match s.trim().parse::<i64>() {
                         Ok(i) => Ok(JV::from(i)),
-                        Err(_) => Err(self.fail(c.arg(0), format!("int(): '{}' is not an integer", truncate(s, 40)), "pass digits only, like int('42')")),
+                        Err(_) => Err(self.fail(
+                            c.arg(0),
+                            format!("int(): '{}' is not an integer", truncate(s, 40)),
+                            "pass digits only, like int('42')",
+                        )),
                     },
                     JV::Number(num) => match num.as_i64() {
                         Some(i) => Ok(JV::from(i)),
@@ -2219,8 +2796,12 @@ impl<'t> Eval<'t> {
                     JV::Bool(b) => Ok(JV::Bool(*b)),
                     JV::String(s) if s.trim().eq_ignore_ascii_case("true") => Ok(JV::Bool(true)),
                     JV::String(s) if s.trim().eq_ignore_ascii_case("false") => Ok(JV::Bool(false)),
-                    JV::Number(_) if as_int(&v[0]).is_some() => Ok(JV::Bool(as_int(&v[0]) != Some(0))),
-                    other => Err(self.type_err(c, 0, "'true', 'false', a boolean or an integer", other)),
+                    JV::Number(_) if as_int(&v[0]).is_some() => {
+                        Ok(JV::Bool(as_int(&v[0]) != Some(0)))
+                    }
+                    other => {
+                        Err(self.type_err(c, 0, "'true', 'false', a boolean or an integer", other))
+                    }
                 }
             }
             "replace" => {
@@ -2229,7 +2810,11 @@ impl<'t> Eval<'t> {
                 let old = self.str_arg(c, &v, 1)?;
                 let new = self.str_arg(c, &v, 2)?;
                 if old.is_empty() {
-                    return Err(self.fail(c.arg(1), "replace(): the string to replace must not be empty", "pass a non-empty string to replace"));
+                    return Err(self.fail(
+                        c.arg(1),
+                        "replace(): the string to replace must not be empty",
+                        "pass a non-empty string to replace",
+                    ));
                 }
                 let count = s.matches(old).count();
                 self.too_long(c, s.len() + count.saturating_mul(new.len()))?;
@@ -2240,7 +2825,11 @@ impl<'t> Eval<'t> {
                 let s = self.str_arg(c, &v, 0)?;
                 let chars: Vec<char> = s.chars().collect();
                 let start = if n > 1 { self.int_arg(c, &v, 1)? } else { 0 };
-                let len = if n > 2 { self.int_arg(c, &v, 2)? } else { chars.len() as i64 - start };
+                let len = if n > 2 {
+                    self.int_arg(c, &v, 2)?
+                } else {
+                    chars.len() as i64 - start
+                };
                 if start < 0 || len < 0 || start.saturating_add(len) > chars.len() as i64 {
                     return Err(self.fail(
                         c.span,
@@ -2248,7 +2837,11 @@ impl<'t> Eval<'t> {
                         "the index and length must refer to a location within the string",
                     ));
                 }
-                Ok(JV::String(chars[start as usize..(start + len) as usize].iter().collect()))
+                Ok(JV::String(
+                    chars[start as usize..(start + len) as usize]
+                        .iter()
+                        .collect(),
+                ))
             }
             "length" => {
                 self.arity(c, n, 1, 1)?;
@@ -2281,11 +2874,22 @@ impl<'t> Eval<'t> {
                 self.arity(c, n, 2, 2)?;
                 let ord = match (&v[0], &v[1]) {
                     (JV::String(a), JV::String(b)) => a.cmp(b),
-                    (JV::Number(a), JV::Number(b)) => {
-                        a.as_f64().unwrap_or(0.0).partial_cmp(&b.as_f64().unwrap_or(0.0)).unwrap_or(std::cmp::Ordering::Equal)
+                    (JV::Number(a), JV::Number(b)) => a
+                        .as_f64()
+                        .unwrap_or(0.0)
+                        .partial_cmp(&b.as_f64().unwrap_or(0.0))
+                        .unwrap_or(std::cmp::Ordering::Equal),
+                    (a, _) if !matches!(a, JV::String(_) | JV::Number(_)) => {
+                        return Err(self.type_err(c, 0, "an integer or a string", a))
                     }
-                    (a, _) if !matches!(a, JV::String(_) | JV::Number(_)) => return Err(self.type_err(c, 0, "an integer or a string", a)),
-                    (_, b) => return Err(self.type_err(c, 1, "a value of the same type as the first argument", b)),
+                    (_, b) => {
+                        return Err(self.type_err(
+                            c,
+                            1,
+                            "a value of the same type as the first argument",
+                            b,
+                        ))
+                    }
                 };
                 use std::cmp::Ordering::*;
                 Ok(JV::Bool(match lname {
@@ -2298,7 +2902,11 @@ impl<'t> Eval<'t> {
             "createarray" => Ok(JV::Array(v)),
             "createobject" => {
                 if n % 2 == 1 {
-                    return Err(self.fail(c.span, format!("createObject() takes key/value pairs, got {n} arguments"), "pass an even number of arguments: 'key1', value1, 'key2', value2"));
+                    return Err(self.fail(
+                        c.span,
+                        format!("createObject() takes key/value pairs, got {n} arguments"),
+                        "pass an even number of arguments: 'key1', value1, 'key2', value2",
+                    ));
                 }
                 let mut out = Map::new();
                 let mut it = v.into_iter().enumerate();
@@ -2317,7 +2925,11 @@ impl<'t> Eval<'t> {
                 let s = self.str_arg(c, &v, 0)?;
                 match serde_json::from_str::<JV>(s) {
                     Ok(j) => Ok(j),
-                    Err(e) => Err(self.fail(c.arg(0), format!("json(): the text is not valid JSON ({e})"), "pass a JSON text, for example json('{\"a\": 1}')")),
+                    Err(e) => Err(self.fail(
+                        c.arg(0),
+                        format!("json(): the text is not valid JSON ({e})"),
+                        "pass a JSON text, for example json('{\"a\": 1}')",
+                    )),
                 }
             }
             "split" => {
@@ -2330,15 +2942,29 @@ impl<'t> Eval<'t> {
                         for d in a {
                             match d {
                                 JV::String(d) => out.push(d.as_str()),
-                                other => return Err(self.type_err(c, 1, "a string or an array of strings", other)),
+                                other => {
+                                    return Err(self.type_err(
+                                        c,
+                                        1,
+                                        "a string or an array of strings",
+                                        other,
+                                    ))
+                                }
                             }
                         }
                         out
                     }
-                    other => return Err(self.type_err(c, 1, "a string or an array of strings", other)),
+                    other => {
+                        return Err(self.type_err(c, 1, "a string or an array of strings", other))
+                    }
                 };
-                self.tick((s.len() as u64).saturating_mul(delims.len() as u64) / 16, c.span)?;
-                Ok(JV::Array(split_any(s, &delims).into_iter().map(JV::String).collect()))
+                self.tick(
+                    (s.len() as u64).saturating_mul(delims.len() as u64) / 16,
+                    c.span,
+                )?;
+                Ok(JV::Array(
+                    split_any(s, &delims).into_iter().map(JV::String).collect(),
+                ))
             }
             "trim" => {
                 self.arity(c, n, 1, 1)?;
@@ -2348,12 +2974,20 @@ impl<'t> Eval<'t> {
                 self.arity(c, n, 1, 1)?;
                 match v.into_iter().next() {
                     Some(JV::Array(mut a)) => Ok(if lname == "first" {
-                        if a.is_empty() { JV::Null } else { a.swap_remove(0) }
+                        if a.is_empty() {
+                            JV::Null
+                        } else {
+                            a.swap_remove(0)
+                        }
                     } else {
                         a.pop().unwrap_or(JV::Null)
                     }),
                     Some(JV::String(s)) => {
-                        let ch = if lname == "first" { s.chars().next() } else { s.chars().last() };
+                        let ch = if lname == "first" {
+                            s.chars().next()
+                        } else {
+                            s.chars().last()
+                        };
                         Ok(JV::String(ch.map(String::from).unwrap_or_default()))
                     }
                     Some(other) => Err(self.type_err(c, 0, "an array or a string", &other)),
@@ -2382,8 +3016,14 @@ impl<'t> Eval<'t> {
                 Ok(match lname {
                     "startswith" => JV::Bool(s.starts_with(&needle)),
                     "endswith" => JV::Bool(s.ends_with(&needle)),
-                    "indexof" => JV::from(s.find(&needle).map_or(-1, |b| s[..b].chars().count() as i64)),
-                    _ => JV::from(s.rfind(&needle).map_or(-1, |b| s[..b].chars().count() as i64)),
+                    "indexof" => JV::from(
+                        s.find(&needle)
+                            .map_or(-1, |b| s[..b].chars().count() as i64),
+                    ),
+                    _ => JV::from(
+                        s.rfind(&needle)
+                            .map_or(-1, |b| s[..b].chars().count() as i64),
+                    ),
                 })
             }
             "union" | "intersection" => {
@@ -2392,7 +3032,11 @@ impl<'t> Eval<'t> {
                     let mut it = v.into_iter();
                     let mut acc = it.next().unwrap_or(JV::Null);
                     for o in it {
-                        acc = if lname == "union" { merge_objects(acc, o) } else { intersect_objects(acc, o) };
+                        acc = if lname == "union" {
+                            merge_objects(acc, o)
+                        } else {
+                            intersect_objects(acc, o)
+                        };
                     }
                     Ok(acc)
                 } else if v.iter().all(JV::is_array) {
@@ -2402,7 +3046,10 @@ impl<'t> Eval<'t> {
                         _ => Vec::new(),
                     };
                     let mut acc: Vec<JV> = Vec::new();
-                    self.tick((first.len() as u64).saturating_mul(first.len() as u64) / 16, c.span)?;
+                    self.tick(
+                        (first.len() as u64).saturating_mul(first.len() as u64) / 16,
+                        c.span,
+                    )?;
                     for x in first {
                         if !acc.iter().any(|y| jv_eq(y, &x)) {
                             acc.push(x);
@@ -2410,7 +3057,10 @@ impl<'t> Eval<'t> {
                     }
                     for a in it {
                         let JV::Array(a) = a else { continue };
-                        self.tick((acc.len() as u64 + a.len() as u64).saturating_mul(a.len() as u64) / 16, c.span)?;
+                        self.tick(
+                            (acc.len() as u64 + a.len() as u64).saturating_mul(a.len() as u64) / 16,
+                            c.span,
+                        )?;
                         if lname == "union" {
                             for x in a {
                                 if !acc.iter().any(|y| jv_eq(y, &x)) {
@@ -2423,7 +3073,11 @@ impl<'t> Eval<'t> {
                     }
                     Ok(JV::Array(acc))
                 } else {
-                    let i = if v[0].is_object() || v[0].is_array() { v.iter().position(|x| kind(x) != kind(&v[0])).unwrap_or(0) } else { 0 };
+                    let i = if v[0].is_object() || v[0].is_array() {
+                        v.iter().position(|x| kind(x) != kind(&v[0])).unwrap_or(0)
+                    } else {
+                        0
+                    };
                     Err(self.type_err(c, i, "all arrays or all objects", &v[i]))
                 }
             }
@@ -2436,7 +3090,11 @@ impl<'t> Eval<'t> {
                     } else {
                         a.into_iter().skip(count).collect()
                     })),
-                    Some(JV::String(s)) => Ok(JV::String(if lname == "take" { s.chars().take(count).collect() } else { s.chars().skip(count).collect() })),
+                    Some(JV::String(s)) => Ok(JV::String(if lname == "take" {
+                        s.chars().take(count).collect()
+                    } else {
+                        s.chars().skip(count).collect()
+                    })),
                     Some(other) => Err(self.type_err(c, 0, "an array or a string", &other)),
                     None => Err(Failed),
                 }
@@ -2444,11 +3102,20 @@ impl<'t> Eval<'t> {
             "join" => {
                 self.arity(c, n, 2, 2)?;
                 let delim = self.str_arg(c, &v, 1)?.to_string();
-                let JV::Array(a) = &v[0] else { return Err(self.type_err(c, 0, "an array", &v[0])) };
+                let JV::Array(a) = &v[0] else {
+                    return Err(self.type_err(c, 0, "an array", &v[0]));
+                };
                 let mut parts = Vec::new();
                 for x in a {
                     match x {
-                        JV::Array(_) | JV::Object(_) => return Err(self.type_err(c, 0, "an array of strings, integers or booleans", x)),
+                        JV::Array(_) | JV::Object(_) => {
+                            return Err(self.type_err(
+                                c,
+                                0,
+                                "an array of strings, integers or booleans",
+                                x,
+                            ))
+                        }
                         other => parts.push(text_of(other)),
                     }
                 }
@@ -2468,17 +3135,31 @@ impl<'t> Eval<'t> {
                 self.arity(c, n, 2, 2)?;
                 let start = self.int_arg(c, &v, 0)?;
                 let count = self.int_arg(c, &v, 1)?;
-                if !(0..=MAX_RANGE).contains(&count) || start.saturating_add(count) > i32::MAX as i64 || start < i32::MIN as i64 {
+                if !(0..=MAX_RANGE).contains(&count)
+                    || start.saturating_add(count) > i32::MAX as i64
+                    || start < i32::MIN as i64
+                {
                     return Err(self.fail(c.span, format!("range(): count must be from 0 to {MAX_RANGE} and start + count at most 2147483647, got start {start}, count {count}"), "use a smaller range"));
                 }
                 Ok(JV::Array((start..start + count).map(JV::from).collect()))
             }
             "min" | "max" => {
                 self.arity(c, n, 1, usize::MAX)?;
-                let items: Vec<JV> = if n == 1 && v[0].is_array() { v[0].as_array().cloned().unwrap_or_default() } else { v };
+                let items: Vec<JV> = if n == 1 && v[0].is_array() {
+                    v[0].as_array().cloned().unwrap_or_default()
+                } else {
+                    v
+                };
                 let mut best: Option<i64> = None;
                 for (i, x) in items.iter().enumerate() {
-                    let Some(k) = as_int(x) else { return Err(self.type_err(c, i.min(n - 1), "integers (or one array of integers)", x)) };
+                    let Some(k) = as_int(x) else {
+                        return Err(self.type_err(
+                            c,
+                            i.min(n - 1),
+                            "integers (or one array of integers)",
+                            x,
+                        ));
+                    };
                     best = Some(match best {
                         None => k,
                         Some(b) if lname == "min" => b.min(k),
@@ -2487,7 +3168,11 @@ impl<'t> Eval<'t> {
                 }
                 match best {
                     Some(b) => Ok(JV::from(b)),
-                    None => Err(self.fail(c.span, format!("{}() of an empty array", c.name), "pass at least one integer")),
+                    None => Err(self.fail(
+                        c.span,
+                        format!("{}() of an empty array", c.name),
+                        "pass at least one integer",
+                    )),
                 }
             }
             "add" | "sub" | "mul" | "div" | "mod" => {
@@ -2495,7 +3180,11 @@ impl<'t> Eval<'t> {
                 let a = self.int_arg(c, &v, 0)?;
                 let b = self.int_arg(c, &v, 1)?;
                 if (lname == "div" || lname == "mod") && b == 0 {
-                    return Err(self.fail(c.arg(1), format!("{}(): division by zero", c.name), "divide by a non-zero integer"));
+                    return Err(self.fail(
+                        c.arg(1),
+                        format!("{}(): division by zero", c.name),
+                        "divide by a non-zero integer",
+                    ));
                 }
                 let r = match lname {
                     "add" => a.checked_add(b),
@@ -2506,7 +3195,11 @@ impl<'t> Eval<'t> {
                 };
                 match r {
                     Some(r) => Ok(JV::from(r)),
-                    None => Err(self.fail(c.span, format!("{}(): integer overflow", c.name), "use smaller numbers")),
+                    None => Err(self.fail(
+                        c.span,
+                        format!("{}(): integer overflow", c.name),
+                        "use smaller numbers",
+                    )),
                 }
             }
             "padleft" => {
@@ -2517,10 +3210,18 @@ impl<'t> Eval<'t> {
                     other => return Err(self.type_err(c, 0, "a string or an integer", other)),
                 };
                 let total = self.int_arg(c, &v, 1)?;
-                let pad = if n > 2 { self.str_arg(c, &v, 2)?.to_string() } else { " ".to_string() };
+                let pad = if n > 2 {
+                    self.str_arg(c, &v, 2)?.to_string()
+                } else {
+                    " ".to_string()
+                };
                 let mut pc = pad.chars();
                 let (Some(p), None) = (pc.next(), pc.next()) else {
-                    return Err(self.fail(c.arg(2), "padLeft(): the padding must be a single character", "pass one character, like '0'"));
+                    return Err(self.fail(
+                        c.arg(2),
+                        "padLeft(): the padding must be a single character",
+                        "pass one character, like '0'",
+                    ));
                 };
                 let have = s.chars().count() as i64;
                 if total > have {
@@ -2533,19 +3234,31 @@ impl<'t> Eval<'t> {
             }
             "base64" => {
                 self.arity(c, n, 1, 1)?;
-                Ok(JV::String(base64_encode(self.str_arg(c, &v, 0)?.as_bytes())))
+                Ok(JV::String(base64_encode(
+                    self.str_arg(c, &v, 0)?.as_bytes(),
+                )))
             }
             "base64tostring" | "base64tojson" => {
                 self.arity(c, n, 1, 1)?;
                 let s = self.str_arg(c, &v, 0)?;
                 let text = base64_decode(s).and_then(|b| String::from_utf8(b).ok());
-                let Some(text) = text else { return Err(self.fail(c.arg(0), format!("{}(): the text is not valid base64 of UTF-8 text", c.name), "pass base64 text")) };
+                let Some(text) = text else {
+                    return Err(self.fail(
+                        c.arg(0),
+                        format!("{}(): the text is not valid base64 of UTF-8 text", c.name),
+                        "pass base64 text",
+                    ));
+                };
                 if lname == "base64tostring" {
                     return Ok(JV::String(text));
                 }
                 match serde_json::from_str::<JV>(&text) {
                     Ok(j) => Ok(j),
-                    Err(e) => Err(self.fail(c.arg(0), format!("base64ToJson(): the decoded text is not JSON ({e})"), "pass the base64 of a JSON text")),
+                    Err(e) => Err(self.fail(
+                        c.arg(0),
+                        format!("base64ToJson(): the decoded text is not JSON ({e})"),
+                        "pass the base64 of a JSON text",
+                    )),
                 }
             }
             "uricomponent" => {
@@ -2562,35 +3275,55 @@ impl<'t> Eval<'t> {
                 let rel = self.str_arg(c, &v, 1)?;
                 match uri_combine(base, rel) {
                     Some(u) => Ok(JV::String(u)),
-                    None => Err(self.fail(c.arg(0), format!("uri(): '{}' is not an absolute URI", truncate(base, 60)), "pass an absolute base URI like https://host/path/")),
+                    None => Err(self.fail(
+                        c.arg(0),
+                        format!("uri(): '{}' is not an absolute URI", truncate(base, 60)),
+                        "pass an absolute base URI like https://host/path/",
+                    )),
                 }
             }
             "datauri" => {
                 self.arity(c, n, 1, 1)?;
                 let s = text_of(&v[0]);
-                Ok(JV::String(format!("data:text/plain;charset=utf8;base64,{}", base64_encode(s.as_bytes()))))
+                Ok(JV::String(format!(
+                    "data:text/plain;charset=utf8;base64,{}",
+                    base64_encode(s.as_bytes())
+                )))
             }
             "datauritostring" => {
                 self.arity(c, n, 1, 1)?;
                 let s = self.str_arg(c, &v, 0)?;
-                let decoded = s.strip_prefix("data:").and_then(|rest| rest.split_once(',')).and_then(|(meta, data)| {
-                    if meta.ends_with(";base64") {
-                        base64_decode(data).and_then(|b| String::from_utf8(b).ok())
-                    } else {
-                        Some(uri_unescape(data))
-                    }
-                });
+                let decoded = s
+                    .strip_prefix("data:")
+                    .and_then(|rest| rest.split_once(','))
+                    .and_then(|(meta, data)| {
+                        if meta.ends_with(";base64") {
+                            base64_decode(data).and_then(|b| String::from_utf8(b).ok())
+                        } else {
+                            Some(uri_unescape(data))
+                        }
+                    });
                 match decoded {
                     Some(d) => Ok(JV::String(d)),
-                    None => Err(self.fail(c.arg(0), "dataUriToString(): not a data URI", "pass a value like data:text/plain;charset=utf8;base64,SGVsbG8=")),
+                    None => Err(self.fail(
+                        c.arg(0),
+                        "dataUriToString(): not a data URI",
+                        "pass a value like data:text/plain;charset=utf8;base64,SGVsbG8=",
+                    )),
                 }
             }
             "items" | "objectkeys" => {
                 self.arity(c, n, 1, 1)?;
-                let JV::Object(m) = &v[0] else { return Err(self.type_err(c, 0, "an object", &v[0])) };
+                let JV::Object(m) = &v[0] else {
+                    return Err(self.type_err(c, 0, "an object", &v[0]));
+                };
                 let mut entries: Vec<(&String, &JV)> = m.iter().collect();
                 if lname == "items" {
-                    entries.sort_by(|a, b| a.0.to_lowercase().cmp(&b.0.to_lowercase()).then(a.0.cmp(b.0)));
+                    entries.sort_by(|a, b| {
+                        a.0.to_lowercase()
+                            .cmp(&b.0.to_lowercase())
+                            .then(a.0.cmp(b.0))
+                    });
                     Ok(JV::Array(
                         entries
                             .into_iter()
@@ -2603,7 +3336,12 @@ impl<'t> Eval<'t> {
                             .collect(),
                     ))
                 } else {
-                    Ok(JV::Array(entries.into_iter().map(|(k, _)| JV::String(k.clone())).collect()))
+                    Ok(JV::Array(
+                        entries
+                            .into_iter()
+                            .map(|(k, _)| JV::String(k.clone()))
+                            .collect(),
+                    ))
                 }
             }
             "resourcegroup" => {
@@ -2617,9 +3355,18 @@ impl<'t> Eval<'t> {
                     ));
                 }
                 let mut o = Map::new();
-                o.insert("id".into(), JV::String(format!("/subscriptions/{}/resourceGroups/{}", ctx.sub, ctx.rg)));
+                o.insert(
+                    "id".into(),
+                    JV::String(format!(
+                        "/subscriptions/{}/resourceGroups/{}",
+                        ctx.sub, ctx.rg
+                    )),
+                );
                 o.insert("name".into(), JV::String(ctx.rg.clone()));
-                o.insert("type".into(), JV::String("Microsoft.Resources/resourceGroups".into()));
+                o.insert(
+                    "type".into(),
+                    JV::String("Microsoft.Resources/resourceGroups".into()),
+                );
                 o.insert("location".into(), JV::String(ctx.loc.clone()));
                 o.insert("tags".into(), JV::Object(Map::new()));
                 let mut p = Map::new();
@@ -2631,7 +3378,10 @@ impl<'t> Eval<'t> {
                 self.arity(c, n, 0, 0)?;
                 let ctx = &self.scopes[f.scope].ctx;
                 let mut o = Map::new();
-                o.insert("id".into(), JV::String(format!("/subscriptions/{}", ctx.sub)));
+                o.insert(
+                    "id".into(),
+                    JV::String(format!("/subscriptions/{}", ctx.sub)),
+                );
                 o.insert("subscriptionId".into(), JV::String(ctx.sub.clone()));
                 o.insert("tenantId".into(), JV::String(ctx.tenant.clone()));
                 o.insert("displayName".into(), JV::String(ctx.sub.clone()));
@@ -2649,12 +3399,21 @@ impl<'t> Eval<'t> {
                 self.arity(c, n, 0, 0)?;
                 let ctx = &self.scopes[f.scope].ctx;
                 let props = serde_json_object(&[
-                    ("template", serde_json_object(&[("contentVersion", JV::String(ctx.content_version.clone()))])),
+                    (
+                        "template",
+                        serde_json_object(&[(
+                            "contentVersion",
+                            JV::String(ctx.content_version.clone()),
+                        )]),
+                    ),
                     ("parameters", JV::Object(Map::new())),
                     ("mode", JV::String("Incremental".into())),
                     ("provisioningState", JV::String("Accepted".into())),
                 ]);
-                let mut members = vec![("name", JV::String(ctx.deployment.clone())), ("properties", props)];
+                let mut members = vec![
+                    ("name", JV::String(ctx.deployment.clone())),
+                    ("properties", props),
+                ];
                 if !ctx.rg_scope {
                     members.push(("location", JV::String(ctx.loc.clone())));
                 }
@@ -2664,7 +3423,10 @@ impl<'t> Eval<'t> {
                 self.arity(c, n, 0, 0)?;
                 Ok(azure_cloud())
             }
-            "resourceid" | "subscriptionresourceid" | "tenantresourceid" | "extensionresourceid" => self.resource_id(lname, c, &v, f),
+            "resourceid"
+            | "subscriptionresourceid"
+            | "tenantresourceid"
+            | "extensionresourceid" => self.resource_id(lname, c, &v, f),
             "uniquestring" | "guid" => {
                 self.arity(c, n, 1, usize::MAX)?;
                 let mut parts = Vec::new();
@@ -2672,7 +3434,11 @@ impl<'t> Eval<'t> {
                     parts.push(self.str_arg(c, &v, i)?);
                 }
                 let joined = parts.join("-");
-                Ok(JV::String(if lname == "guid" { uuid_v5(&ARM_GUID_NAMESPACE, joined.as_bytes()) } else { unique_string(&joined) }))
+                Ok(JV::String(if lname == "guid" {
+                    uuid_v5(&ARM_GUID_NAMESPACE, joined.as_bytes())
+                } else {
+                    unique_string(&joined)
+                }))
             }
             "utcnow" | "newguid" => {
                 if !f.in_param_default {
@@ -2687,10 +3453,18 @@ impl<'t> Eval<'t> {
                     return Ok(JV::String(new_guid()));
                 }
                 self.arity(c, n, 0, 1)?;
-                let fmt = if n == 1 { self.str_arg(c, &v, 0)?.to_string() } else { "yyyyMMddTHHmmssZ".to_string() };
+                let fmt = if n == 1 {
+                    self.str_arg(c, &v, 0)?.to_string()
+                } else {
+                    "yyyyMMddTHHmmssZ".to_string()
+                };
                 Ok(JV::String(format_utc(&fmt, &now_utc())))
             }
-            _ => Err(self.fail(c.name_span, format!("{}() is listed as supported but not implemented", c.name), "report this kiln bug")),
+            _ => Err(self.fail(
+                c.name_span,
+                format!("{}() is listed as supported but not implemented", c.name),
+                "report this kiln bug",
+            )),
         }
     }
 
@@ -2710,7 +3484,13 @@ impl<'t> Eval<'t> {
             _ => (0, 0, 0),
         };
         self.arity(c, n, skip + 2, usize::MAX)?;
-        let Some(t) = parts.iter().enumerate().skip(skip).position(|(_, p)| p.contains('/')).map(|i| i + skip) else {
+        let Some(t) = parts
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .position(|(_, p)| p.contains('/'))
+            .map(|i| i + skip)
+        else {
             return Err(self.fail(c.span, format!("{}(): no resource type argument (like 'Microsoft.Network/virtualNetworks') found", c.name), "pass the resource type before the resource names"));
         };
         let pre = t - skip;
@@ -2733,7 +3513,13 @@ impl<'t> Eval<'t> {
             } else {
                 return Err(self.fail(
                     c.span,
-                    format!("{}(): resource type '{ty}' needs {} name{}, got {}", c.name, types.len(), if types.len() == 1 { "" } else { "s" }, names.len()),
+                    format!(
+                        "{}(): resource type '{ty}' needs {} name{}, got {}",
+                        c.name,
+                        types.len(),
+                        if types.len() == 1 { "" } else { "s" },
+                        names.len()
+                    ),
                     "pass one name per type segment after the namespace",
                 ));
             }
@@ -2750,7 +3536,14 @@ impl<'t> Eval<'t> {
                 let (sub, rg) = match pre {
                     2 => (parts[0].clone(), Some(parts[1].clone())),
                     1 => (ctx.sub.clone(), Some(parts[0].clone())),
-                    _ => (ctx.sub.clone(), if ctx.rg_scope { Some(ctx.rg.clone()) } else { None }),
+                    _ => (
+                        ctx.sub.clone(),
+                        if ctx.rg_scope {
+                            Some(ctx.rg.clone())
+                        } else {
+                            None
+                        },
+                    ),
                 };
                 match rg {
                     Some(rg) => format!("/subscriptions/{sub}/resourceGroups/{rg}/{tail}"),
@@ -2758,7 +3551,11 @@ impl<'t> Eval<'t> {
                 }
             }
             "subscriptionresourceid" => {
-                let sub = if pre == 1 { parts[0].clone() } else { ctx.sub.clone() };
+                let sub = if pre == 1 {
+                    parts[0].clone()
+                } else {
+                    ctx.sub.clone()
+                };
                 format!("/subscriptions/{sub}/{tail}")
             }
             "extensionresourceid" => format!("{}/{tail}", parts[0].trim_end_matches('/')),
@@ -2839,7 +3636,11 @@ fn merge_objects(a: JV, b: JV) -> JV {
 
 fn intersect_objects(a: JV, b: JV) -> JV {
     match (a, b) {
-        (JV::Object(a), JV::Object(b)) => JV::Object(a.into_iter().filter(|(k, v)| b.get(k).is_some_and(|w| jv_eq(v, w))).collect()),
+        (JV::Object(a), JV::Object(b)) => JV::Object(
+            a.into_iter()
+                .filter(|(k, v)| b.get(k).is_some_and(|w| jv_eq(v, w)))
+                .collect(),
+        ),
         _ => JV::Object(Map::new()),
     }
 }
@@ -2948,20 +3749,30 @@ fn group_thousands(digits: &str) -> String {
 }
 
 fn format_arg(v: &JV, spec: &str) -> String {
-    let JV::Number(num) = v else { return text_of(v) };
+    let JV::Number(num) = v else {
+        return text_of(v);
+    };
     let spec = spec.trim();
     if spec.is_empty() {
         return text_of(v);
     }
     let letter = spec.as_bytes()[0];
     // (the first byte is ASCII whenever `spec[1..]` is sliced)
-    let prec: Option<usize> = if letter.is_ascii_alphabetic() && spec.len() > 1 { spec[1..].parse().ok().map(|p: usize| p.min(50)) } else { None };
+    let prec: Option<usize> = if letter.is_ascii_alphabetic() && spec.len() > 1 {
+        spec[1..].parse().ok().map(|p: usize| p.min(50))
+    } else {
+        None
+    };
     if !letter.is_ascii_alphabetic() || (spec.len() > 1 && prec.is_none()) {
         // custom pattern: zero padding like "000" or "#,##0" is common enough to honour
         if spec.bytes().all(|c| c == b'0' || c == b'#') {
             if let Some(i) = num.as_i64() {
                 let zeros = spec.bytes().filter(|&c| c == b'0').count();
-                return if i < 0 { format!("-{:0zeros$}", i.unsigned_abs()) } else { format!("{i:0zeros$}") };
+                return if i < 0 {
+                    format!("-{:0zeros$}", i.unsigned_abs())
+                } else {
+                    format!("{i:0zeros$}")
+                };
             }
         }
         return text_of(v);
@@ -2978,7 +3789,9 @@ fn format_arg(v: &JV, spec: &str) -> String {
             };
             let neg = int.map_or(f < 0.0, |i| i < 0);
             let s = if letter.eq_ignore_ascii_case(&b'N') {
-                let (whole, frac) = s.split_once('.').map_or((s.as_str(), None), |(w, fr)| (w, Some(fr)));
+                let (whole, frac) = s
+                    .split_once('.')
+                    .map_or((s.as_str(), None), |(w, fr)| (w, Some(fr)));
                 match frac {
                     Some(fr) => format!("{}.{fr}", group_thousands(whole)),
                     None => group_thousands(whole),
@@ -3032,7 +3845,11 @@ fn base64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let n = chunk.len();
-        let b = [chunk[0], if n > 1 { chunk[1] } else { 0 }, if n > 2 { chunk[2] } else { 0 }];
+        let b = [
+            chunk[0],
+            if n > 1 { chunk[1] } else { 0 },
+            if n > 2 { chunk[2] } else { 0 },
+        ];
         let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for k in 0..4 {
             if k <= n {
@@ -3081,7 +3898,11 @@ fn uri_unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && b[i + 1].is_ascii_hexdigit()
+            && b[i + 2].is_ascii_hexdigit()
+        {
             let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
             out.push(hex(b[i + 1]) * 16 + hex(b[i + 2]));
             i += 3;
@@ -3096,7 +3917,11 @@ fn uri_unescape(s: &str) -> String {
 /// `uri(base, relative)`: RFC 3986 reference resolution without dot-segment removal.
 fn uri_combine(base: &str, rel: &str) -> Option<String> {
     if let Some(p) = rel.find("://") {
-        if p > 0 && rel[..p].bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.')) {
+        if p > 0
+            && rel[..p]
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'))
+        {
             return Some(rel.to_string());
         }
     }
@@ -3105,7 +3930,9 @@ fn uri_combine(base: &str, rel: &str) -> Option<String> {
         return None;
     }
     let auth_start = scheme_end + 3;
-    let path_start = base[auth_start..].find(['/', '?', '#']).map_or(base.len(), |i| auth_start + i);
+    let path_start = base[auth_start..]
+        .find(['/', '?', '#'])
+        .map_or(base.len(), |i| auth_start + i);
     let authority = &base[..path_start];
     let rest = &base[path_start..];
     let path = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
@@ -3152,23 +3979,47 @@ fn murmur64(data: &[u8]) -> u64 {
     const C4: u32 = 0x0bca_a747;
     const C5: u32 = 0x85eb_ca6b;
     const C6: u32 = 0xc2b2_ae35;
-    let le = |b: &[u8]| b.iter().rev().fold(0u32, |acc, &x| (acc << 8) | u32::from(x));
+    let le = |b: &[u8]| {
+        b.iter()
+            .rev()
+            .fold(0u32, |acc, &x| (acc << 8) | u32::from(x))
+    };
     let len = data.len();
     let (mut h1, mut h2) = (0u32, 0u32);
     let mut i = 0;
     while i + 8 <= len {
-        let k1 = le(&data[i..i + 4]).wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-        h1 = (h1 ^ k1).rotate_left(19).wrapping_add(h2).wrapping_mul(5).wrapping_add(C3);
-        let k2 = le(&data[i + 4..i + 8]).wrapping_mul(C2).rotate_left(17).wrapping_mul(C1);
-        h2 = (h2 ^ k2).rotate_left(13).wrapping_add(h1).wrapping_mul(5).wrapping_add(C4);
+        let k1 = le(&data[i..i + 4])
+            .wrapping_mul(C1)
+            .rotate_left(15)
+            .wrapping_mul(C2);
+        h1 = (h1 ^ k1)
+            .rotate_left(19)
+            .wrapping_add(h2)
+            .wrapping_mul(5)
+            .wrapping_add(C3);
+        let k2 = le(&data[i + 4..i + 8])
+            .wrapping_mul(C2)
+            .rotate_left(17)
+            .wrapping_mul(C1);
+        h2 = (h2 ^ k2)
+            .rotate_left(13)
+            .wrapping_add(h1)
+            .wrapping_mul(5)
+            .wrapping_add(C4);
         i += 8;
     }
     let tail = len - i;
     if tail > 0 {
-        let k1 = le(&data[i..i + tail.min(4)]).wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        let k1 = le(&data[i..i + tail.min(4)])
+            .wrapping_mul(C1)
+            .rotate_left(15)
+            .wrapping_mul(C2);
         h1 ^= k1;
         if tail > 4 {
-            let k2 = le(&data[i + 4..len]).wrapping_mul(C2).rotate_left(17).wrapping_mul(C1);
+            let k2 = le(&data[i + 4..len])
+                .wrapping_mul(C2)
+                .rotate_left(17)
+                .wrapping_mul(C1);
             h2 ^= k2;
         }
     }
@@ -3191,7 +4042,9 @@ fn murmur64(data: &[u8]) -> u64 {
 }
 
 /// The namespace of ARM's `guid()` (a name-based UUID, version 5).
-const ARM_GUID_NAMESPACE: [u8; 16] = [0x11, 0xfb, 0x06, 0xfb, 0x71, 0x2d, 0x4d, 0xdd, 0x98, 0xc7, 0xe7, 0x1b, 0xbd, 0x58, 0x88, 0x30];
+const ARM_GUID_NAMESPACE: [u8; 16] = [
+    0x11, 0xfb, 0x06, 0xfb, 0x71, 0x2d, 0x4d, 0xdd, 0x98, 0xc7, 0xe7, 0x1b, 0xbd, 0x58, 0x88, 0x30,
+];
 
 fn uuid_v5(namespace: &[u8; 16], name: &[u8]) -> String {
     let mut data = namespace.to_vec();
@@ -3206,11 +4059,24 @@ fn uuid_v5(namespace: &[u8; 16], name: &[u8]) -> String {
 
 fn fmt_uuid(b: &[u8; 16]) -> String {
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 fn sha1(data: &[u8]) -> [u8; 20] {
-    let mut h: [u32; 5] = [0x6745_2301, 0xEFCD_AB89, 0x98BA_DCFE, 0x1032_5476, 0xC3D2_E1F0];
+    let mut h: [u32; 5] = [
+        0x6745_2301,
+        0xEFCD_AB89,
+        0x98BA_DCFE,
+        0x1032_5476,
+        0xC3D2_E1F0,
+    ];
     let mut msg = data.to_vec();
     let bit_len = (data.len() as u64).wrapping_mul(8);
     msg.push(0x80);
@@ -3221,7 +4087,12 @@ fn sha1(data: &[u8]) -> [u8; 20] {
     for chunk in msg.chunks(64) {
         let mut w = [0u32; 80];
         for t in 0..16 {
-            w[t] = u32::from_be_bytes([chunk[4 * t], chunk[4 * t + 1], chunk[4 * t + 2], chunk[4 * t + 3]]);
+            w[t] = u32::from_be_bytes([
+                chunk[4 * t],
+                chunk[4 * t + 1],
+                chunk[4 * t + 2],
+                chunk[4 * t + 3],
+            ]);
         }
         for t in 16..80 {
             w[t] = (w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16]).rotate_left(1);
@@ -3234,7 +4105,12 @@ fn sha1(data: &[u8]) -> [u8; 20] {
                 40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
                 _ => (b ^ c ^ d, 0xCA62_C1D6),
             };
-            let temp = a.rotate_left(5).wrapping_add(f).wrapping_add(e).wrapping_add(k).wrapping_add(*wt);
+            let temp = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wt);
             e = d;
             d = c;
             c = b.rotate_left(30);
@@ -3255,7 +4131,9 @@ fn sha1(data: &[u8]) -> [u8; 20] {
 /// A random (version 4) UUID from the standard library's randomly keyed hasher.
 fn new_guid() -> String {
     use std::hash::{BuildHasher, Hasher};
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let mut b = [0u8; 16];
     for (i, chunk) in b.chunks_mut(8).enumerate() {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -3286,7 +4164,9 @@ struct Utc {
 }
 
 fn now_utc() -> Utc {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     utc_from_unix(d.as_secs() as i64, d.subsec_nanos())
 }
 
@@ -3303,11 +4183,41 @@ fn utc_from_unix(secs: i64, nanos: u32) -> Utc {
     let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
-    Utc { year, month, day, hour: rem / 3600, minute: rem / 60 % 60, second: rem % 60, nanos, weekday: (days + 4).rem_euclid(7) as u32 }
+    Utc {
+        year,
+        month,
+        day,
+        hour: rem / 3600,
+        minute: rem / 60 % 60,
+        second: rem % 60,
+        nanos,
+        weekday: (days + 4).rem_euclid(7) as u32,
+    }
 }
 
-const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
 
 /// .NET date formatting (invariant culture) of a UTC time: the standard one-letter formats and
 /// custom patterns (`yyyy`, `MM`, `dd`, `HH`, `hh`, `mm`, `ss`, `fff`, `tt`, `'literal'`, ...).
@@ -3369,7 +4279,11 @@ fn format_utc(fmt: &str, t: &Utc) -> String {
                     'm' => t.minute,
                     _ => t.second,
                 };
-                out.push_str(&if run == 1 { v.to_string() } else { num(i64::from(v), 2) });
+                out.push_str(&if run == 1 {
+                    v.to_string()
+                } else {
+                    num(i64::from(v), 2)
+                });
             }
             'f' | 'F' => {
                 let digits = format!("{:09}", t.nanos);
@@ -3483,8 +4397,16 @@ mod tests {
         let (res, diags) = evaluate_image_templates(&root, &[], &ctx());
         assert_eq!(res.len(), 1, "{expr}: {diags:?}");
         let r = &res[0];
-        let v = r.node.get("properties").and_then(|p| p.get("probe")).expect("probe");
-        let value = if r.unresolved.is_empty() { Some(v.to_json()) } else { None };
+        let v = r
+            .node
+            .get("properties")
+            .and_then(|p| p.get("probe"))
+            .expect("probe");
+        let value = if r.unresolved.is_empty() {
+            Some(v.to_json())
+        } else {
+            None
+        };
         Probe { src, value, diags }
     }
 
@@ -3665,68 +4587,287 @@ mod tests {
         for (expr, want) in &table {
             let p = probe(expr);
             if p.value.as_ref() != Some(want) {
-                failures.push(format!("{expr}\n   want {want}\n   got  {:?}\n   diags {:?}", p.value, p.diags.iter().map(|d| &d.message).collect::<Vec<_>>()));
+                failures.push(format!(
+                    "{expr}\n   want {want}\n   got  {:?}\n   diags {:?}",
+                    p.value,
+                    p.diags.iter().map(|d| &d.message).collect::<Vec<_>>()
+                ));
             }
         }
-        assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), table.len(), failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{} of {} failed:\n{}",
+            failures.len(),
+            table.len(),
+            failures.join("\n")
+        );
     }
 
     #[test]
     fn errors_are_located_inside_the_expression() {
         // (expression, code, message fragment, text the diagnostic's span covers)
         let table: &[(&str, &str, &str, &str)] = &[
-            ("[reference('x').id]", UNSUPPORTED_ARM_FUNCTION, "reference() reads the live state", "reference"),
-            ("[listKeys('x', '2020-01-01').keys[0].value]", UNSUPPORTED_ARM_FUNCTION, "listKeys()", "listKeys"),
-            ("[concat('a', dateTimeAdd('2020', 'P1D'))]", UNSUPPORTED_ARM_FUNCTION, "dateTimeAdd", "dateTimeAdd"),
-            ("[fooBar(1)]", ARM_EXPRESSION_ERROR, "'fooBar' is not an ARM template function", "fooBar"),
-            ("[concat('a', ]", ARM_EXPRESSION_ERROR, "ends too early", "]"),
-            ("[concat('a' 'b')]", ARM_EXPRESSION_ERROR, "unexpected `'`", "'"),
-            ("[concat('a')) ]", ARM_EXPRESSION_ERROR, "after the end of the expression", ")"),
-            ("[concat('a]", ARM_EXPRESSION_ERROR, "unterminated string literal", "'"),
-            ("[resourceGroup.location]", ARM_EXPRESSION_ERROR, "is not a function call", "resourceGroup.location"),
+            (
+                "[reference('x').id]",
+                UNSUPPORTED_ARM_FUNCTION,
+                "reference() reads the live state",
+                "reference",
+            ),
+            (
+                "[listKeys('x', '2020-01-01').keys[0].value]",
+                UNSUPPORTED_ARM_FUNCTION,
+                "listKeys()",
+                "listKeys",
+            ),
+            (
+                "[concat('a', dateTimeAdd('2020', 'P1D'))]",
+                UNSUPPORTED_ARM_FUNCTION,
+                "dateTimeAdd",
+                "dateTimeAdd",
+            ),
+            (
+                "[fooBar(1)]",
+                ARM_EXPRESSION_ERROR,
+                "'fooBar' is not an ARM template function",
+                "fooBar",
+            ),
+            (
+                "[concat('a', ]",
+                ARM_EXPRESSION_ERROR,
+                "ends too early",
+                "]",
+            ),
+            (
+                "[concat('a' 'b')]",
+                ARM_EXPRESSION_ERROR,
+                "unexpected `'`",
+                "'",
+            ),
+            (
+                "[concat('a')) ]",
+                ARM_EXPRESSION_ERROR,
+                "after the end of the expression",
+                ")",
+            ),
+            (
+                "[concat('a]",
+                ARM_EXPRESSION_ERROR,
+                "unterminated string literal",
+                "'",
+            ),
+            (
+                "[resourceGroup.location]",
+                ARM_EXPRESSION_ERROR,
+                "is not a function call",
+                "resourceGroup.location",
+            ),
             ("[1.5]", ARM_EXPRESSION_ERROR, "decimal numbers", "1."),
             ("[]", ARM_EXPRESSION_ERROR, "empty expression", "[]"),
-            ("[parameters('missing')]", ARM_EXPRESSION_ERROR, "declares no parameter 'missing'", "'missing'"),
-            ("[variables('nope')]", ARM_EXPRESSION_ERROR, "declares no variable 'nope'", "'nope'"),
-            ("[substring('abc', 2, 5)]", ARM_EXPRESSION_ERROR, "do not fit in a string of 3", "substring('abc', 2, 5)"),
-            ("[int('x1')]", ARM_EXPRESSION_ERROR, "'x1' is not an integer", "'x1'"),
-            ("[if('yes', 1, 2)]", ARM_EXPRESSION_ERROR, "first argument of if() must be a boolean", "'yes'"),
-            ("[if(true(), 1)]", ARM_EXPRESSION_ERROR, "if() takes 3 arguments, got 2", "if(true(), 1)"),
-            ("[createObject('a')]", ARM_EXPRESSION_ERROR, "key/value pairs", "createObject('a')"),
-            ("[format('{1}', 'a')]", ARM_EXPRESSION_ERROR, "placeholder {1} refers to argument 1", "format('{1}', 'a')"),
-            ("[format('{0', 'a')]", ARM_EXPRESSION_ERROR, "unclosed", "format('{0', 'a')"),
-            ("[variables('arr')[5]]", ARM_EXPRESSION_ERROR, "index 5 is out of range", "[5]"),
-            ("[parameters('obj').missing]", ARM_EXPRESSION_ERROR, "property 'missing' doesn't exist; available properties: Key, nested", ".missing"),
-            ("[parameters('name').x]", ARM_EXPRESSION_ERROR, "cannot read property 'x' of a string", ".x"),
-            ("[utcNow()]", ARM_EXPRESSION_ERROR, "utcNow() can only be used in a parameter's defaultValue", "utcNow"),
-            ("[newGuid()]", ARM_EXPRESSION_ERROR, "newGuid() can only be used", "newGuid"),
-            ("[copyIndex()]", ARM_EXPRESSION_ERROR, "copyIndex() without a loop name", "copyIndex()"),
-            ("[copyIndex('loop')]", ARM_EXPRESSION_ERROR, "no copy loop named 'loop'", "copyIndex('loop')"),
-            ("[json('{bad')]", ARM_EXPRESSION_ERROR, "not valid JSON", "'{bad'"),
-            ("[concat('a', createObject())]", ARM_EXPRESSION_ERROR, "second argument of concat() must be a string", "createObject()"),
-            ("[resourceId('vnet')]", ARM_EXPRESSION_ERROR, "resourceId() takes at least 2 arguments", "resourceId('vnet')"),
-            ("[resourceId('a', 'b')]", ARM_EXPRESSION_ERROR, "no resource type argument", "resourceId('a', 'b')"),
-            ("[resourceId('Microsoft.Network/virtualNetworks/subnets', 'vnet')]", ARM_EXPRESSION_ERROR, "needs 2 names, got 1", "resourceId('Microsoft.Network/virtualNetworks/subnets', 'vnet')"),
-            ("[add(9223372036854775807, 1)]", ARM_EXPRESSION_ERROR, "integer overflow", "add(9223372036854775807, 1)"),
+            (
+                "[parameters('missing')]",
+                ARM_EXPRESSION_ERROR,
+                "declares no parameter 'missing'",
+                "'missing'",
+            ),
+            (
+                "[variables('nope')]",
+                ARM_EXPRESSION_ERROR,
+                "declares no variable 'nope'",
+                "'nope'",
+            ),
+            (
+                "[substring('abc', 2, 5)]",
+                ARM_EXPRESSION_ERROR,
+                "do not fit in a string of 3",
+                "substring('abc', 2, 5)",
+            ),
+            (
+                "[int('x1')]",
+                ARM_EXPRESSION_ERROR,
+                "'x1' is not an integer",
+                "'x1'",
+            ),
+            (
+                "[if('yes', 1, 2)]",
+                ARM_EXPRESSION_ERROR,
+                "first argument of if() must be a boolean",
+                "'yes'",
+            ),
+            (
+                "[if(true(), 1)]",
+                ARM_EXPRESSION_ERROR,
+                "if() takes 3 arguments, got 2",
+                "if(true(), 1)",
+            ),
+            (
+                "[createObject('a')]",
+                ARM_EXPRESSION_ERROR,
+                "key/value pairs",
+                "createObject('a')",
+            ),
+            (
+                "[format('{1}', 'a')]",
+                ARM_EXPRESSION_ERROR,
+                "placeholder {1} refers to argument 1",
+                "format('{1}', 'a')",
+            ),
+            (
+                "[format('{0', 'a')]",
+                ARM_EXPRESSION_ERROR,
+                "unclosed",
+                "format('{0', 'a')",
+            ),
+            (
+                "[variables('arr')[5]]",
+                ARM_EXPRESSION_ERROR,
+                "index 5 is out of range",
+                "[5]",
+            ),
+            (
+                "[parameters('obj').missing]",
+                ARM_EXPRESSION_ERROR,
+                "property 'missing' doesn't exist; available properties: Key, nested",
+                ".missing",
+            ),
+            (
+                "[parameters('name').x]",
+                ARM_EXPRESSION_ERROR,
+                "cannot read property 'x' of a string",
+                ".x",
+            ),
+            (
+                "[utcNow()]",
+                ARM_EXPRESSION_ERROR,
+                "utcNow() can only be used in a parameter's defaultValue",
+                "utcNow",
+            ),
+            (
+                "[newGuid()]",
+                ARM_EXPRESSION_ERROR,
+                "newGuid() can only be used",
+                "newGuid",
+            ),
+            (
+                "[copyIndex()]",
+                ARM_EXPRESSION_ERROR,
+                "copyIndex() without a loop name",
+                "copyIndex()",
+            ),
+            (
+                "[copyIndex('loop')]",
+                ARM_EXPRESSION_ERROR,
+                "no copy loop named 'loop'",
+                "copyIndex('loop')",
+            ),
+            (
+                "[json('{bad')]",
+                ARM_EXPRESSION_ERROR,
+                "not valid JSON",
+                "'{bad'",
+            ),
+            (
+                "[concat('a', createObject())]",
+                ARM_EXPRESSION_ERROR,
+                "second argument of concat() must be a string",
+                "createObject()",
+            ),
+            (
+                "[resourceId('vnet')]",
+                ARM_EXPRESSION_ERROR,
+                "resourceId() takes at least 2 arguments",
+                "resourceId('vnet')",
+            ),
+            (
+                "[resourceId('a', 'b')]",
+                ARM_EXPRESSION_ERROR,
+                "no resource type argument",
+                "resourceId('a', 'b')",
+            ),
+            (
+                "[resourceId('Microsoft.Network/virtualNetworks/subnets', 'vnet')]",
+                ARM_EXPRESSION_ERROR,
+                "needs 2 names, got 1",
+                "resourceId('Microsoft.Network/virtualNetworks/subnets', 'vnet')",
+            ),
+            (
+                "[add(9223372036854775807, 1)]",
+                ARM_EXPRESSION_ERROR,
+                "integer overflow",
+                "add(9223372036854775807, 1)",
+            ),
             ("[div(1, 0)]", ARM_EXPRESSION_ERROR, "division by zero", "0"),
-            ("[range(0, 100000)]", ARM_EXPRESSION_ERROR, "range(): count must be from 0 to 10000", "range(0, 100000)"),
-            ("[lambda('x', 1)]", ARM_EXPRESSION_ERROR, "lambda() can only be an argument", "lambda"),
-            ("[map(createArray(1), 'x')]", ARM_EXPRESSION_ERROR, "map() expects lambda('x', ...)", "'x'"),
-            ("[lambdaVariables('y')]", ARM_EXPRESSION_ERROR, "no lambda variable 'y'", "'y'"),
-            ("[contoso.uniqueName('a')]", ARM_EXPRESSION_ERROR, "defines no user function 'contoso.uniqueName'", "contoso.uniqueName"),
-            ("[replace('abc', '', 'x')]", ARM_EXPRESSION_ERROR, "must not be empty", "''"),
-            ("[padLeft('a', 3, 'xy')]", ARM_EXPRESSION_ERROR, "single character", "'xy'"),
-            ("[union(createArray(1), createObject())]", ARM_EXPRESSION_ERROR, "all arrays or all objects", "createObject()"),
-            ("[not('true')]", ARM_EXPRESSION_ERROR, "first argument of not() must be a boolean", "'true'"),
+            (
+                "[range(0, 100000)]",
+                ARM_EXPRESSION_ERROR,
+                "range(): count must be from 0 to 10000",
+                "range(0, 100000)",
+            ),
+            (
+                "[lambda('x', 1)]",
+                ARM_EXPRESSION_ERROR,
+                "lambda() can only be an argument",
+                "lambda",
+            ),
+            (
+                "[map(createArray(1), 'x')]",
+                ARM_EXPRESSION_ERROR,
+                "map() expects lambda('x', ...)",
+                "'x'",
+            ),
+            (
+                "[lambdaVariables('y')]",
+                ARM_EXPRESSION_ERROR,
+                "no lambda variable 'y'",
+                "'y'",
+            ),
+            (
+                "[contoso.uniqueName('a')]",
+                ARM_EXPRESSION_ERROR,
+                "defines no user function 'contoso.uniqueName'",
+                "contoso.uniqueName",
+            ),
+            (
+                "[replace('abc', '', 'x')]",
+                ARM_EXPRESSION_ERROR,
+                "must not be empty",
+                "''",
+            ),
+            (
+                "[padLeft('a', 3, 'xy')]",
+                ARM_EXPRESSION_ERROR,
+                "single character",
+                "'xy'",
+            ),
+            (
+                "[union(createArray(1), createObject())]",
+                ARM_EXPRESSION_ERROR,
+                "all arrays or all objects",
+                "createObject()",
+            ),
+            (
+                "[not('true')]",
+                ARM_EXPRESSION_ERROR,
+                "first argument of not() must be a boolean",
+                "'true'",
+            ),
         ];
         let mut failures = Vec::new();
         for (expr, code, msg, at) in table {
             let p = probe(expr);
-            let hit = p.diags.iter().find(|d| d.code == *code && d.message.contains(msg));
+            let hit = p
+                .diags
+                .iter()
+                .find(|d| d.code == *code && d.message.contains(msg));
             match hit {
                 Some(d) if text(&p.src, d.span) == *at => {}
-                Some(d) => failures.push(format!("{expr}: span covers {:?}, want {at:?}", text(&p.src, d.span))),
-                None => failures.push(format!("{expr}: no {code} containing {msg:?} in {:?}", p.diags)),
+                Some(d) => failures.push(format!(
+                    "{expr}: span covers {:?}, want {at:?}",
+                    text(&p.src, d.span)
+                )),
+                None => failures.push(format!(
+                    "{expr}: no {code} containing {msg:?} in {:?}",
+                    p.diags
+                )),
             }
             if p.value.is_some() {
                 failures.push(format!("{expr}: expected the value to stay unresolved"));
@@ -3738,8 +4879,16 @@ mod tests {
     #[test]
     fn unsupported_function_message_lists_what_kiln_evaluates() {
         let p = probe("[reference('x')]");
-        let d = p.diags.iter().find(|d| d.code == UNSUPPORTED_ARM_FUNCTION).unwrap();
-        assert!(d.message.contains("concat") && d.message.contains("uniqueString"), "{}", d.message);
+        let d = p
+            .diags
+            .iter()
+            .find(|d| d.code == UNSUPPORTED_ARM_FUNCTION)
+            .unwrap();
+        assert!(
+            d.message.contains("concat") && d.message.contains("uniqueString"),
+            "{}",
+            d.message
+        );
         assert!(d.fix.contains("-p NAME=VALUE"));
     }
 
@@ -3747,7 +4896,11 @@ mod tests {
     fn strings_with_escapes_point_at_the_whole_string() {
         let expr = "[concat('say \"hi\"', fooBar())]";
         let p = probe(expr);
-        let d = p.diags.iter().find(|d| d.message.contains("fooBar")).unwrap();
+        let d = p
+            .diags
+            .iter()
+            .find(|d| d.message.contains("fooBar"))
+            .unwrap();
         assert_eq!(text(&p.src, d.span), serde_json::to_string(expr).unwrap());
     }
 
@@ -3784,12 +4937,17 @@ mod tests {
 
     fn run(src: &str, params: &[(&str, JV)]) -> (Vec<EvaluatedResource>, Vec<ArmDiag>) {
         let root = parse(src).unwrap().root;
-        let params: Vec<(String, JV)> = params.iter().map(|(k, v)| ((*k).to_string(), v.clone())).collect();
+        let params: Vec<(String, JV)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), v.clone()))
+            .collect();
         evaluate_image_templates(&root, &params, &ctx())
     }
 
     fn span_of(src: &str, needle: &str) -> Span {
-        let i = src.find(needle).unwrap_or_else(|| panic!("{needle} not in source"));
+        let i = src
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} not in source"));
         Span::new(i, i + needle.len())
     }
 
@@ -3803,15 +4961,31 @@ mod tests {
         let n = &r.node;
         let name = n.get("name").unwrap();
         assert_eq!(name.as_str(), Some("myTemplate"));
-        assert_eq!(name.span, span_of(IT, "\"[parameters('imageTemplateName')]\""));
+        assert_eq!(
+            name.span,
+            span_of(IT, "\"[parameters('imageTemplateName')]\"")
+        );
         let ty = n.get("type").unwrap();
-        assert_eq!(ty.span, span_of(IT, "\"Microsoft.VirtualMachineImages/imageTemplates\""));
+        assert_eq!(
+            ty.span,
+            span_of(IT, "\"Microsoft.VirtualMachineImages/imageTemplates\"")
+        );
         let j = n.to_json();
         assert_eq!(j["apiVersion"], json!("2022-02-14"));
         assert_eq!(j["location"], json!("westeurope"));
         let id = format!("/subscriptions/{SUB}/resourceGroups/rg-build/providers/Microsoft.ManagedIdentity/userAssignedIdentities/aibIdentity");
-        assert_eq!(j["identity"]["userAssignedIdentities"], json!({ id.clone(): {} }));
-        let (key, _) = n.get("identity").unwrap().get("userAssignedIdentities").unwrap().as_object().unwrap()[0].clone();
+        assert_eq!(
+            j["identity"]["userAssignedIdentities"],
+            json!({ id.clone(): {} })
+        );
+        let (key, _) = n
+            .get("identity")
+            .unwrap()
+            .get("userAssignedIdentities")
+            .unwrap()
+            .as_object()
+            .unwrap()[0]
+            .clone();
         assert_eq!(key.span, span_of(IT, "\"[variables('identityId')]\""));
         let props = n.get("properties").unwrap();
         let timeout = props.get("buildTimeoutInMinutes").unwrap();
@@ -3819,10 +4993,18 @@ mod tests {
         assert_eq!(timeout.span, span_of(IT, "\"[parameters('timeout')]\""));
         assert_eq!(j["properties"]["distribute"][0]["imageId"], json!(format!("/subscriptions/{SUB}/resourceGroups/rg-build/providers/Microsoft.Compute/images/myTemplate")));
         // utcNow() in a defaultValue is allowed; its default format is yyyyMMddTHHmmssZ
-        let line = j["properties"]["customize"][0]["inline"][0].as_str().unwrap().to_string();
+        let line = j["properties"]["customize"][0]["inline"][0]
+            .as_str()
+            .unwrap()
+            .to_string();
         let stamp = line.strip_prefix("echo ").unwrap();
         assert_eq!(stamp.len(), 16, "{stamp}");
-        assert!(stamp.as_bytes()[8] == b'T' && stamp.ends_with('Z') && stamp[..8].bytes().all(|b| b.is_ascii_digit()), "{stamp}");
+        assert!(
+            stamp.as_bytes()[8] == b'T'
+                && stamp.ends_with('Z')
+                && stamp[..8].bytes().all(|b| b.is_ascii_digit()),
+            "{stamp}"
+        );
         let pub_node = props.get("source").unwrap().get("publisher").unwrap();
         assert_eq!(pub_node.span, span_of(IT, "\"Canonical\""));
     }
@@ -3830,7 +5012,10 @@ mod tests {
     #[test]
     fn missing_parameter_is_reported_at_its_declaration_and_left_unresolved() {
         let (res, diags) = run(IT, &[]);
-        let d: Vec<&ArmDiag> = diags.iter().filter(|d| d.code == MISSING_PARAMETER).collect();
+        let d: Vec<&ArmDiag> = diags
+            .iter()
+            .filter(|d| d.code == MISSING_PARAMETER)
+            .collect();
         assert_eq!(d.len(), 1, "{diags:?}");
         assert!(d[0].message.contains("parameter 'imageTemplateName' has no value: pass --parameters FILE or -p imageTemplateName=VALUE"));
         assert_eq!(text(IT, d[0].span), "\"imageTemplateName\"");
@@ -3839,7 +5024,10 @@ mod tests {
         let name = r.node.get("name").unwrap();
         assert_eq!(name.as_str(), Some("[parameters('imageTemplateName')]"));
         assert!(r.unresolved.contains(&name.span));
-        let image_id = span_of(IT, "\"[resourceId('Microsoft.Compute/images', parameters('imageTemplateName'))]\"");
+        let image_id = span_of(
+            IT,
+            "\"[resourceId('Microsoft.Compute/images', parameters('imageTemplateName'))]\"",
+        );
         assert!(r.unresolved.contains(&image_id));
         assert_eq!(r.unresolved.len(), 2);
         // everything else is still evaluated
@@ -3848,24 +5036,94 @@ mod tests {
 
     #[test]
     fn parameter_values_are_checked_and_command_line_strings_coerced() {
-        let (res, diags) = run(IT, &[("imageTemplateName", json!("t")), ("timeout", json!("120")), ("sku", json!("18_04-lts"))]);
-        assert_eq!(res[0].node.to_json()["properties"]["buildTimeoutInMinutes"], json!(120));
-        let d = diags.iter().find(|d| d.message.contains("allowedValues")).expect("allowedValues diag");
+        let (res, diags) = run(
+            IT,
+            &[
+                ("imageTemplateName", json!("t")),
+                ("timeout", json!("120")),
+                ("sku", json!("18_04-lts")),
+            ],
+        );
+        assert_eq!(
+            res[0].node.to_json()["properties"]["buildTimeoutInMinutes"],
+            json!(120)
+        );
+        let d = diags
+            .iter()
+            .find(|d| d.message.contains("allowedValues"))
+            .expect("allowedValues diag");
         assert_eq!(d.code, ARM_EXPRESSION_ERROR);
-        assert!(d.message.contains("\"22_04-lts\", \"20_04-lts\"") && d.message.contains("'sku'"), "{}", d.message);
+        assert!(
+            d.message.contains("\"22_04-lts\", \"20_04-lts\"") && d.message.contains("'sku'"),
+            "{}",
+            d.message
+        );
         assert_eq!(text(IT, d.span), "\"sku\"");
-        let (_, diags) = run(IT, &[("imageTemplateName", json!("t")), ("timeout", json!("soon"))]);
-        assert!(diags.iter().any(|d| d.message.contains("the value 'soon' given for parameter 'timeout' is not a valid int")), "{diags:?}");
-        let unused = IT.replace("\"stamp\": {", "\"unused\": {\"type\": \"bool\"}, \"stamp\": {");
-        let (_, diags) = run(&unused, &[("imageTemplateName", json!("t")), ("unused", json!("maybe"))]);
-        assert!(diags.iter().any(|d| d.message.contains("'maybe' given for parameter 'unused' is not a valid bool")), "given values are checked even when unused: {diags:?}");
-        let (_, diags) = run(IT, &[("imageTemplateName", json!("t")), ("timeout", json!(2))]);
-        assert!(diags.iter().any(|d| d.message.contains("is 2, below its minValue 6")), "{diags:?}");
+        let (_, diags) = run(
+            IT,
+            &[
+                ("imageTemplateName", json!("t")),
+                ("timeout", json!("soon")),
+            ],
+        );
+        assert!(
+            diags.iter().any(|d| d
+                .message
+                .contains("the value 'soon' given for parameter 'timeout' is not a valid int")),
+            "{diags:?}"
+        );
+        let unused = IT.replace(
+            "\"stamp\": {",
+            "\"unused\": {\"type\": \"bool\"}, \"stamp\": {",
+        );
+        let (_, diags) = run(
+            &unused,
+            &[
+                ("imageTemplateName", json!("t")),
+                ("unused", json!("maybe")),
+            ],
+        );
+        assert!(
+            diags.iter().any(|d| d
+                .message
+                .contains("'maybe' given for parameter 'unused' is not a valid bool")),
+            "given values are checked even when unused: {diags:?}"
+        );
+        let (_, diags) = run(
+            IT,
+            &[("imageTemplateName", json!("t")), ("timeout", json!(2))],
+        );
+        assert!(
+            diags
+                .iter()
+                .any(|d| d.message.contains("is 2, below its minValue 6")),
+            "{diags:?}"
+        );
         let (_, diags) = run(IT, &[("imageTemplateName", json!(5))]);
-        assert!(diags.iter().any(|d| d.message.contains("declared as string but its value is an integer")), "{diags:?}");
-        let (_, diags) = run(IT, &[("imageTemplateName", json!("t")), ("imageTemplatename", json!("u")), ("nosuch", json!(1))]);
-        let d = diags.iter().find(|d| d.message.contains("'nosuch'")).expect("unknown parameter diag");
-        assert!(d.message.contains("declares no such parameter") && d.message.contains("imageTemplateName, api-version"), "{}", d.message);
+        assert!(
+            diags.iter().any(|d| d
+                .message
+                .contains("declared as string but its value is an integer")),
+            "{diags:?}"
+        );
+        let (_, diags) = run(
+            IT,
+            &[
+                ("imageTemplateName", json!("t")),
+                ("imageTemplatename", json!("u")),
+                ("nosuch", json!(1)),
+            ],
+        );
+        let d = diags
+            .iter()
+            .find(|d| d.message.contains("'nosuch'"))
+            .expect("unknown parameter diag");
+        assert!(
+            d.message.contains("declares no such parameter")
+                && d.message.contains("imageTemplateName, api-version"),
+            "{}",
+            d.message
+        );
         assert_eq!(diags.len(), 1, "{diags:?}");
     }
 
@@ -3875,9 +5133,20 @@ mod tests {
             "n": {"type": "int"}, "b": {"type": "bool"}, "a": {"type": "array"}, "o": {"type": "object"}},
           "resources": [{"type": "microsoft.virtualmachineimages/IMAGETEMPLATES", "name": "x",
             "properties": {"n": "[parameters('n')]", "b": "[parameters('b')]", "a": "[parameters('a')]", "o": "[parameters('o').k]"}}]}"#;
-        let (res, diags) = run(src, &[("n", json!("7")), ("b", json!("True")), ("a", json!("[1, \"x\"]")), ("o", json!("{\"k\": [true]}"))]);
+        let (res, diags) = run(
+            src,
+            &[
+                ("n", json!("7")),
+                ("b", json!("True")),
+                ("a", json!("[1, \"x\"]")),
+                ("o", json!("{\"k\": [true]}")),
+            ],
+        );
         assert!(diags.is_empty(), "{diags:?}");
-        assert_eq!(res[0].node.to_json()["properties"], json!({"n": 7, "b": true, "a": [1, "x"], "o": [true]}));
+        assert_eq!(
+            res[0].node.to_json()["properties"],
+            json!({"n": 7, "b": true, "a": [1, "x"], "o": [true]})
+        );
     }
 
     #[test]
@@ -3886,20 +5155,39 @@ mod tests {
             "parameters": {"a": {"value": "x"}, "b": {"value": {"k": [1]}}, "c": {"value": "[notEvaluated()]"}}}"#).unwrap().root;
         assert_eq!(
             parse_parameters_file(&ok).unwrap(),
-            vec![("a".to_string(), json!("x")), ("b".to_string(), json!({"k": [1]})), ("c".to_string(), json!("[notEvaluated()]"))]
+            vec![
+                ("a".to_string(), json!("x")),
+                ("b".to_string(), json!({"k": [1]})),
+                ("c".to_string(), json!("[notEvaluated()]"))
+            ]
         );
         let bare = parse(r#"{"a": {"value": 1}}"#).unwrap().root;
-        assert_eq!(parse_parameters_file(&bare).unwrap(), vec![("a".to_string(), json!(1))]);
+        assert_eq!(
+            parse_parameters_file(&bare).unwrap(),
+            vec![("a".to_string(), json!(1))]
+        );
         let src = r#"{"parameters": {"pw": {"reference": {"keyVault": {"id": "/subscriptions/x/resourceGroups/y/providers/Microsoft.KeyVault/vaults/v"}, "secretName": "adminPw"}}}}"#;
         let kv = parse(src).unwrap().root;
         let e = parse_parameters_file(&kv).unwrap_err();
-        assert!(e.message.contains("Key Vault") && e.message.contains("'pw'") && e.message.contains("adminPw"), "{}", e.message);
+        assert!(
+            e.message.contains("Key Vault")
+                && e.message.contains("'pw'")
+                && e.message.contains("adminPw"),
+            "{}",
+            e.message
+        );
         assert!(e.fix.contains("-p pw=VALUE"));
         assert!(text(src, e.span).starts_with("{\"reference\""));
         let novalue = parse(r#"{"parameters": {"a": {"val": 1}}}"#).unwrap().root;
-        assert!(parse_parameters_file(&novalue).unwrap_err().message.contains("no \"value\""));
+        assert!(parse_parameters_file(&novalue)
+            .unwrap_err()
+            .message
+            .contains("no \"value\""));
         let tpl = parse(IT).unwrap().root;
-        assert!(parse_parameters_file(&tpl).unwrap_err().message.contains("deployment template, not a parameters file"));
+        assert!(parse_parameters_file(&tpl)
+            .unwrap_err()
+            .message
+            .contains("deployment template, not a parameters file"));
         let arr = parse("[1]").unwrap().root;
         assert!(parse_parameters_file(&arr).is_err());
     }
@@ -3939,10 +5227,19 @@ mod tests {
              "properties": {"c": "[variables('a')]", "d": "[variables('self')]", "e": "[variables('a')]"}}]}"#;
         let (res, diags) = run(src, &[]);
         assert_eq!(res.len(), 1);
-        let cycles: Vec<&ArmDiag> = diags.iter().filter(|d| d.message.contains("depends on itself")).collect();
+        let cycles: Vec<&ArmDiag> = diags
+            .iter()
+            .filter(|d| d.message.contains("depends on itself"))
+            .collect();
         assert_eq!(cycles.len(), 2, "{diags:?}");
-        assert!(cycles.iter().any(|d| d.message.contains("variable 'a'") || d.message.contains("variable 'b'")));
-        assert_eq!(diags.len(), 2, "unrelated resources, unused variables and parameters are not evaluated: {diags:?}");
+        assert!(cycles
+            .iter()
+            .any(|d| d.message.contains("variable 'a'") || d.message.contains("variable 'b'")));
+        assert_eq!(
+            diags.len(),
+            2,
+            "unrelated resources, unused variables and parameters are not evaluated: {diags:?}"
+        );
         assert_eq!(res[0].node.get("name").unwrap().as_str(), Some("fine"));
         assert_eq!(res[0].unresolved.len(), 3);
     }
@@ -3957,13 +5254,27 @@ mod tests {
           "resources": [{"type": "Microsoft.VirtualMachineImages/imageTemplates", "name": "n",
              "properties": {"a": "[parameters('a')]", "c": "[parameters('c')]", "g": "[parameters('g')]", "g2": "[parameters('g')]", "t": "[parameters('t')]"}}]}"#;
         let (res, diags) = run(src, &[]);
-        assert!(diags.iter().any(|d| d.message.contains("parameter 'a' depends on itself") || d.message.contains("parameter 'b' depends on itself")), "{diags:?}");
-        assert!(diags.iter().any(|d| d.message.contains("variables() cannot be used in a parameter's defaultValue")), "{diags:?}");
+        assert!(
+            diags
+                .iter()
+                .any(|d| d.message.contains("parameter 'a' depends on itself")
+                    || d.message.contains("parameter 'b' depends on itself")),
+            "{diags:?}"
+        );
+        assert!(
+            diags.iter().any(|d| d
+                .message
+                .contains("variables() cannot be used in a parameter's defaultValue")),
+            "{diags:?}"
+        );
         let j = res[0].node.to_json();
         let g = j["properties"]["g"].as_str().unwrap();
         assert_eq!(g.len(), 36);
         assert_eq!(&g[14..15], "4");
-        assert_eq!(j["properties"]["g"], j["properties"]["g2"], "a parameter is evaluated once");
+        assert_eq!(
+            j["properties"]["g"], j["properties"]["g2"],
+            "a parameter is evaluated once"
+        );
         let t = j["properties"]["t"].as_str().unwrap();
         assert_eq!(t.len(), 16);
         assert_eq!(&t[4..5], "-");
@@ -3981,7 +5292,10 @@ mod tests {
              "old": {"type": "Microsoft.VirtualMachineImages/imageTemplates", "name": "existing-one", "existing": true}}}"#;
         let (res, diags) = run(src, &[]);
         assert!(diags.is_empty(), "{diags:?}");
-        let names: Vec<String> = res.iter().map(|r| r.node.to_json()["name"].as_str().unwrap().to_string()).collect();
+        let names: Vec<String> = res
+            .iter()
+            .map(|r| r.node.to_json()["name"].as_str().unwrap().to_string())
+            .collect();
         assert_eq!(names, vec!["child-v", "top"]);
     }
 
@@ -4008,7 +5322,10 @@ mod tests {
         let (res, diags) = run(src, &[]);
         assert_eq!(res.len(), 2, "{diags:?}");
         let a = res[0].node.to_json();
-        assert_eq!((a["name"].as_str(), a["location"].as_str()), (Some("outer-var"), Some("northeurope")));
+        assert_eq!(
+            (a["name"].as_str(), a["location"].as_str()),
+            (Some("outer-var"), Some("northeurope"))
+        );
         let b = res[1].node.to_json();
         assert_eq!(b["name"], json!("inner-var"));
         assert_eq!(b["location"], json!("northeurope"));
@@ -4017,10 +5334,20 @@ mod tests {
         assert_eq!(b["properties"]["fb"], json!("fb"));
         assert_eq!(b["properties"]["id"], json!("[parameters('identity')]"));
         assert_eq!(res[1].unresolved.len(), 2);
-        let r = diags.iter().find(|d| d.code == UNSUPPORTED_ARM_FUNCTION).expect("reference diag");
+        let r = diags
+            .iter()
+            .find(|d| d.code == UNSUPPORTED_ARM_FUNCTION)
+            .expect("reference diag");
         assert_eq!(text(src, r.span), "reference");
-        let m = diags.iter().find(|d| d.code == MISSING_PARAMETER).expect("missing inner parameter");
-        assert!(m.message.contains("'none' of the nested template"), "{}", m.message);
+        let m = diags
+            .iter()
+            .find(|d| d.code == MISSING_PARAMETER)
+            .expect("missing inner parameter");
+        assert!(
+            m.message.contains("'none' of the nested template"),
+            "{}",
+            m.message
+        );
         assert_eq!(diags.len(), 2, "{diags:?}");
     }
 
@@ -4043,7 +5370,10 @@ mod tests {
         let j = res[1].node.to_json();
         assert_eq!(j["name"], json!("it1"));
         assert_eq!(j["properties"]["regions"], json!(["region1", "region2"]));
-        assert_eq!(j["properties"]["customize"][2], json!({"type": "Shell", "scriptUri": "c.sh", "resource": 1}));
+        assert_eq!(
+            j["properties"]["customize"][2],
+            json!({"type": "Shell", "scriptUri": "c.sh", "resource": 1})
+        );
         assert!(j["properties"].get("copy").is_none());
         let (res, _) = run(src, &[("build", json!(true)), ("n", json!(0))]);
         assert_eq!(res.len(), 1);
@@ -4052,13 +5382,22 @@ mod tests {
 
     #[test]
     fn no_image_template_is_reported() {
-        let (res, diags) = run(r#"{"$schema": "x/deploymentTemplate.json#", "resources": [{"type": "Microsoft.Compute/images", "name": "x"}]}"#, &[]);
+        let (res, diags) = run(
+            r#"{"$schema": "x/deploymentTemplate.json#", "resources": [{"type": "Microsoft.Compute/images", "name": "x"}]}"#,
+            &[],
+        );
         assert!(res.is_empty());
         assert_eq!(diags.len(), 1);
         assert_eq!(diags[0].code, NO_IMAGE_TEMPLATE);
-        let (_, diags) = run(r#"{"$schema": "x/deploymentTemplate.json#", "resources": [{"type": "Microsoft.VirtualMachineImages/imageTemplates", "name": "x", "condition": false}]}"#, &[]);
+        let (_, diags) = run(
+            r#"{"$schema": "x/deploymentTemplate.json#", "resources": [{"type": "Microsoft.VirtualMachineImages/imageTemplates", "name": "x", "condition": false}]}"#,
+            &[],
+        );
         assert!(diags[0].message.contains("condition"), "{diags:?}");
-        let (_, diags) = run(r#"{"$schema": "x/deploymentTemplate.json#", "resources": [{"type": "Microsoft.Resources/deployments", "name": "x", "properties": {"templateLink": {"uri": "u"}}}]}"#, &[]);
+        let (_, diags) = run(
+            r#"{"$schema": "x/deploymentTemplate.json#", "resources": [{"type": "Microsoft.Resources/deployments", "name": "x", "properties": {"templateLink": {"uri": "u"}}}]}"#,
+            &[],
+        );
         assert!(diags[0].message.contains("templateLink"), "{diags:?}");
         let (_, diags) = run("[1, 2]", &[]);
         assert_eq!(diags[0].code, ARM_EXPRESSION_ERROR);
@@ -4073,12 +5412,28 @@ mod tests {
         let (res, diags) = run(src, &[]);
         let j = res[0].node.to_json();
         assert_eq!(j["location"], json!("westeurope"));
-        assert_eq!(j["properties"]["id"], json!(format!("/subscriptions/{SUB}/providers/Microsoft.Compute/images/i")));
+        assert_eq!(
+            j["properties"]["id"],
+            json!(format!(
+                "/subscriptions/{SUB}/providers/Microsoft.Compute/images/i"
+            ))
+        );
         assert_eq!(diags.len(), 1);
-        assert!(diags[0].message.contains("resourceGroup() is not available"), "{diags:?}");
+        assert!(
+            diags[0]
+                .message
+                .contains("resourceGroup() is not available"),
+            "{diags:?}"
+        );
         // deployment().location does not exist at resource-group scope
         let p = probe("[deployment().location]");
-        assert!(p.diags.iter().any(|d| d.message.contains("property 'location' doesn't exist")), "{:?}", p.diags);
+        assert!(
+            p.diags
+                .iter()
+                .any(|d| d.message.contains("property 'location' doesn't exist")),
+            "{:?}",
+            p.diags
+        );
     }
 
     #[test]
@@ -4093,7 +5448,12 @@ mod tests {
                          "properties": {"l": "[contoso.leaky()]"}}]}"#;
         let (res, diags) = run(src, &[]);
         assert_eq!(res[0].node.to_json()["name"], json!("abc-x"));
-        assert!(diags.iter().any(|d| d.message.contains("not a parameter of this user function")), "{diags:?}");
+        assert!(
+            diags
+                .iter()
+                .any(|d| d.message.contains("not a parameter of this user function")),
+            "{diags:?}"
+        );
     }
 
     #[test]
@@ -4112,7 +5472,11 @@ mod tests {
         let root = parse(src).unwrap().root;
         let (res, diags) = evaluate_image_templates(&root, &[], &ctx());
         assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
-        assert!(diags.iter().any(|d| d.message.contains(needle)), "want {needle:?} in {:?}", diags.iter().map(|d| &d.message).collect::<Vec<_>>());
+        assert!(
+            diags.iter().any(|d| d.message.contains(needle)),
+            "want {needle:?} in {:?}",
+            diags.iter().map(|d| &d.message).collect::<Vec<_>>()
+        );
         assert!(res.iter().all(|r| !r.unresolved.is_empty()));
     }
 
@@ -4137,24 +5501,66 @@ mod tests {
             vars.push(format!("\"v{i}\": \"[variables('v{}')]\"", i + 1));
         }
         vars.push("\"v3000\": \"end\"".into());
-        assert_fails_fast(&one_resource(&format!("{{{}}}", vars.join(",")), "\"[variables('v0')]\""), "evaluation nested deeper than 128");
+        assert_fails_fast(
+            &one_resource(&format!("{{{}}}", vars.join(",")), "\"[variables('v0')]\""),
+            "evaluation nested deeper than 128",
+        );
         // exponential growth through variables
-        let mut vars = vec!["\"d0\": \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"".to_string()];
+        let mut vars = vec![
+            "\"d0\": \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\""
+                .to_string(),
+        ];
         for i in 1..36 {
-            vars.push(format!("\"d{i}\": \"[concat(variables('d{0}'), variables('d{0}'))]\"", i - 1));
+            vars.push(format!(
+                "\"d{i}\": \"[concat(variables('d{0}'), variables('d{0}'))]\"",
+                i - 1
+            ));
         }
-        assert_fails_fast(&one_resource(&format!("{{{}}}", vars.join(",")), "\"[variables('d35')]\""), "longer than 4 MiB");
+        assert_fails_fast(
+            &one_resource(&format!("{{{}}}", vars.join(",")), "\"[variables('d35')]\""),
+            "longer than 4 MiB",
+        );
         let mut vars = vec!["\"d0\": [1, 2]".to_string()];
         for i in 1..36 {
-            vars.push(format!("\"d{i}\": \"[createArray(variables('d{0}'), variables('d{0}'))]\"", i - 1));
+            vars.push(format!(
+                "\"d{i}\": \"[createArray(variables('d{0}'), variables('d{0}'))]\"",
+                i - 1
+            ));
         }
-        assert_fails_fast(&one_resource(&format!("{{{}}}", vars.join(",")), "\"[variables('d35')]\""), "more work than kiln allows");
+        assert_fails_fast(
+            &one_resource(&format!("{{{}}}", vars.join(",")), "\"[variables('d35')]\""),
+            "more work than kiln allows",
+        );
         // big loops
-        assert_fails_fast(&one_resource("{}", "{\"copy\": [{\"name\": \"c\", \"count\": 1000000, \"input\": 1}]}"), "from 0 to 800");
-        assert_fails_fast(&one_resource("{}", "\"[format('{0}{0}{0}{0}{0}{0}{0}{0}', padLeft('', 1000000, 'x'))]\""), "longer than 4 MiB");
-        assert_fails_fast(&one_resource("{}", "\"[replace(padLeft('', 100000, 'x'), 'x', padLeft('', 1000, 'y'))]\""), "longer than 4 MiB");
+        assert_fails_fast(
+            &one_resource(
+                "{}",
+                "{\"copy\": [{\"name\": \"c\", \"count\": 1000000, \"input\": 1}]}",
+            ),
+            "from 0 to 800",
+        );
+        assert_fails_fast(
+            &one_resource(
+                "{}",
+                "\"[format('{0}{0}{0}{0}{0}{0}{0}{0}', padLeft('', 1000000, 'x'))]\"",
+            ),
+            "longer than 4 MiB",
+        );
+        assert_fails_fast(
+            &one_resource(
+                "{}",
+                "\"[replace(padLeft('', 100000, 'x'), 'x', padLeft('', 1000, 'y'))]\"",
+            ),
+            "longer than 4 MiB",
+        );
         // quadratic functions are charged for their comparisons
-        assert_fails_fast(&one_resource("{}", "\"[union(range(0, 10000), range(5000, 10000), range(1, 9999))]\""), "more work than kiln allows");
+        assert_fails_fast(
+            &one_resource(
+                "{}",
+                "\"[union(range(0, 10000), range(5000, 10000), range(1, 9999))]\"",
+            ),
+            "more work than kiln allows",
+        );
         assert_fails_fast(
             &one_resource("{}", "\"[split(padLeft('', 4000000, 'x'), map(range(0, 10000), lambda('i', string(lambdaVariables('i')))))]\""),
             "more work than kiln allows",
@@ -4163,13 +5569,20 @@ mod tests {
         let lam = "\"[map(range(0, 10000), lambda('a', map(range(0, 10000), lambda('b', 1))))]\"";
         assert_fails_fast(&one_resource("{}", lam), "more work than kiln allows");
         // deeply nested JSON value that is then nested further
-        let nested = format!("\"[createArray(createArray(json('{}1{}')))]\"", "[".repeat(127), "]".repeat(127));
+        let nested = format!(
+            "\"[createArray(createArray(json('{}1{}')))]\"",
+            "[".repeat(127),
+            "]".repeat(127)
+        );
         let src = one_resource("{}", &nested);
         let root = parse(&src).unwrap().root;
         let _ = evaluate_image_templates(&root, &[], &ctx()); // must not panic
-        // deeply nested JSON in a variable and in the resource itself
+                                                              // deeply nested JSON in a variable and in the resource itself
         let v = format!("{}1{}", "[".repeat(250), "]".repeat(250));
-        assert_fails_fast(&one_resource(&format!("{{\"a\": {v}}}"), "\"[variables('a')]\""), "evaluation nested deeper than 128");
+        assert_fails_fast(
+            &one_resource(&format!("{{\"a\": {v}}}"), "\"[variables('a')]\""),
+            "evaluation nested deeper than 128",
+        );
         let root = parse(&one_resource("{}", &v)).unwrap().root;
         let (res, _) = evaluate_image_templates(&root, &[], &ctx());
         assert_eq!(res.len(), 1);
@@ -4186,15 +5599,31 @@ mod tests {
         for s in ["", "a", "abcdefg", "abcdefgh", "abcdefghijklm", "é/ü"] {
             let u = unique_string(s);
             assert_eq!(u.len(), 13);
-            assert!(u.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)), "{u}");
+            assert!(
+                u.bytes()
+                    .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)),
+                "{u}"
+            );
         }
         assert_ne!(unique_string("ABC"), unique_string("abc"));
-        assert_eq!(hex(&sha1(b"abc")), "a9993e364706816aba3e25717850c26c9cd0d89d");
-        assert_eq!(hex(&sha1(&[b'a'; 1000])), "291e9a6c66994949b57ba5e650361e98fc36b1ba");
+        assert_eq!(
+            hex(&sha1(b"abc")),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(
+            hex(&sha1(&[b'a'; 1000])),
+            "291e9a6c66994949b57ba5e650361e98fc36b1ba"
+        );
         assert_eq!(hex(&sha1(b"")), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
         let rg = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg";
-        assert_eq!(uuid_v5(&ARM_GUID_NAMESPACE, rg.as_bytes()), "9aa66516-21bf-591d-8865-b805a6ac9414");
-        assert_eq!(uuid_v5(&ARM_GUID_NAMESPACE, "é".as_bytes()), "00e3d13f-31a7-5e5b-ac3b-5598870502dd");
+        assert_eq!(
+            uuid_v5(&ARM_GUID_NAMESPACE, rg.as_bytes()),
+            "9aa66516-21bf-591d-8865-b805a6ac9414"
+        );
+        assert_eq!(
+            uuid_v5(&ARM_GUID_NAMESPACE, "é".as_bytes()),
+            "00e3d13f-31a7-5e5b-ac3b-5598870502dd"
+        );
         let g = new_guid();
         assert_ne!(g, new_guid());
         assert_eq!(g.len(), 36);
@@ -4206,8 +5635,20 @@ mod tests {
 
     #[test]
     fn encodings_round_trip() {
-        for s in ["", "f", "fo", "foo", "foob", "fooba", "foobar", "héllo wörld"] {
-            assert_eq!(base64_decode(&base64_encode(s.as_bytes())).unwrap(), s.as_bytes());
+        for s in [
+            "",
+            "f",
+            "fo",
+            "foo",
+            "foob",
+            "fooba",
+            "foobar",
+            "héllo wörld",
+        ] {
+            assert_eq!(
+                base64_decode(&base64_encode(s.as_bytes())).unwrap(),
+                s.as_bytes()
+            );
         }
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert!(base64_decode("not base64!").is_none());
@@ -4221,7 +5662,10 @@ mod tests {
     fn dates_format_like_dotnet() {
         // 2023-11-14 22:13:20.123456789 UTC, a Tuesday
         let t = utc_from_unix(1_700_000_000, 123_456_789);
-        assert_eq!((t.year, t.month, t.day, t.hour, t.minute, t.second, t.weekday), (2023, 11, 14, 22, 13, 20, 2));
+        assert_eq!(
+            (t.year, t.month, t.day, t.hour, t.minute, t.second, t.weekday),
+            (2023, 11, 14, 22, 13, 20, 2)
+        );
         for (fmt, want) in [
             ("yyyyMMddTHHmmssZ", "20231114T221320Z"),
             ("yyyyMMddhhmmss", "20231114101320"),
@@ -4230,7 +5674,10 @@ mod tests {
             ("o", "2023-11-14T22:13:20.1234567Z"),
             ("d", "11/14/2023"),
             ("M d", "11 14"),
-            ("dddd, MMMM d, yyyy h:mm tt", "Tuesday, November 14, 2023 10:13 PM"),
+            (
+                "dddd, MMMM d, yyyy h:mm tt",
+                "Tuesday, November 14, 2023 10:13 PM",
+            ),
             ("'Week' ddd \\y yy", "Week Tue y 23"),
             ("fff FFFF", "123 1234"),
         ] {
@@ -4239,7 +5686,10 @@ mod tests {
         let leap = utc_from_unix(951_782_400, 0); // 2000-02-29
         assert_eq!((leap.year, leap.month, leap.day), (2000, 2, 29));
         let old = utc_from_unix(-86_400, 0);
-        assert_eq!((old.year, old.month, old.day, old.weekday), (1969, 12, 31, 3));
+        assert_eq!(
+            (old.year, old.month, old.day, old.weekday),
+            (1969, 12, 31, 3)
+        );
     }
 
     #[test]
@@ -4248,41 +5698,70 @@ mod tests {
         let Ok(entries) = std::fs::read_dir(dir) else {
             panic!("corpus directory {dir} is missing");
         };
-        let mut files: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        let mut files: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
         files.sort();
         let mut wrappers = 0;
         for path in files {
-            let Ok(src) = std::fs::read_to_string(&path) else { continue };
+            let Ok(src) = std::fs::read_to_string(&path) else {
+                continue;
+            };
             let Ok(parsed) = parse(&src) else { continue };
             if !is_deployment_template(&parsed.root) {
                 continue;
             }
             wrappers += 1;
             let (res, diags) = evaluate_image_templates(&parsed.root, &[], &ctx());
-            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
-            assert!(!res.is_empty() || !diags.is_empty(), "{name}: nothing found and nothing reported");
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            assert!(
+                !res.is_empty() || !diags.is_empty(),
+                "{name}: nothing found and nothing reported"
+            );
             for r in &res {
                 let ty = r.node.get("type").and_then(Node::as_str).unwrap_or("");
                 assert!(ty.eq_ignore_ascii_case(IMAGE_TEMPLATE_TYPE), "{name}: {ty}");
                 for s in &r.unresolved {
-                    assert!(s.end <= src.len() && s.start < s.end, "{name}: bad span {s:?}");
+                    assert!(
+                        s.end <= src.len() && s.start < s.end,
+                        "{name}: bad span {s:?}"
+                    );
                 }
             }
             for d in &diags {
-                assert!(d.span.end <= src.len() && d.span.start <= d.span.end, "{name}: bad span {:?}", d.span);
+                assert!(
+                    d.span.end <= src.len() && d.span.start <= d.span.end,
+                    "{name}: bad span {:?}",
+                    d.span
+                );
                 assert!(!d.message.is_empty() && !d.fix.is_empty());
             }
             // Every unresolved value is explained by at least one diagnostic.
             if res.iter().any(|r| !r.unresolved.is_empty()) {
-                assert!(!diags.is_empty(), "{name}: unresolved values without a diagnostic");
+                assert!(
+                    !diags.is_empty(),
+                    "{name}: unresolved values without a diagnostic"
+                );
             }
             eprintln!(
                 "{name}: {} image template(s), {} unresolved, diags: {:?}",
                 res.len(),
                 res.iter().map(|r| r.unresolved.len()).sum::<usize>(),
-                diags.iter().map(|d| format!("{}: {}", d.code, truncate(&d.message, 90))).collect::<Vec<_>>()
+                diags
+                    .iter()
+                    .map(|d| format!("{}: {}", d.code, truncate(&d.message, 90)))
+                    .collect::<Vec<_>>()
             );
         }
-        assert!(wrappers >= 20, "only {wrappers} deployment templates found in {dir}");
+        assert!(
+            wrappers >= 20,
+            "only {wrappers} deployment templates found in {dir}"
+        );
     }
 }

@@ -44,13 +44,37 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// An error.
-    pub fn error(code: &'static str, path: impl Into<String>, span: Option<Span>, message: impl Into<String>) -> Self {
-        Diagnostic { severity: Severity::Error, code, path: path.into(), span, message: message.into(), fix: None }
+    pub fn error(
+        code: &'static str,
+        path: impl Into<String>,
+        span: Option<Span>,
+        message: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity: Severity::Error,
+            code,
+            path: path.into(),
+            span,
+            message: message.into(),
+            fix: None,
+        }
     }
 
     /// A warning.
-    pub fn warning(code: &'static str, path: impl Into<String>, span: Option<Span>, message: impl Into<String>) -> Self {
-        Diagnostic { severity: Severity::Warning, code, path: path.into(), span, message: message.into(), fix: None }
+    pub fn warning(
+        code: &'static str,
+        path: impl Into<String>,
+        span: Option<Span>,
+        message: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            code,
+            path: path.into(),
+            span,
+            message: message.into(),
+            fix: None,
+        }
     }
 
     /// Adds the fix.
@@ -79,7 +103,11 @@ impl SourceFile {
     /// Wraps `text` named `name`.
     pub fn new(name: impl Into<String>, text: String) -> SourceFile {
         let index = LineIndex::new(&text);
-        SourceFile { name: name.into(), text, index }
+        SourceFile {
+            name: name.into(),
+            text,
+            index,
+        }
     }
 
     /// 1-based line and column of a byte offset.
@@ -90,7 +118,13 @@ impl SourceFile {
     /// Renders a diagnostic like rustc does: header, location, snippet with a caret, fix.
     pub fn render(&self, d: &Diagnostic, color: bool) -> String {
         let (red, yellow, blue, bold, reset) = if color {
-            ("\x1b[31;1m", "\x1b[33;1m", "\x1b[34;1m", "\x1b[1m", "\x1b[0m")
+            (
+                "\x1b[31;1m",
+                "\x1b[33;1m",
+                "\x1b[34;1m",
+                "\x1b[1m",
+                "\x1b[0m",
+            )
         } else {
             ("", "", "", "", "")
         };
@@ -103,24 +137,42 @@ impl SourceFile {
         match d.span {
             Some(span) => {
                 let (line, col) = self.line_col(span.start);
-                let _ = writeln!(out, "  {blue}-->{reset} {}:{line}:{col}  at {}", self.name, display_path(&d.path));
+                let _ = writeln!(
+                    out,
+                    "  {blue}-->{reset} {}:{line}:{col}  at {}",
+                    self.name,
+                    display_path(&d.path)
+                );
                 let text = self.index.line_text(&self.text, line);
                 // Long lines (minified JSON) are cut around the column.
                 let chars: Vec<char> = text.chars().collect();
                 let (from, prefix) = if col > 80 { (col - 40, "…") } else { (1, "") };
                 let shown: String = chars.iter().skip(from - 1).take(120).collect();
                 let (end_line, end_col) = self.line_col(span.end.max(span.start + 1) - 1);
-                let width = if end_line == line { (end_col + 1).saturating_sub(col).clamp(1, 80) } else { 1 };
+                let width = if end_line == line {
+                    (end_col + 1).saturating_sub(col).clamp(1, 80)
+                } else {
+                    1
+                };
                 let gutter = line.to_string().len();
                 let _ = writeln!(out, "  {blue}{:gutter$} |{reset}", "");
                 let _ = writeln!(out, "  {blue}{line} |{reset} {prefix}{shown}");
                 let pad = " ".repeat(col - from + prefix.chars().count());
                 let carets = "^".repeat(width);
                 let mark = if d.is_error() { red } else { yellow };
-                let _ = writeln!(out, "  {blue}{:gutter$} |{reset} {pad}{mark}{carets}{reset}", "");
+                let _ = writeln!(
+                    out,
+                    "  {blue}{:gutter$} |{reset} {pad}{mark}{carets}{reset}",
+                    ""
+                );
             }
             None => {
-                let _ = writeln!(out, "  {blue}-->{reset} {}  at {}", self.name, display_path(&d.path));
+                let _ = writeln!(
+                    out,
+                    "  {blue}-->{reset} {}  at {}",
+                    self.name,
+                    display_path(&d.path)
+                );
             }
         }
         if let Some(fix) = &d.fix {
@@ -150,7 +202,9 @@ impl JsonPath {
 
     /// Appends a property name.
     pub fn key(&self, k: &str) -> JsonPath {
-        let simple = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+        let simple = !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
         let mut s = self.0.clone();
         if simple {
             if !s.is_empty() {
@@ -186,16 +240,27 @@ mod tests {
 
     #[test]
     fn paths() {
-        let p = JsonPath::root().key("properties").key("customize").index(2).key("sha256Checksum");
+        let p = JsonPath::root()
+            .key("properties")
+            .key("customize")
+            .index(2)
+            .key("sha256Checksum");
         assert_eq!(p.as_str(), "properties.customize[2].sha256Checksum");
-        let q = JsonPath::root().key("identity").key("userAssignedIdentities").key("/subscriptions/x");
-        assert_eq!(q.as_str(), "identity.userAssignedIdentities[\"/subscriptions/x\"]");
+        let q = JsonPath::root()
+            .key("identity")
+            .key("userAssignedIdentities")
+            .key("/subscriptions/x");
+        assert_eq!(
+            q.as_str(),
+            "identity.userAssignedIdentities[\"/subscriptions/x\"]"
+        );
     }
 
     #[test]
     fn render_has_location_caret_and_fix() {
         let src = SourceFile::new("t.json", "{\n  \"a\": \"bad\"\n}".into());
-        let d = Diagnostic::error("X", "a", Some(Span::new(9, 14)), "a is bad").with_fix("make it good");
+        let d = Diagnostic::error("X", "a", Some(Span::new(9, 14)), "a is bad")
+            .with_fix("make it good");
         let r = src.render(&d, false);
         assert!(r.contains("error[X]: a is bad"), "{r}");
         assert!(r.contains("t.json:2:8"), "{r}");

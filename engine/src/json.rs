@@ -156,7 +156,15 @@ impl Node {
             }
             serde_json::Value::Object(m) => Value::Object(
                 m.iter()
-                    .map(|(k, v)| (Key { name: k.clone(), span }, Node::from_json(v, span)))
+                    .map(|(k, v)| {
+                        (
+                            Key {
+                                name: k.clone(),
+                                span,
+                            },
+                            Node::from_json(v, span),
+                        )
+                    })
                     .collect(),
             ),
         };
@@ -194,7 +202,12 @@ pub struct Parsed {
 
 /// Parses `src` (already checked to be UTF-8) as JSON with comments.
 pub fn parse(src: &str) -> Result<Parsed, ParseError> {
-    let mut p = Parser { src, bytes: src.as_bytes(), pos: 0, notes: Vec::new() };
+    let mut p = Parser {
+        src,
+        bytes: src.as_bytes(),
+        pos: 0,
+        notes: Vec::new(),
+    };
     // A UTF-8 byte order mark is tolerated, as ARM does.
     if p.bytes.starts_with(&[0xEF, 0xBB, 0xBF]) {
         p.pos = 3;
@@ -206,9 +219,16 @@ pub fn parse(src: &str) -> Result<Parsed, ParseError> {
     let root = p.value(0)?;
     p.skip_ws()?;
     if p.pos < p.bytes.len() {
-        return Err(p.err(p.pos, p.pos + 1, "unexpected text after the end of the JSON document"));
+        return Err(p.err(
+            p.pos,
+            p.pos + 1,
+            "unexpected text after the end of the JSON document",
+        ));
     }
-    Ok(Parsed { root, notes: p.notes })
+    Ok(Parsed {
+        root,
+        notes: p.notes,
+    })
 }
 
 struct Parser<'a> {
@@ -221,7 +241,10 @@ struct Parser<'a> {
 impl<'a> Parser<'a> {
     fn err(&self, start: usize, end: usize, msg: impl Into<String>) -> ParseError {
         let end = end.min(self.bytes.len()).max(start);
-        ParseError { span: Span::new(start, end), message: msg.into() }
+        ParseError {
+            span: Span::new(start, end),
+            message: msg.into(),
+        }
     }
 
     fn peek(&self) -> Option<u8> {
@@ -247,7 +270,11 @@ impl<'a> Parser<'a> {
                         loop {
                             match self.peek() {
                                 None => {
-                                    return Err(self.err(start, start + 2, "unterminated /* comment"))
+                                    return Err(self.err(
+                                        start,
+                                        start + 2,
+                                        "unterminated /* comment",
+                                    ))
                                 }
                                 Some(b'*') if self.bytes.get(self.pos + 1) == Some(&b'/') => {
                                     self.pos += 2;
@@ -296,7 +323,11 @@ impl<'a> Parser<'a> {
                 start + 1,
                 "single-quoted string: JSON strings use double quotes",
             )),
-            _ => Err(self.err(start, start + 1, format!("expected a value, found {}", self.describe_here()))),
+            _ => Err(self.err(
+                start,
+                start + 1,
+                format!("expected a value, found {}", self.describe_here()),
+            )),
         }
     }
 
@@ -309,7 +340,14 @@ impl<'a> Parser<'a> {
             let end = self.src[start..]
                 .find(|c: char| !c.is_ascii_alphanumeric())
                 .map_or(self.bytes.len(), |i| start + i);
-            Err(self.err(start, end.max(start + 1), format!("expected a value, found `{}`", &self.src[start..end.max(start + 1)])))
+            Err(self.err(
+                start,
+                end.max(start + 1),
+                format!(
+                    "expected a value, found `{}`",
+                    &self.src[start..end.max(start + 1)]
+                ),
+            ))
         }
     }
 
@@ -340,7 +378,11 @@ impl<'a> Parser<'a> {
                 self.pos += 1;
             }
             if !digits(self) {
-                return Err(self.err(start, self.pos, "invalid number: digits expected in the exponent"));
+                return Err(self.err(
+                    start,
+                    self.pos,
+                    "invalid number: digits expected in the exponent",
+                ));
             }
         }
         let text = &self.src[start..self.pos];
@@ -413,7 +455,11 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                 }
                 Some(_) => {
-                    return Err(self.err(self.pos, self.pos + 1, "control character inside a string: escape newlines as \\n and tabs as \\t"))
+                    return Err(self.err(
+                        self.pos,
+                        self.pos + 1,
+                        "control character inside a string: escape newlines as \\n and tabs as \\t",
+                    ))
                 }
             }
         }
@@ -421,13 +467,20 @@ impl<'a> Parser<'a> {
 
     /// Reads the 4 hex digits after `\u` (self.pos at the `u`); leaves pos at the last digit.
     fn hex4(&mut self, esc: usize) -> Result<u32, ParseError> {
-        let h = self.src.get(self.pos + 1..self.pos + 5).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        let h = self
+            .src
+            .get(self.pos + 1..self.pos + 5)
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
         match h {
             Some(h) => {
                 self.pos += 4;
                 Ok(u32::from_str_radix(h, 16).unwrap_or(0))
             }
-            None => Err(self.err(esc, self.pos + 1, "invalid \\u escape: four hex digits expected")),
+            None => Err(self.err(
+                esc,
+                self.pos + 1,
+                "invalid \\u escape: four hex digits expected",
+            )),
         }
     }
 
@@ -453,16 +506,23 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                     self.skip_ws()?;
                     if self.peek() == Some(b']') {
-                        self.notes.push(ParseNote { span: Span::new(comma, comma + 1), message: "trailing comma before `]`".into() });
+                        self.notes.push(ParseNote {
+                            span: Span::new(comma, comma + 1),
+                            message: "trailing comma before `]`".into(),
+                        });
                     }
                 }
                 Some(b']') => {}
                 None => return Err(self.err(start, start + 1, "unterminated array: `]` expected")),
                 _ => {
-                    return Err(self.err(self.pos, self.pos + 1, format!(
-                        "expected `,` or `]` after an array element, found {}",
-                        self.describe_here()
-                    )))
+                    return Err(self.err(
+                        self.pos,
+                        self.pos + 1,
+                        format!(
+                            "expected `,` or `]` after an array element, found {}",
+                            self.describe_here()
+                        ),
+                    ))
                 }
             }
         }
@@ -477,27 +537,43 @@ impl<'a> Parser<'a> {
             match self.peek() {
                 Some(b'}') => {
                     self.pos += 1;
-                    return Ok(Node::new(Value::Object(members), Span::new(start, self.pos)));
+                    return Ok(Node::new(
+                        Value::Object(members),
+                        Span::new(start, self.pos),
+                    ));
                 }
                 Some(b'"') => {}
-                None => return Err(self.err(start, start + 1, "unterminated object: `}` expected")),
+                None => {
+                    return Err(self.err(start, start + 1, "unterminated object: `}` expected"))
+                }
                 _ => {
-                    return Err(self.err(self.pos, self.pos + 1, format!(
-                        "expected a property name in double quotes, found {}",
-                        self.describe_here()
-                    )))
+                    return Err(self.err(
+                        self.pos,
+                        self.pos + 1,
+                        format!(
+                            "expected a property name in double quotes, found {}",
+                            self.describe_here()
+                        ),
+                    ))
                 }
             }
             let kstart = self.pos;
             let name = self.string()?;
-            let key = Key { name, span: Span::new(kstart, self.pos) };
+            let key = Key {
+                name,
+                span: Span::new(kstart, self.pos),
+            };
             self.skip_ws()?;
             if self.peek() != Some(b':') {
-                return Err(self.err(self.pos, self.pos + 1, format!(
-                    "expected `:` after the property name \"{}\", found {}",
-                    key.name,
-                    self.describe_here()
-                )));
+                return Err(self.err(
+                    self.pos,
+                    self.pos + 1,
+                    format!(
+                        "expected `:` after the property name \"{}\", found {}",
+                        key.name,
+                        self.describe_here()
+                    ),
+                ));
             }
             self.pos += 1;
             self.skip_ws()?;
@@ -510,16 +586,25 @@ impl<'a> Parser<'a> {
                     self.pos += 1;
                     self.skip_ws()?;
                     if self.peek() == Some(b'}') {
-                        self.notes.push(ParseNote { span: Span::new(comma, comma + 1), message: "trailing comma before `}`".into() });
+                        self.notes.push(ParseNote {
+                            span: Span::new(comma, comma + 1),
+                            message: "trailing comma before `}`".into(),
+                        });
                     }
                 }
                 Some(b'}') => {}
-                None => return Err(self.err(start, start + 1, "unterminated object: `}` expected")),
+                None => {
+                    return Err(self.err(start, start + 1, "unterminated object: `}` expected"))
+                }
                 _ => {
-                    return Err(self.err(self.pos, self.pos + 1, format!(
+                    return Err(self.err(
+                        self.pos,
+                        self.pos + 1,
+                        format!(
                         "expected `,` or `}}` after a property value, found {} (a missing comma?)",
                         self.describe_here()
-                    )))
+                    ),
+                    ))
                 }
             }
         }
@@ -536,7 +621,12 @@ impl LineIndex {
     /// Indexes `src`.
     pub fn new(src: &str) -> LineIndex {
         let mut starts = vec![0];
-        starts.extend(src.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1));
+        starts.extend(
+            src.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
         LineIndex { starts }
     }
 
@@ -545,13 +635,18 @@ impl LineIndex {
         let offset = offset.min(src.len());
         let line = self.starts.partition_point(|&s| s <= offset) - 1;
         let ls = self.starts[line];
-        let col = src.get(ls..offset).map_or(offset - ls, |s| s.chars().count()) + 1;
+        let col = src
+            .get(ls..offset)
+            .map_or(offset - ls, |s| s.chars().count())
+            + 1;
         (line + 1, col)
     }
 
     /// The text of 1-based `line`, without its newline.
     pub fn line_text<'s>(&self, src: &'s str, line: usize) -> &'s str {
-        let Some(&s) = self.starts.get(line.wrapping_sub(1)) else { return "" };
+        let Some(&s) = self.starts.get(line.wrapping_sub(1)) else {
+            return "";
+        };
         let e = self.starts.get(line).map_or(src.len(), |&e| e);
         src.get(s..e).unwrap_or("").trim_end_matches(['\n', '\r'])
     }
@@ -574,7 +669,10 @@ mod tests {
     #[test]
     fn comments_and_trailing_commas() {
         let p = ok("// head\n{ /* a */ \"a\": [1, 2,], // x\n \"b\": {\"c\": null,}, }");
-        assert_eq!(p.root.to_json(), serde_json::json!({"a": [1, 2], "b": {"c": null}}));
+        assert_eq!(
+            p.root.to_json(),
+            serde_json::json!({"a": [1, 2], "b": {"c": null}})
+        );
         assert_eq!(p.notes.len(), 3);
     }
 

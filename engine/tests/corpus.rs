@@ -27,7 +27,9 @@ fn expectations() -> Vec<Expect> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (file, verdict) = line.split_once(" => ").unwrap_or_else(|| panic!("bad expectation line: {line}"));
+        let (file, verdict) = line
+            .split_once(" => ")
+            .unwrap_or_else(|| panic!("bad expectation line: {line}"));
         let mut words = verdict.split_whitespace();
         let valid = match words.next() {
             Some("valid") => true,
@@ -43,7 +45,12 @@ fn expectations() -> Vec<Expect> {
                 errors.extend(w.split(',').map(str::to_string));
             }
         }
-        out.push(Expect { file: file.to_string(), valid, errors, warnings });
+        out.push(Expect {
+            file: file.to_string(),
+            valid,
+            errors,
+            warnings,
+        });
     }
     out
 }
@@ -53,7 +60,12 @@ fn every_corpus_file_has_an_expectation() {
     let exp: BTreeSet<String> = expectations().into_iter().map(|e| e.file).collect();
     let files: BTreeSet<String> = std::fs::read_dir(corpus_dir())
         .expect("shared/corpus/templates beside the checkout")
-        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     assert_eq!(files.len(), 90, "the corpus has 90 files");
     assert_eq!(exp, files, "expectations and corpus files differ");
@@ -65,15 +77,34 @@ fn corpus_verdicts_match_expectations() {
     for e in expectations() {
         let bytes = std::fs::read(corpus_dir().join(&e.file)).expect("corpus file");
         let doc = template::load(&e.file, &bytes, &LoadOptions::default());
-        let errors: BTreeSet<String> = doc.all_diagnostics().filter(|d| d.is_error()).map(|d| d.code.to_string()).collect();
-        let warnings: BTreeSet<String> = doc.all_diagnostics().filter(|d| !d.is_error()).map(|d| d.code.to_string()).collect();
+        let errors: BTreeSet<String> = doc
+            .all_diagnostics()
+            .filter(|d| d.is_error())
+            .map(|d| d.code.to_string())
+            .collect();
+        let warnings: BTreeSet<String> = doc
+            .all_diagnostics()
+            .filter(|d| !d.is_error())
+            .map(|d| d.code.to_string())
+            .collect();
         let missing_warnings: Vec<&String> = e.warnings.difference(&warnings).collect();
         if doc.is_valid() != e.valid || errors != e.errors || !missing_warnings.is_empty() {
             let detail: Vec<String> = doc
                 .all_diagnostics()
                 .map(|d| {
-                    let (l, c) = d.span.map(|s| doc.source.line_col(s.start)).unwrap_or((0, 0));
-                    format!("    {}[{}] {}:{} {}: {}", d.severity.as_str(), d.code, l, c, d.path, d.message)
+                    let (l, c) = d
+                        .span
+                        .map(|s| doc.source.line_col(s.start))
+                        .unwrap_or((0, 0));
+                    format!(
+                        "    {}[{}] {}:{} {}: {}",
+                        d.severity.as_str(),
+                        d.code,
+                        l,
+                        c,
+                        d.path,
+                        d.message
+                    )
                 })
                 .collect();
             failures.push(format!(
@@ -89,5 +120,10 @@ fn corpus_verdicts_match_expectations() {
             ));
         }
     }
-    assert!(failures.is_empty(), "{} corpus file(s) differ:\n\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} corpus file(s) differ:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }

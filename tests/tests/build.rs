@@ -15,7 +15,11 @@ fn kiln_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     let target = exe.ancestors().nth(2).expect("target/debug").to_path_buf();
     let bin = target.join("kiln");
-    assert!(bin.exists(), "{} missing: run `cargo build -p kiln-engine` first (scripts/test.sh does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build -p kiln-engine` first (scripts/test.sh does)",
+        bin.display()
+    );
     bin
 }
 
@@ -29,22 +33,56 @@ fn home() -> &'static Path {
         for (sku, gen) in [("gen1", "V1"), ("gen2", "V2")] {
             let out = Command::new(kiln_bin())
                 .env("KILN_HOME", &home)
-                .args(["image", "import", "--publisher", "kiln", "--offer", "tiny", "--sku", sku, "--version", "1.0.0", "--hyper-v-generation", gen])
+                .args([
+                    "image",
+                    "import",
+                    "--publisher",
+                    "kiln",
+                    "--offer",
+                    "tiny",
+                    "--sku",
+                    sku,
+                    "--version",
+                    "1.0.0",
+                    "--hyper-v-generation",
+                    gen,
+                ])
                 .arg(&img.disk)
                 .output()
                 .expect("kiln image import");
-            assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "import: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         // An image that never boots: for the SSH-timeout case.
         let dead = home.join("dead.raw");
-        std::fs::File::create(&dead).and_then(|f| f.set_len(16 << 20)).expect("dead disk");
+        std::fs::File::create(&dead)
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("dead disk");
         let out = Command::new(kiln_bin())
             .env("KILN_HOME", &home)
-            .args(["image", "import", "--publisher", "kiln", "--offer", "dead", "--sku", "gen1", "--version", "1.0.0"])
+            .args([
+                "image",
+                "import",
+                "--publisher",
+                "kiln",
+                "--offer",
+                "dead",
+                "--sku",
+                "gen1",
+                "--version",
+                "1.0.0",
+            ])
             .arg(&dead)
             .output()
             .expect("import dead");
-        assert!(out.status.success(), "import dead: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "import dead: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         home
     })
 }
@@ -61,14 +99,25 @@ fn serve(dir: PathBuf) -> u16 {
                 let mut buf = [0u8; 4096];
                 let n = s.read(&mut buf).unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+                let path = req
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/')
+                    .to_string();
                 match std::fs::read(dir.join(&path)) {
                     Ok(body) if !path.contains("..") => {
-                        let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = write!(
+                            s,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
                         let _ = s.write_all(&body);
                     }
                     _ => {
-                        let _ = s.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found");
+                        let _ = s.write_all(
+                            b"HTTP/1.0 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
+                        );
                     }
                 }
             });
@@ -78,8 +127,15 @@ fn serve(dir: PathBuf) -> u16 {
 }
 
 fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 struct Case {
@@ -90,7 +146,9 @@ struct Case {
 
 impl Case {
     fn new(label: &str) -> Case {
-        let dir = home().join("cases").join(format!("{label}-{}", std::process::id()));
+        let dir = home()
+            .join("cases")
+            .join(format!("{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let files = dir.join("files");
         std::fs::create_dir_all(&files).expect("case dir");
@@ -104,12 +162,33 @@ impl Case {
         (format!("http://127.0.0.1:{}/{name}", self.port), sha256(&p))
     }
 
-    fn template(&self, offer: &str, sku: &str, customize: serde_json::Value, name: &str) -> PathBuf {
-        self.template_with("2022-07-01", offer, sku, customize, serde_json::json!({}), name)
+    fn template(
+        &self,
+        offer: &str,
+        sku: &str,
+        customize: serde_json::Value,
+        name: &str,
+    ) -> PathBuf {
+        self.template_with(
+            "2022-07-01",
+            offer,
+            sku,
+            customize,
+            serde_json::json!({}),
+            name,
+        )
     }
 
     /// A template of `api` whose properties get the fields of `more` (validate, errorHandling…).
-    fn template_with(&self, api: &str, offer: &str, sku: &str, customize: serde_json::Value, more: serde_json::Value, name: &str) -> PathBuf {
+    fn template_with(
+        &self,
+        api: &str,
+        offer: &str,
+        sku: &str,
+        customize: serde_json::Value,
+        more: serde_json::Value,
+        name: &str,
+    ) -> PathBuf {
         let mut t = serde_json::json!({
             "type": "Microsoft.VirtualMachineImages/imageTemplates",
             "apiVersion": api,
@@ -149,39 +228,76 @@ impl Case {
 }
 
 fn events(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 fn result(out: &Output) -> serde_json::Value {
-    events(out).into_iter().find(|e| e["event"] == "result").unwrap_or_default()
+    events(out)
+        .into_iter()
+        .find(|e| e["event"] == "result")
+        .unwrap_or_default()
 }
 
 /// No QEMU process mentions the run's directory.
 fn assert_no_qemu(run_dir: &str) {
     assert!(!run_dir.is_empty(), "no run dir");
-    let out = Command::new("pgrep").args(["-f", run_dir]).output().expect("pgrep");
-    assert!(out.stdout.is_empty(), "QEMU left running for {run_dir}: pids {}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new("pgrep")
+        .args(["-f", run_dir])
+        .output()
+        .expect("pgrep");
+    assert!(
+        out.stdout.is_empty(),
+        "QEMU left running for {run_dir}: pids {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 fn step_started(ev: &[serde_json::Value], prefix: &str) -> bool {
-    ev.iter().any(|e| e["event"] == "stepStarted" && e["step"].as_str().unwrap_or("").starts_with(prefix))
+    ev.iter().any(|e| {
+        e["event"] == "stepStarted" && e["step"].as_str().unwrap_or("").starts_with(prefix)
+    })
 }
 
 /// Reads a file from the ext4 root partition (GPT partition 2) of a raw/fixed-VHD disk image.
 fn read_from_disk(disk: &Path, guest_path: &str, scratch: &Path) -> Result<String> {
     let out = Command::new("sfdisk").args(["-J"]).arg(disk).output()?;
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).context("sfdisk -J")?;
-    let parts = j["partitiontable"]["partitions"].as_array().context("partitions")?.clone();
-    let root = parts.iter().find(|p| p["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("0FC63DAF-8483-4772-8E79-3D69D8477DE4"))).context("no Linux partition")?;
-    let (start, size) = (root["start"].as_u64().context("start")?, root["size"].as_u64().context("size")?);
+    let parts = j["partitiontable"]["partitions"]
+        .as_array()
+        .context("partitions")?
+        .clone();
+    let root = parts
+        .iter()
+        .find(|p| {
+            p["type"]
+                .as_str()
+                .is_some_and(|t| t.eq_ignore_ascii_case("0FC63DAF-8483-4772-8E79-3D69D8477DE4"))
+        })
+        .context("no Linux partition")?;
+    let (start, size) = (
+        root["start"].as_u64().context("start")?,
+        root["size"].as_u64().context("size")?,
+    );
     let part = scratch.join("root.ext4");
     let st = Command::new("dd")
         .arg(format!("if={}", disk.display()))
         .arg(format!("of={}", part.display()))
-        .args(["bs=512", &format!("skip={start}"), &format!("count={size}"), "conv=sparse", "status=none"])
+        .args([
+            "bs=512",
+            &format!("skip={start}"),
+            &format!("count={size}"),
+            "conv=sparse",
+            "status=none",
+        ])
         .status()?;
     ensure!(st.success(), "dd failed");
-    let out = Command::new("debugfs").args(["-R", &format!("cat {guest_path}")]).arg(&part).output()?;
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {guest_path}")])
+        .arg(&part)
+        .output()?;
     let _ = std::fs::remove_file(&part);
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -191,7 +307,10 @@ fn tiny_builds_to_a_fixed_vhd_with_the_changes_inside() -> Result<()> {
     let c = Case::new("ok");
     let (script, script_sha) = c.file("setup.sh", "#!/bin/sh\nset -e\necho \"from scriptUri\" | sudo tee /etc/kiln-script >/dev/null\necho script-ran\n");
     let (motd, motd_sha) = c.file("motd", "built by kiln\n");
-    let (deprov, deprov_sha) = c.file("deprovision.sh", "#!/bin/sh\necho custom-deprovision > /var/lib/kiln-deprovisioned\nsync\n");
+    let (deprov, deprov_sha) = c.file(
+        "deprovision.sh",
+        "#!/bin/sh\necho custom-deprovision > /var/lib/kiln-deprovisioned\nsync\n",
+    );
     let t = c.template(
         "tiny",
         "gen1",
@@ -207,36 +326,73 @@ fn tiny_builds_to_a_fixed_vhd_with_the_changes_inside() -> Result<()> {
     let t0 = Instant::now();
     let out = c.build(&t, &[]);
     let r = result(&out);
-    assert_eq!(r["runState"], "Succeeded", "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        r["runState"],
+        "Succeeded",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("tiny build took {:.1}s", t0.elapsed().as_secs_f64());
     let ev = events(&out);
-    let lines: Vec<&str> = ev.iter().filter(|e| e["event"] == "output").filter_map(|e| e["line"].as_str()).collect();
-    assert!(lines.contains(&"inline-ran") && lines.contains(&"script-ran"), "guest output streamed: {lines:?}");
+    let lines: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["event"] == "output")
+        .filter_map(|e| e["line"].as_str())
+        .collect();
+    assert!(
+        lines.contains(&"inline-ran") && lines.contains(&"script-ran"),
+        "guest output streamed: {lines:?}"
+    );
     // The runOutput, in Azure's shape.
     let ro = &r["runOutputs"][0];
-    assert_eq!(ro["type"], "Microsoft.VirtualMachineImages/imageTemplates/runOutputs");
+    assert_eq!(
+        ro["type"],
+        "Microsoft.VirtualMachineImages/imageTemplates/runOutputs"
+    );
     assert_eq!(ro["name"], "out");
-    assert!(ro["id"].as_str().unwrap_or("").ends_with("/providers/Microsoft.VirtualMachineImages/imageTemplates/tiny-ok/runOutputs/out"));
+    assert!(ro["id"].as_str().unwrap_or("").ends_with(
+        "/providers/Microsoft.VirtualMachineImages/imageTemplates/tiny-ok/runOutputs/out"
+    ));
     assert_eq!(ro["properties"]["provisioningState"], "Succeeded");
     let vhd = c.dir.join("out.vhd");
-    assert_eq!(ro["properties"]["artifactUri"], format!("file://{}", vhd.display()));
+    assert_eq!(
+        ro["properties"]["artifactUri"],
+        format!("file://{}", vhd.display())
+    );
     // A fixed VHD: footer verified independently, size a whole MiB.
     let footer = kiln_images::vhd::verify_fixed(&vhd).map_err(|e| anyhow::anyhow!("{e}"))?;
     let _ = footer;
     let len = std::fs::metadata(&vhd)?.len();
-    ensure!((len - 512) % (1 << 20) == 0, "VHD size {len} is not a whole MiB + footer");
+    ensure!(
+        (len - 512) % (1 << 20) == 0,
+        "VHD size {len} is not a whole MiB + footer"
+    );
     // The customizers' changes are in the image.
     ensure!(read_from_disk(&vhd, "/etc/kiln-inline", &c.dir)?.trim() == "hello");
     ensure!(read_from_disk(&vhd, "/etc/kiln-script", &c.dir)?.trim() == "from scriptUri");
     ensure!(read_from_disk(&vhd, "/etc/motd", &c.dir)? == "built by kiln\n");
-    ensure!(read_from_disk(&vhd, "/var/lib/kiln-deprovisioned", &c.dir)?.trim() == "custom-deprovision", "the deprovision override ran");
+    ensure!(
+        read_from_disk(&vhd, "/var/lib/kiln-deprovisioned", &c.dir)?.trim() == "custom-deprovision",
+        "the deprovision override ran"
+    );
     // Logs are kept with the run; the overlay and the key are not.
     let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
     let log = std::fs::read_to_string(run_dir.join("customization.log"))?;
-    ensure!(log.contains("(telemetry) Starting provisioner shell") && log.contains("(telemetry) ending provisioner shell"), "AIB-style log");
+    ensure!(
+        log.contains("(telemetry) Starting provisioner shell")
+            && log.contains("(telemetry) ending provisioner shell"),
+        "AIB-style log"
+    );
     ensure!(run_dir.join("console.log").exists() && run_dir.join("events.jsonl").exists());
-    ensure!(!run_dir.join("os.qcow2").exists(), "overlay deleted after success");
-    ensure!(!run_dir.join("id_ed25519").exists(), "ephemeral key deleted");
+    ensure!(
+        !run_dir.join("os.qcow2").exists(),
+        "overlay deleted after success"
+    );
+    ensure!(
+        !run_dir.join("id_ed25519").exists(),
+        "ephemeral key deleted"
+    );
     assert_no_qemu(&run_dir.display().to_string());
     Ok(())
 }
@@ -246,14 +402,31 @@ fn a_checksum_mismatch_fails_before_the_vm_boots() {
     let c = Case::new("sha");
     let (script, _) = c.file("s.sh", "echo should-not-run\n");
     let wrong = "0".repeat(64);
-    let t = c.template("tiny", "gen1", serde_json::json!([{"type": "Shell", "scriptUri": script, "sha256Checksum": wrong}]), "tiny-sha");
+    let t = c.template(
+        "tiny",
+        "gen1",
+        serde_json::json!([{"type": "Shell", "scriptUri": script, "sha256Checksum": wrong}]),
+        "tiny-sha",
+    );
     let out = c.build(&t, &[]);
     let r = result(&out);
-    assert_eq!(r["runState"], "Failed", "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        r["runState"],
+        "Failed",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = r["error"].as_str().unwrap_or("");
-    assert!(err.contains(&wrong) && err.contains(&sha256(&c.files.join("s.sh"))), "names both hashes: {err}");
+    assert!(
+        err.contains(&wrong) && err.contains(&sha256(&c.files.join("s.sh"))),
+        "names both hashes: {err}"
+    );
     let ev = events(&out);
-    assert!(!step_started(&ev, "Start VM"), "nothing may boot after a checksum mismatch");
+    assert!(
+        !step_started(&ev, "Start VM"),
+        "nothing may boot after a checksum mismatch"
+    );
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -261,7 +434,12 @@ fn a_checksum_mismatch_fails_before_the_vm_boots() {
 fn a_missing_script_uri_is_a_clear_error() {
     let c = Case::new("404");
     let url = format!("http://127.0.0.1:{}/nope.sh", c.port);
-    let t = c.template("tiny", "gen1", serde_json::json!([{"type": "Shell", "scriptUri": url}]), "tiny-404");
+    let t = c.template(
+        "tiny",
+        "gen1",
+        serde_json::json!([{"type": "Shell", "scriptUri": url}]),
+        "tiny-404",
+    );
     let out = c.build(&t, &[]);
     let r = result(&out);
     assert_eq!(r["runState"], "Failed");
@@ -273,20 +451,35 @@ fn a_missing_script_uri_is_a_clear_error() {
 #[test]
 fn a_failing_shell_step_fails_the_build_and_leaves_no_qemu() {
     let c = Case::new("exit3");
-    let t = c.template("tiny", "gen1", serde_json::json!([
-        {"type": "Shell", "name": "fails", "inline": ["echo before", "exit 3", "echo after"]},
-        {"type": "Shell", "name": "never", "inline": ["echo never-runs"]}
-    ]), "tiny-exit3");
+    let t = c.template(
+        "tiny",
+        "gen1",
+        serde_json::json!([
+            {"type": "Shell", "name": "fails", "inline": ["echo before", "exit 3", "echo after"]},
+            {"type": "Shell", "name": "never", "inline": ["echo never-runs"]}
+        ]),
+        "tiny-exit3",
+    );
     let out = c.build(&t, &[]);
     let r = result(&out);
     assert_eq!(r["runState"], "Failed");
     let err = r["error"].as_str().unwrap_or("");
     assert!(err.contains("exit code 3"), "{err}");
     let ev = events(&out);
-    let lines: Vec<&str> = ev.iter().filter(|e| e["event"] == "output").filter_map(|e| e["line"].as_str()).collect();
-    assert!(lines.contains(&"before") && !lines.contains(&"after") && !lines.contains(&"never-runs"), "{lines:?}");
+    let lines: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["event"] == "output")
+        .filter_map(|e| e["line"].as_str())
+        .collect();
+    assert!(
+        lines.contains(&"before") && !lines.contains(&"after") && !lines.contains(&"never-runs"),
+        "{lines:?}"
+    );
     let run_dir = r["runDir"].as_str().unwrap_or("").to_string();
-    assert!(Path::new(&run_dir).join("os.qcow2").exists(), "the disk is kept for inspection after a failure");
+    assert!(
+        Path::new(&run_dir).join("os.qcow2").exists(),
+        "the disk is kept for inspection after a failure"
+    );
     assert_no_qemu(&run_dir);
 }
 
@@ -295,35 +488,61 @@ fn a_file_destination_outside_tmp_is_rejected_before_anything_runs() {
     let c = Case::new("dest");
     let (f, sha) = c.file("f", "x");
     let t = c.template("tiny", "gen1", serde_json::json!([{"type": "File", "sourceUri": f, "sha256Checksum": sha, "destination": "/etc/f"}]), "tiny-dest");
-    let out = Command::new(kiln_bin()).env("KILN_HOME", home()).env("NO_COLOR", "1").args(["build"]).arg(&t).output().expect("kiln");
+    let out = Command::new(kiln_bin())
+        .env("KILN_HOME", home())
+        .env("NO_COLOR", "1")
+        .args(["build"])
+        .arg(&t)
+        .output()
+        .expect("kiln");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("BadFileDestination") && err.contains("nothing was built"), "{err}");
+    assert!(
+        err.contains("BadFileDestination") && err.contains("nothing was built"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_guest_that_never_answers_ssh_times_out_cleanly() {
     let c = Case::new("nossh");
-    let t = c.template("dead", "gen1", serde_json::json!([{"type": "Shell", "inline": ["true"]}]), "dead");
+    let t = c.template(
+        "dead",
+        "gen1",
+        serde_json::json!([{"type": "Shell", "inline": ["true"]}]),
+        "dead",
+    );
     let t0 = Instant::now();
     let out = c.build(&t, &["--ssh-timeout", "8"]);
     let r = result(&out);
     assert_eq!(r["runState"], "Failed");
     let err = r["error"].as_str().unwrap_or("");
     assert!(err.to_lowercase().contains("ssh"), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(60), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
 }
 
 #[test]
 fn the_build_timeout_is_enforced_with_aibs_wording() {
     let c = Case::new("timeout");
-    let t = c.template("tiny", "gen1", serde_json::json!([{"type": "Shell", "inline": ["sleep 600"]}]), "tiny-timeout");
+    let t = c.template(
+        "tiny",
+        "gen1",
+        serde_json::json!([{"type": "Shell", "inline": ["sleep 600"]}]),
+        "tiny-timeout",
+    );
     let out = c.build(&t, &["--timeout-seconds", "25"]);
     let r = result(&out);
     assert_eq!(r["runState"], "Failed");
     let err = r["error"].as_str().unwrap_or("");
-    assert!(err.contains("Timeout waiting for microservice to complete: 'context deadline exceeded'"), "{err}");
+    assert!(
+        err.contains("Timeout waiting for microservice to complete: 'context deadline exceeded'"),
+        "{err}"
+    );
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
 }
 
@@ -350,14 +569,19 @@ fn ctrl_c_during_customizing_cancels_and_leaves_no_qemu() {
         }
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    assert!(seen.contains("started-long"), "the long step never started: {seen}");
+    assert!(
+        seen.contains("started-long"),
+        "the long step never started: {seen}"
+    );
     let run_dir = seen
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|e| e["event"] == "runStarted")
         .and_then(|e| e["runDir"].as_str().map(str::to_string))
         .unwrap_or_default();
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
     let mut rest = String::new();
     let _ = stdout.read_to_string(&mut rest);
     let status = child.wait().expect("wait");
@@ -375,9 +599,16 @@ fn a_reboot_inside_a_shell_step_is_followed_by_a_reconnect() {
     ]), "tiny-reboot");
     let out = c.build(&t, &[]);
     let r = result(&out);
-    assert_eq!(r["runState"], "Succeeded", "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        r["runState"],
+        "Succeeded",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let ev = events(&out);
-    assert!(ev.iter().any(|e| e["event"] == "output" && e["line"].as_str().unwrap_or("").starts_with("boot ids ")));
+    assert!(ev.iter().any(
+        |e| e["event"] == "output" && e["line"].as_str().unwrap_or("").starts_with("boot ids ")
+    ));
 }
 
 /// A child process killed if the test fails before it ends (a kept VM must not outlive the test).
@@ -393,17 +624,26 @@ impl Drop for KillOnDrop {
 }
 
 fn output_lines(ev: &[serde_json::Value]) -> Vec<String> {
-    ev.iter().filter(|e| e["event"] == "output").filter_map(|e| e["line"].as_str().map(str::to_string)).collect()
+    ev.iter()
+        .filter(|e| e["event"] == "output")
+        .filter_map(|e| e["line"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn phases(ev: &[serde_json::Value]) -> Vec<String> {
-    ev.iter().filter(|e| e["event"] == "phase").filter_map(|e| e["subState"].as_str().map(str::to_string)).collect()
+    ev.iter()
+        .filter(|e| e["event"] == "phase")
+        .filter_map(|e| e["subState"].as_str().map(str::to_string))
+        .collect()
 }
 
 #[test]
 fn validations_run_after_the_customizers_and_a_failure_stops_distribution() {
     let c = Case::new("validate-fail");
-    let (check, check_sha) = c.file("check.sh", "#!/bin/sh\nset -e\ntest \"$(cat /etc/kiln-custom)\" = customized\necho check-passed\n");
+    let (check, check_sha) = c.file(
+        "check.sh",
+        "#!/bin/sh\nset -e\ntest \"$(cat /etc/kiln-custom)\" = customized\necho check-passed\n",
+    );
     let (payload, payload_sha) = c.file("payload.txt", "validator file\n");
     let t = c.template_with(
         "2022-07-01",
@@ -421,18 +661,39 @@ fn validations_run_after_the_customizers_and_a_failure_stops_distribution() {
     );
     let out = c.build(&t, &[]);
     let r = result(&out);
-    assert_eq!(r["runState"], "Failed", "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        r["runState"],
+        "Failed",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let err = r["error"].as_str().unwrap_or("");
-    assert!(err.contains("validation") && err.contains("fails") && err.contains("exit code 4"), "{err}");
+    assert!(
+        err.contains("validation") && err.contains("fails") && err.contains("exit code 4"),
+        "{err}"
+    );
     let ev = events(&out);
     let lines = output_lines(&ev);
     for l in ["check-passed", "payload-checked", "failing-validation"] {
         assert!(lines.iter().any(|x| x == l), "{l} missing from {lines:?}");
     }
-    assert!(!lines.iter().any(|x| x == "never-runs"), "validation stops at the first failure: {lines:?}");
-    assert_eq!(phases(&ev), ["Building", "Customizing", "Validating"], "runSubState sequence");
-    assert!(!step_started(&ev, "Deprovision") && !step_started(&ev, "Export"), "nothing is generalized or distributed");
-    assert!(!c.dir.join("out.vhd").exists(), "no VHD after a failed validation");
+    assert!(
+        !lines.iter().any(|x| x == "never-runs"),
+        "validation stops at the first failure: {lines:?}"
+    );
+    assert_eq!(
+        phases(&ev),
+        ["Building", "Customizing", "Validating"],
+        "runSubState sequence"
+    );
+    assert!(
+        !step_started(&ev, "Deprovision") && !step_started(&ev, "Export"),
+        "nothing is generalized or distributed"
+    );
+    assert!(
+        !c.dir.join("out.vhd").exists(),
+        "no VHD after a failed validation"
+    );
     assert_eq!(r["runOutputs"].as_array().map(Vec::len), Some(0));
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
 }
@@ -453,14 +714,31 @@ fn continue_distribute_on_failure_distributes_but_reports_failed() -> Result<()>
     );
     let out = c.build(&t, &[]);
     let r = result(&out);
-    assert_eq!(r["runState"], "Failed", "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        r["runState"],
+        "Failed",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = r["error"].as_str().unwrap_or("");
-    assert!(err.contains("validation") && err.contains("exit code 5"), "{err}");
+    assert!(
+        err.contains("validation") && err.contains("exit code 5"),
+        "{err}"
+    );
     let ev = events(&out);
-    assert!(output_lines(&ev).iter().any(|l| l == "second-validation-ran"));
-    assert_eq!(phases(&ev), ["Building", "Customizing", "Validating", "Distributing"]);
-    assert_eq!(r["runOutputs"].as_array().map(Vec::len), Some(1), "distributed anyway");
+    assert!(output_lines(&ev)
+        .iter()
+        .any(|l| l == "second-validation-ran"));
+    assert_eq!(
+        phases(&ev),
+        ["Building", "Customizing", "Validating", "Distributing"]
+    );
+    assert_eq!(
+        r["runOutputs"].as_array().map(Vec::len),
+        Some(1),
+        "distributed anyway"
+    );
     let vhd = c.dir.join("out.vhd");
     kiln_images::vhd::verify_fixed(&vhd).map_err(|e| anyhow::anyhow!("{e}"))?;
     ensure!(read_from_disk(&vhd, "/etc/kiln-custom", &c.dir)?.trim() == "customized");
@@ -483,11 +761,24 @@ fn source_validation_only_validates_the_source_and_distributes_nothing() {
     );
     let out = c.build(&t, &[]);
     let r = result(&out);
-    assert_eq!(r["runState"], "Succeeded", "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        r["runState"],
+        "Succeeded",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let ev = events(&out);
     assert!(output_lines(&ev).iter().any(|l| l == "source-validated"));
-    assert!(!step_started(&ev, "Customize") && !step_started(&ev, "Deprovision") && !step_started(&ev, "Export"));
-    assert!(ev.iter().any(|e| e["event"] == "warning" && e["message"].as_str().unwrap_or("").contains("sourceValidationOnly")));
+    assert!(
+        !step_started(&ev, "Customize")
+            && !step_started(&ev, "Deprovision")
+            && !step_started(&ev, "Export")
+    );
+    assert!(ev.iter().any(|e| e["event"] == "warning"
+        && e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("sourceValidationOnly")));
     assert!(!c.dir.join("out.vhd").exists());
     assert_eq!(r["runOutputs"].as_array().map(Vec::len), Some(0));
     assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
@@ -532,7 +823,11 @@ fn error_handling_abort_keeps_the_vm_reachable_until_canceled() {
     });
     let mut seen: Vec<serde_json::Value> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
-    let seen_all = |seen: &[serde_json::Value]| ["vmKept", "runFinished"].iter().all(|k| seen.iter().any(|e| e["event"] == *k));
+    let seen_all = |seen: &[serde_json::Value]| {
+        ["vmKept", "runFinished"]
+            .iter()
+            .all(|k| seen.iter().any(|e| e["event"] == *k))
+    };
     while !seen_all(&seen) && Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_secs(5)) {
             Ok(l) => seen.extend(serde_json::from_str::<serde_json::Value>(&l).ok()),
@@ -541,30 +836,66 @@ fn error_handling_abort_keeps_the_vm_reachable_until_canceled() {
         }
     }
     let kept = seen.iter().find(|e| e["event"] == "vmKept").cloned();
-    let Some(kept) = kept else { panic!("no vmKept event: {seen:?}") };
-    let finished = seen.iter().find(|e| e["event"] == "runFinished").cloned().unwrap_or_default();
-    assert_eq!(finished["runState"], "Failed", "the run is reported Failed while the VM is kept: {seen:?}");
+    let Some(kept) = kept else {
+        panic!("no vmKept event: {seen:?}")
+    };
+    let finished = seen
+        .iter()
+        .find(|e| e["event"] == "runFinished")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        finished["runState"], "Failed",
+        "the run is reported Failed while the VM is kept: {seen:?}"
+    );
     assert_eq!(kept["reason"], "errorHandling abort");
     let run_dir = kept["runDir"].as_str().unwrap_or("").to_string();
     let key = kept["keyPath"].as_str().unwrap_or("").to_string();
     // The kept VM answers over SSH with the printed key, and holds the failed step's state.
     let ssh = Command::new("ssh")
-        .args(["-i", &key, "-p", &kept["sshPort"].to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"])
+        .args([
+            "-i",
+            &key,
+            "-p",
+            &kept["sshPort"].to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=30",
+        ])
         .arg(format!("{}@127.0.0.1", kept["user"].as_str().unwrap_or("")))
         .arg("cat /etc/kiln-evidence")
         .stdin(Stdio::null())
         .output()
         .expect("ssh");
     let ssh_ok = String::from_utf8_lossy(&ssh.stdout).trim() == "evidence";
-    let _ = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status();
     let mut rest = Vec::new();
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(120)) {
         rest.push(l);
     }
     let status = child.0.wait().expect("wait");
-    assert!(ssh_ok, "ssh into the kept VM: {} {}", String::from_utf8_lossy(&ssh.stdout), String::from_utf8_lossy(&ssh.stderr));
+    assert!(
+        ssh_ok,
+        "ssh into the kept VM: {} {}",
+        String::from_utf8_lossy(&ssh.stdout),
+        String::from_utf8_lossy(&ssh.stderr)
+    );
     assert_eq!(status.code(), Some(1), "a failed run: {rest:?}");
     assert_no_qemu(&run_dir);
-    assert!(!Path::new(&key).exists(), "the kept key is removed when the VM stops");
-    assert!(Path::new(&run_dir).join("os.qcow2").exists() && Path::new(&run_dir).join("customization.log").exists(), "staging kept");
+    assert!(
+        !Path::new(&key).exists(),
+        "the kept key is removed when the VM stops"
+    );
+    assert!(
+        Path::new(&run_dir).join("os.qcow2").exists()
+            && Path::new(&run_dir).join("customization.log").exists(),
+        "staging kept"
+    );
 }

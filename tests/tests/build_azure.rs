@@ -312,8 +312,11 @@ fn debian_azure_gen2_finds_the_provisioning_media_on_a_virtio_disk() {
         "#!/bin/sh\nprintf '{\"access_token\":\"kiln-test-%s\",\"token_type\":\"Bearer\"}' \"$KILN_IDENTITY_RESOURCE\"\n",
     )
     .expect("token command");
-    std::fs::set_permissions(&token_cmd, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        &token_cmd,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     customize.push(serde_json::json!({"type": "Shell", "name": "token", "inline": [
         "curl -sS -m 30 -H Metadata:true 'http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net'; echo"
     ]}));
@@ -323,7 +326,12 @@ fn debian_azure_gen2_finds_the_provisioning_media_on_a_virtio_disk() {
         "debian-azure",
         "gen2",
         &["--hyper-v-generation", "V2"],
-        &["--provisioning", "azure", "--identity-token-command", &token_arg],
+        &[
+            "--provisioning",
+            "azure",
+            "--identity-token-command",
+            &token_arg,
+        ],
         Value::Array(customize),
     );
     assert!(

@@ -197,7 +197,17 @@ fn run_fg(name: &str) -> (Value, Vec<String>) {
 
 /// `sig image-version VERB -g rg -r gal -i def [EXTRA…]`.
 fn sig_version<'a>(verb: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["sig", "image-version", verb, "-g", "rg", "-r", "gal", "-i", "def"];
+    let mut args = vec![
+        "sig",
+        "image-version",
+        verb,
+        "-g",
+        "rg",
+        "-r",
+        "gal",
+        "-i",
+        "def",
+    ];
     args.extend_from_slice(extra);
     args
 }
@@ -314,7 +324,10 @@ fn one_export_many_distributors_and_templates_built_on_them() {
         mi["kiln"]["provisioning"][0], "nocloud",
         "the image remembers how its build provisioned, first: {mi}"
     );
-    assert_eq!(mi["properties"]["storageProfile"]["osDisk"]["osType"], "Linux");
+    assert_eq!(
+        mi["properties"]["storageProfile"]["osDisk"]["osType"],
+        "Linux"
+    );
     assert!(imgs
         .as_array()
         .expect("list")

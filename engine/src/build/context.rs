@@ -194,7 +194,14 @@ pub struct BuildCx {
 
 impl BuildCx {
     /// The context at the start of a run of `req`: nothing resolved, booted or recorded yet.
-    pub fn new(req: super::BuildRequest, run_id: String, run_dir: PathBuf, events: Reporter, deadline: Instant, timeout_minutes: u64) -> BuildCx {
+    pub fn new(
+        req: super::BuildRequest,
+        run_id: String,
+        run_dir: PathBuf,
+        events: Reporter,
+        deadline: Instant,
+        timeout_minutes: u64,
+    ) -> BuildCx {
         BuildCx {
             template: req.template,
             api_version: req.api_version,

@@ -71,7 +71,14 @@ pub fn dry_run(req: BuildRequest) -> Result<DryRunPlan, BuildError> {
     });
     let minutes = u64::from(req.template.properties.build_timeout_in_minutes.max(1));
     let events = Reporter::detached(Some(listener));
-    let cx = BuildCx::new(req, id, run_dir, events, Instant::now() + Duration::from_secs(minutes * 60), minutes);
+    let cx = BuildCx::new(
+        req,
+        id,
+        run_dir,
+        events,
+        Instant::now() + Duration::from_secs(minutes * 60),
+        minutes,
+    );
     let os = super::steps_windows::target_os(&cx);
     let plan = super::steps::plan(&cx)?;
     let steps = plan

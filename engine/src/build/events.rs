@@ -198,21 +198,39 @@ struct Sinks {
 }
 
 fn stamp() -> String {
-    let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    crate::build::time::rfc3339(secs).replace('T', " ").replace('Z', "").replace('-', "/")
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    crate::build::time::rfc3339(secs)
+        .replace('T', " ")
+        .replace('Z', "")
+        .replace('-', "/")
 }
 
 impl Reporter {
     /// A reporter that only calls `listener` (tests, dry runs).
     pub fn detached(listener: Option<Listener>) -> Reporter {
-        Reporter { inner: Arc::new(Mutex::new(Sinks { jsonl: None, log: None })), listener }
+        Reporter {
+            inner: Arc::new(Mutex::new(Sinks {
+                jsonl: None,
+                log: None,
+            })),
+            listener,
+        }
     }
 
     /// A reporter writing `events.jsonl` and `customization.log` into `run_dir`.
     pub fn in_dir(run_dir: &Path, listener: Option<Listener>) -> std::io::Result<Reporter> {
         let jsonl = BufWriter::new(File::create(run_dir.join("events.jsonl"))?);
         let log = BufWriter::new(File::create(run_dir.join("customization.log"))?);
-        Ok(Reporter { inner: Arc::new(Mutex::new(Sinks { jsonl: Some(jsonl), log: Some(log) })), listener })
+        Ok(Reporter {
+            inner: Arc::new(Mutex::new(Sinks {
+                jsonl: Some(jsonl),
+                log: Some(log),
+            })),
+            listener,
+        })
     }
 
     /// Emits an event.
@@ -315,8 +333,14 @@ fn log_lines(e: &Event) -> Vec<String> {
 /// `Customize: Shell "setup"` → `provisioner shell`, the way Packer's telemetry names them.
 fn telemetry_name(step: &str) -> String {
     let lower = step.to_ascii_lowercase();
-    for (k, v) in [("shell", "provisioner shell"), ("file", "provisioner file"), ("powershell", "provisioner powershell")] {
-        if lower.starts_with(&format!("customize: {k}")) || lower.starts_with(&format!("validate: {k}")) {
+    for (k, v) in [
+        ("shell", "provisioner shell"),
+        ("file", "provisioner file"),
+        ("powershell", "provisioner powershell"),
+    ] {
+        if lower.starts_with(&format!("customize: {k}"))
+            || lower.starts_with(&format!("validate: {k}"))
+        {
             return v.to_string();
         }
     }
@@ -330,9 +354,21 @@ mod tests {
     #[test]
     fn a_failed_step_is_named_once_in_the_log() {
         let failed = |error: &str| {
-            log_lines(&Event::StepFinished { index: 3, step: "Customize: PowerShell \"x\"".into(), ok: false, seconds: 1.0, error: Some(error.into()) })
+            log_lines(&Event::StepFinished {
+                index: 3,
+                step: "Customize: PowerShell \"x\"".into(),
+                ok: false,
+                seconds: 1.0,
+                error: Some(error.into()),
+            })
         };
-        assert_eq!(failed("Customize: PowerShell \"x\" failed: exited with 7")[0], "PACKER OUT ==> kiln: Customize: PowerShell \"x\" failed: exited with 7");
-        assert_eq!(failed("no VM")[0], "PACKER OUT ==> kiln: Customize: PowerShell \"x\" failed: no VM");
+        assert_eq!(
+            failed("Customize: PowerShell \"x\" failed: exited with 7")[0],
+            "PACKER OUT ==> kiln: Customize: PowerShell \"x\" failed: exited with 7"
+        );
+        assert_eq!(
+            failed("no VM")[0],
+            "PACKER OUT ==> kiln: Customize: PowerShell \"x\" failed: no VM"
+        );
     }
 }

@@ -1118,10 +1118,21 @@ mod tests {
             addr.sin_family = libc::AF_INET as libc::sa_family_t;
             addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            assert_eq!(libc::bind(fd, std::ptr::addr_of!(addr).cast(), len), 0, "bind");
+            assert_eq!(
+                libc::bind(fd, std::ptr::addr_of!(addr).cast(), len),
+                0,
+                "bind"
+            );
             let mut len2 = len;
-            assert_eq!(libc::getsockname(fd, std::ptr::addr_of_mut!(addr).cast(), &mut len2), 0, "getsockname");
-            (<std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd), u16::from_be(addr.sin_port))
+            assert_eq!(
+                libc::getsockname(fd, std::ptr::addr_of_mut!(addr).cast(), &mut len2),
+                0,
+                "getsockname"
+            );
+            (
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd),
+                u16::from_be(addr.sin_port),
+            )
         };
         let err = fetch(&req(&format!("http://127.0.0.1:{port}/x.sh"), None), &ctx)
             .await

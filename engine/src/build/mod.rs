@@ -135,44 +135,101 @@ pub struct BuildResult {
 
 fn run_id() -> String {
     use sha2::{Digest, Sha256};
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let h = Sha256::digest(format!("{nanos}-{}", std::process::id()).as_bytes());
     h.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Names the staging directory as AIB names the staging resource group: `IT_<rg>_<template>_<id>`.
 pub fn staging_name(resource_group: &str, template: &str, id: &str) -> String {
-    let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }).collect::<String>();
+    let clean = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+    };
     format!("IT_{}_{}_{}", clean(resource_group), clean(template), id)
 }
 
 /// Runs a build to the end. Never panics on a failed build: the result says what happened, the
 /// run's directory keeps the logs, and no QEMU is left running (unless `keep_vm_on_error`).
-pub async fn run_build(req: BuildRequest, listener: Option<Listener>, cancel: CancellationToken) -> Result<BuildResult, BuildError> {
+pub async fn run_build(
+    req: BuildRequest,
+    listener: Option<Listener>,
+    cancel: CancellationToken,
+) -> Result<BuildResult, BuildError> {
     let id = req.options.run_id.clone().unwrap_or_else(run_id);
-    let run_dir = req.options.run_dir.clone().unwrap_or_else(|| req.options.kiln_home.join("staging").join(staging_name(&req.options.resource_group, &req.name, &id)));
-    std::fs::create_dir_all(&run_dir).map_err(BuildError::io(format!("creating the run directory {}", run_dir.display())))?;
-    let events = Reporter::in_dir(&run_dir, listener).map_err(BuildError::io(format!("creating the logs in {}", run_dir.display())))?;
+    let run_dir = req.options.run_dir.clone().unwrap_or_else(|| {
+        req.options.kiln_home.join("staging").join(staging_name(
+            &req.options.resource_group,
+            &req.name,
+            &id,
+        ))
+    });
+    std::fs::create_dir_all(&run_dir).map_err(BuildError::io(format!(
+        "creating the run directory {}",
+        run_dir.display()
+    )))?;
+    let events = Reporter::in_dir(&run_dir, listener).map_err(BuildError::io(format!(
+        "creating the logs in {}",
+        run_dir.display()
+    )))?;
     let minutes = u64::from(req.template.properties.build_timeout_in_minutes.max(1));
-    let budget = req.options.timeout_override.unwrap_or(Duration::from_secs(minutes * 60));
+    let budget = req
+        .options
+        .timeout_override
+        .unwrap_or(Duration::from_secs(minutes * 60));
     let started = Instant::now();
     let req_name = req.name.clone();
-    let mut cx = BuildCx::new(req, id.clone(), run_dir.clone(), events.clone(), started + budget, budget.as_secs().div_ceil(60));
-    events.emit(Event::RunStarted { run_id: id.clone(), template: req_name, run_dir: run_dir.display().to_string() });
+    let mut cx = BuildCx::new(
+        req,
+        id.clone(),
+        run_dir.clone(),
+        events.clone(),
+        started + budget,
+        budget.as_secs().div_ceil(60),
+    );
+    events.emit(Event::RunStarted {
+        run_id: id.clone(),
+        template: req_name,
+        run_dir: run_dir.display().to_string(),
+    });
     let plan = steps::plan(&cx)?;
     let result = runner::run_steps(plan, &mut cx, &cancel).await;
     let (state, message) = match &result {
-        Ok(()) if !cx.partial_failures.is_empty() => ("PartiallySucceeded", cx.partial_failures.join("; ")),
+        Ok(()) if !cx.partial_failures.is_empty() => {
+            ("PartiallySucceeded", cx.partial_failures.join("; "))
+        }
         Ok(()) => ("Succeeded", String::new()),
         Err(BuildError::Canceled) => ("Canceled", "the build was canceled".to_string()),
         Err(e) => ("Failed", e.to_string()),
     };
-    events.emit(Event::RunFinished { run_state: state.into(), message: message.clone(), seconds: started.elapsed().as_secs_f64() });
+    events.emit(Event::RunFinished {
+        run_state: state.into(),
+        message: message.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+    });
     if let Some(kept) = cx.kept_vm.take() {
         wait_kept_vm(kept, &events, &cancel).await;
     }
     let exact_version = cx.source.as_ref().and_then(|s| s.exact_version.clone());
-    Ok(BuildResult { run_id: id, run_dir, run_state: state, message, exact_version, run_outputs: cx.run_outputs, error: result.err() })
+    Ok(BuildResult {
+        run_id: id,
+        run_dir,
+        run_state: state,
+        message,
+        exact_version,
+        run_outputs: cx.run_outputs,
+        error: result.err(),
+    })
 }
 
 /// A kept build VM runs until the run is canceled (Ctrl-C, `kiln template cancel`) or the VM
@@ -184,7 +241,11 @@ async fn wait_kept_vm(kept: context::KeptVm, events: &Reporter, cancel: &Cancell
         _ = cancel.cancelled() => {}
         _ = v.exited() => {}
     }
-    let timeouts = crate::vm::ShutdownTimeouts { guest: Duration::from_secs(1), acpi: Duration::from_secs(5), ..Default::default() };
+    let timeouts = crate::vm::ShutdownTimeouts {
+        guest: Duration::from_secs(1),
+        acpi: Duration::from_secs(5),
+        ..Default::default()
+    };
     match v.shutdown_ladder(None, timeouts).await {
         Ok(r) => events.info(format!("kept build VM stopped: {}", r.rung)),
         Err(e) => events.warn(format!("stopping the kept build VM: {e}")),
@@ -196,6 +257,9 @@ async fn wait_kept_vm(kept: context::KeptVm, events: &Reporter, cancel: &Cancell
 mod tests {
     #[test]
     fn staging_names() {
-        assert_eq!(super::staging_name("my rg", "t1", "abcd"), "IT_my_rg_t1_abcd");
+        assert_eq!(
+            super::staging_name("my rg", "t1", "abcd"),
+            "IT_my_rg_t1_abcd"
+        );
     }
 }

@@ -62,7 +62,11 @@ pub trait Step: Send {
 
 /// Runs `steps` in order under the context's deadline and cancel token. Returns the first error
 /// (a [`FailurePolicy::Continue`] step's error is returned after the remaining steps ran).
-pub async fn run_steps(steps: Vec<Box<dyn Step>>, cx: &mut BuildCx, cancel: &CancellationToken) -> Result<(), BuildError> {
+pub async fn run_steps(
+    steps: Vec<Box<dyn Step>>,
+    cx: &mut BuildCx,
+    cancel: &CancellationToken,
+) -> Result<(), BuildError> {
     let mut started: Vec<Box<dyn Step>> = Vec::new();
     let mut result = Ok(());
     let mut deferred: Option<BuildError> = None;
@@ -76,10 +80,15 @@ pub async fn run_steps(steps: Vec<Box<dyn Step>>, cx: &mut BuildCx, cancel: &Can
         if phase != Some(step.phase()) {
             phase = Some(step.phase());
             cx.sub_state = step.phase();
-            cx.events.emit(Event::Phase { sub_state: step.phase() });
+            cx.events.emit(Event::Phase {
+                sub_state: step.phase(),
+            });
         }
         let name = step.name();
-        cx.events.emit(Event::StepStarted { index, step: name.clone() });
+        cx.events.emit(Event::StepStarted {
+            index,
+            step: name.clone(),
+        });
         cx.current_step = name.clone();
         let t0 = Instant::now();
         let deadline = cx.deadline;

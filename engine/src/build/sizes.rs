@@ -59,7 +59,10 @@ pub fn lookup(name: &str, extra: &BTreeMap<String, VmShape>) -> Result<VmShape, 
         return Ok(*s);
     }
     if let Some((_, c, m)) = SIZES.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(name)) {
-        return Ok(VmShape { vcpus: *c, memory_mib: *m });
+        return Ok(VmShape {
+            vcpus: *c,
+            memory_mib: *m,
+        });
     }
     let known: Vec<&str> = SIZES.iter().map(|(n, _, _)| *n).collect();
     Err(format!(
@@ -75,12 +78,36 @@ mod tests {
     #[test]
     fn defaults_and_case() {
         let none = BTreeMap::new();
-        assert_eq!(lookup("Standard_D1_v2", &none), Ok(VmShape { vcpus: 1, memory_mib: 3584 }));
-        assert_eq!(lookup("standard_d2ds_v4", &none), Ok(VmShape { vcpus: 2, memory_mib: 8192 }));
+        assert_eq!(
+            lookup("Standard_D1_v2", &none),
+            Ok(VmShape {
+                vcpus: 1,
+                memory_mib: 3584
+            })
+        );
+        assert_eq!(
+            lookup("standard_d2ds_v4", &none),
+            Ok(VmShape {
+                vcpus: 2,
+                memory_mib: 8192
+            })
+        );
         let e = lookup("Standard_Q1", &none).unwrap_err();
         assert!(e.contains("Standard_D2s_v3") && e.contains("--vm-size-map"));
         let mut extra = BTreeMap::new();
-        extra.insert("Standard_Q1".to_string(), VmShape { vcpus: 3, memory_mib: 1000 });
-        assert_eq!(lookup("Standard_Q1", &extra), Ok(VmShape { vcpus: 3, memory_mib: 1000 }));
+        extra.insert(
+            "Standard_Q1".to_string(),
+            VmShape {
+                vcpus: 3,
+                memory_mib: 1000,
+            },
+        );
+        assert_eq!(
+            lookup("Standard_Q1", &extra),
+            Ok(VmShape {
+                vcpus: 3,
+                memory_mib: 1000
+            })
+        );
     }
 }

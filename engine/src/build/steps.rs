@@ -28,7 +28,10 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
         return crate::build::steps_windows::plan(cx);
     }
     let p = &cx.template.properties;
-    let source_only = p.validate.as_ref().is_some_and(|v| v.source_validation_only);
+    let source_only = p
+        .validate
+        .as_ref()
+        .is_some_and(|v| v.source_validation_only);
     if source_only && !p.customize.is_empty() {
         cx.events.warn(format!(
             "validate.sourceValidationOnly is true: the source image is validated as it is; the {} customizer(s) are not run and nothing is distributed",
@@ -44,7 +47,11 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
             )));
         }
     }
-    let validations: &[Validator] = p.validate.as_ref().map(|v| v.in_vm_validations.as_slice()).unwrap_or_default();
+    let validations: &[Validator] = p
+        .validate
+        .as_ref()
+        .map(|v| v.in_vm_validations.as_slice())
+        .unwrap_or_default();
     for (i, v) in validations.iter().enumerate() {
         if matches!(v, Validator::PowerShell(_)) {
             return Err(BuildError::Template(format!(
@@ -53,8 +60,15 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
             )));
         }
     }
-    let continue_on_failure = p.validate.as_ref().is_some_and(|v| v.continue_distribute_on_failure);
-    let abort = |which: fn(&crate::template::model::ErrorHandling) -> &str| p.error_handling.as_ref().is_some_and(|e| which(e).eq_ignore_ascii_case("abort"));
+    let continue_on_failure = p
+        .validate
+        .as_ref()
+        .is_some_and(|v| v.continue_distribute_on_failure);
+    let abort = |which: fn(&crate::template::model::ErrorHandling) -> &str| {
+        p.error_handling
+            .as_ref()
+            .is_some_and(|e| which(e).eq_ignore_ascii_case("abort"))
+    };
     let abort_customizer = abort(|e| &e.on_customizer_error);
     let abort_validation = abort(|e| &e.on_validation_error);
     let mut steps: Vec<Box<dyn Step>> = vec![
@@ -79,14 +93,24 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
         // `sourceValidationOnly`: the source image itself is validated; no customization, no
         // generalization, nothing distributed.
         validate(&mut steps);
-        steps.push(Box::new(crate::build::steps_vm::Shutdown { phase: SubState::Validating }));
+        steps.push(Box::new(crate::build::steps_vm::Shutdown {
+            phase: SubState::Validating,
+        }));
         return Ok(steps);
     }
     for (i, c) in p.customize.iter().enumerate() {
-        steps.push(Box::new(crate::build::steps_vm::Customize { index: i, customizer: c.clone(), abort_on_error: abort_customizer }));
+        steps.push(Box::new(crate::build::steps_vm::Customize {
+            index: i,
+            customizer: c.clone(),
+            abort_on_error: abort_customizer,
+        }));
     }
     validate(&mut steps);
-    let phase = if validations.is_empty() { SubState::Customizing } else { SubState::Validating };
+    let phase = if validations.is_empty() {
+        SubState::Customizing
+    } else {
+        SubState::Validating
+    };
     steps.push(Box::new(crate::build::steps_vm::Deprovision { phase }));
     steps.push(Box::new(crate::build::steps_vm::Shutdown { phase }));
     steps.push(Box::new(crate::build::steps_distribute::ExportDisk));
@@ -98,12 +122,20 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
 /// The template's source, as the dry-run prints it.
 pub fn describe_source(cx: &BuildCx) -> serde_json::Value {
     match &cx.template.properties.source {
-        Source::PlatformImage { publisher, offer, sku, version, .. } => serde_json::json!({
+        Source::PlatformImage {
+            publisher,
+            offer,
+            sku,
+            version,
+            ..
+        } => serde_json::json!({
             "type": "PlatformImage",
             "urn": format!("{publisher}:{offer}:{sku}:{version}"),
             "resolvedThrough": "kiln's local image catalog (`kiln image list`)",
         }),
-        Source::ManagedImage { image_id } => serde_json::json!({"type": "ManagedImage", "imageId": image_id, "resolvedThrough": "kiln's state store"}),
+        Source::ManagedImage { image_id } => {
+            serde_json::json!({"type": "ManagedImage", "imageId": image_id, "resolvedThrough": "kiln's state store"})
+        }
         Source::SharedImageVersion { image_version_id } => {
             serde_json::json!({"type": "SharedImageVersion", "imageVersionId": image_version_id, "resolvedThrough": "kiln's state store"})
         }
@@ -125,13 +157,22 @@ impl Step for ResolveSource {
         describe_source(cx)
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
-        let Source::PlatformImage { publisher, offer, sku, version, .. } = &cx.template.properties.source else {
+        let Source::PlatformImage {
+            publisher,
+            offer,
+            sku,
+            version,
+            ..
+        } = &cx.template.properties.source
+        else {
             // ManagedImage, SharedImageVersion: through the state store.
             cx.source = Some(crate::build::steps_source::resolve(cx)?);
             return Ok(());
         };
         let catalog = Catalog::in_kiln_home(&cx.options.kiln_home);
-        let r = catalog.resolve(publisher, offer, sku, version).map_err(|e| BuildError::Source(e.to_string()))?;
+        let r = catalog
+            .resolve(publisher, offer, sku, version)
+            .map_err(|e| BuildError::Source(e.to_string()))?;
         cx.events.info(format!(
             "source {publisher}:{offer}:{sku}:{version} → {} ({:?}, {} MiB) at {}",
             r.exact_version,
@@ -172,7 +213,10 @@ impl Step for PrepareDisk {
         })
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
-        let src = cx.source.clone().ok_or_else(|| BuildError::Source("no source resolved".into()))?;
+        let src = cx
+            .source
+            .clone()
+            .ok_or_else(|| BuildError::Source("no source resolved".into()))?;
         let want = u64::from(cx.template.properties.vm_profile.os_disk_size_gb) * GIB;
         let size = if want == 0 || want == src.virtual_size {
             None
@@ -195,9 +239,15 @@ impl Step for PrepareDisk {
         tokio::task::spawn_blocking(move || tool.create_overlay(&src.disk, src.format, &o, size))
             .await
             .map_err(|e| BuildError::Vm(e.to_string()))?
-            .map_err(|e| BuildError::Disk { what: "creating the overlay".into(), detail: e.to_string() })?;
+            .map_err(|e| BuildError::Disk {
+                what: "creating the overlay".into(),
+                detail: e.to_string(),
+            })?;
         if let Some(s) = size {
-            cx.events.info(format!("OS disk grown to {} GiB (copy-on-write overlay)", s / GIB));
+            cx.events.info(format!(
+                "OS disk grown to {} GiB (copy-on-write overlay)",
+                s / GIB
+            ));
         }
         cx.overlay = Some(overlay);
         Ok(())
@@ -214,24 +264,53 @@ impl Step for PrepareDisk {
 
 fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
     let mut reqs = Vec::new();
-    let source_only = cx.template.properties.validate.as_ref().is_some_and(|v| v.source_validation_only);
-    let customize = if source_only { &[][..] } else { cx.template.properties.customize.as_slice() };
+    let source_only = cx
+        .template
+        .properties
+        .validate
+        .as_ref()
+        .is_some_and(|v| v.source_validation_only);
+    let customize = if source_only {
+        &[][..]
+    } else {
+        cx.template.properties.customize.as_slice()
+    };
     for (i, c) in customize.iter().enumerate() {
         let label = |kind: &str, name: &Option<String>| {
-            format!("properties.customize[{i}] ({kind}{})", name.as_ref().map(|n| format!(" \"{n}\"")).unwrap_or_default())
+            format!(
+                "properties.customize[{i}] ({kind}{})",
+                name.as_ref()
+                    .map(|n| format!(" \"{n}\""))
+                    .unwrap_or_default()
+            )
         };
         match c {
-            Customizer::Shell(ShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => reqs.push(FetchRequest {
+            Customizer::Shell(ShellScript {
+                name,
+                script_uri: Some(u),
+                sha256_checksum,
+                ..
+            }) => reqs.push(FetchRequest {
                 uri: u.clone(),
                 expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
                 label: label("Shell", name),
             }),
-            Customizer::PowerShell(crate::template::model::PowerShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => reqs.push(FetchRequest {
+            Customizer::PowerShell(crate::template::model::PowerShellScript {
+                name,
+                script_uri: Some(u),
+                sha256_checksum,
+                ..
+            }) => reqs.push(FetchRequest {
                 uri: u.clone(),
                 expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
                 label: label("PowerShell", name),
             }),
-            Customizer::File(FileCopy { name, source_uri, sha256_checksum, .. }) => reqs.push(FetchRequest {
+            Customizer::File(FileCopy {
+                name,
+                source_uri,
+                sha256_checksum,
+                ..
+            }) => reqs.push(FetchRequest {
                 uri: source_uri.clone(),
                 expected_sha256: Some(sha256_checksum.clone()).filter(|s| !s.is_empty()),
                 label: label("File", name),
@@ -239,18 +318,48 @@ fn artifact_requests(cx: &BuildCx) -> Vec<FetchRequest> {
             _ => {}
         }
     }
-    let validations = cx.template.properties.validate.as_ref().map(|v| v.in_vm_validations.as_slice()).unwrap_or_default();
+    let validations = cx
+        .template
+        .properties
+        .validate
+        .as_ref()
+        .map(|v| v.in_vm_validations.as_slice())
+        .unwrap_or_default();
     for (i, v) in validations.iter().enumerate() {
         let label = |kind: &str, name: &Option<String>| {
-            format!("properties.validate.inVMValidations[{i}] ({kind}{})", name.as_ref().map(|n| format!(" \"{n}\"")).unwrap_or_default())
+            format!(
+                "properties.validate.inVMValidations[{i}] ({kind}{})",
+                name.as_ref()
+                    .map(|n| format!(" \"{n}\""))
+                    .unwrap_or_default()
+            )
         };
         let (uri, sha, l) = match v {
-            Validator::Shell(ShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => (u, sha256_checksum, label("Shell", name)),
-            Validator::File(FileCopy { name, source_uri, sha256_checksum, .. }) => (source_uri, sha256_checksum, label("File", name)),
-            Validator::PowerShell(crate::template::model::PowerShellScript { name, script_uri: Some(u), sha256_checksum, .. }) => (u, sha256_checksum, label("PowerShell", name)),
+            Validator::Shell(ShellScript {
+                name,
+                script_uri: Some(u),
+                sha256_checksum,
+                ..
+            }) => (u, sha256_checksum, label("Shell", name)),
+            Validator::File(FileCopy {
+                name,
+                source_uri,
+                sha256_checksum,
+                ..
+            }) => (source_uri, sha256_checksum, label("File", name)),
+            Validator::PowerShell(crate::template::model::PowerShellScript {
+                name,
+                script_uri: Some(u),
+                sha256_checksum,
+                ..
+            }) => (u, sha256_checksum, label("PowerShell", name)),
             _ => continue,
         };
-        reqs.push(FetchRequest { uri: uri.clone(), expected_sha256: Some(sha.clone()).filter(|s| !s.is_empty()), label: l });
+        reqs.push(FetchRequest {
+            uri: uri.clone(),
+            expected_sha256: Some(sha.clone()).filter(|s| !s.is_empty()),
+            label: l,
+        });
     }
     reqs
 }
@@ -280,16 +389,46 @@ impl Step for FetchArtifacts {
             return Ok(());
         }
         let dest = cx.run_dir.join("artifacts");
-        std::fs::create_dir_all(&dest).map_err(BuildError::io(format!("creating {}", dest.display())))?;
-        let fctx = FetchContext { template_dir: cx.template_dir.clone(), dest_dir: dest, timeout: Duration::from_secs(300), max_bytes: 8 * GIB };
+        std::fs::create_dir_all(&dest)
+            .map_err(BuildError::io(format!("creating {}", dest.display())))?;
+        let fctx = FetchContext {
+            template_dir: cx.template_dir.clone(),
+            dest_dir: dest,
+            timeout: Duration::from_secs(300),
+            max_bytes: 8 * GIB,
+        };
         let fetched = fetch::fetch_all(&reqs, &fctx).await?;
         for f in fetched {
-            let verified = reqs.iter().any(|r| r.uri == f.uri && r.expected_sha256.is_some());
-            cx.events.info(format!("fetched {} ({} bytes, sha256 {}{})", f.uri, f.size, f.sha256, if verified { ", verified" } else { ", no checksum given" }));
-            cx.artifacts.insert(f.uri.clone(), Artifact { path: f.path, size: f.size, sha256: f.sha256 });
+            let verified = reqs
+                .iter()
+                .any(|r| r.uri == f.uri && r.expected_sha256.is_some());
+            cx.events.info(format!(
+                "fetched {} ({} bytes, sha256 {}{})",
+                f.uri,
+                f.size,
+                f.sha256,
+                if verified {
+                    ", verified"
+                } else {
+                    ", no checksum given"
+                }
+            ));
+            cx.artifacts.insert(
+                f.uri.clone(),
+                Artifact {
+                    path: f.path,
+                    size: f.size,
+                    sha256: f.sha256,
+                },
+            );
         }
         for c in &cx.template.properties.customize {
-            if let Customizer::File(FileCopy { source_uri, destination, .. }) = c {
+            if let Customizer::File(FileCopy {
+                source_uri,
+                destination,
+                ..
+            }) = c
+            {
                 if let Some(a) = cx.artifacts.get(source_uri) {
                     if a.size > FILE_WARN_BYTES {
                         cx.events.warn(format!(
@@ -315,11 +454,25 @@ pub fn choose_provisioning(cx: &BuildCx) -> Result<(Provisioning, String), Build
     if let Some(p) = cx.options.provisioning {
         return Ok((p, "--provisioning".into()));
     }
-    let supported = cx.source.as_ref().map(|s| s.provisioning.clone()).unwrap_or_default();
+    let supported = cx
+        .source
+        .as_ref()
+        .map(|s| s.provisioning.clone())
+        .unwrap_or_default();
     for m in &supported {
         match m {
-            M::NoCloud => return Ok((Provisioning::NoCloud, "the catalog image's preferred method".into())),
-            M::Azure => return Ok((Provisioning::Azure, "the catalog image's preferred method".into())),
+            M::NoCloud => {
+                return Ok((
+                    Provisioning::NoCloud,
+                    "the catalog image's preferred method".into(),
+                ))
+            }
+            M::Azure => {
+                return Ok((
+                    Provisioning::Azure,
+                    "the catalog image's preferred method".into(),
+                ))
+            }
             M::Unattend => {}
         }
     }
@@ -333,7 +486,10 @@ pub fn choose_provisioning(cx: &BuildCx) -> Result<(Provisioning, String), Build
 
 /// The VM size name the build uses (the template's, else AIB's default for the generation).
 pub fn vm_size_name(cx: &BuildCx) -> String {
-    let gen2 = cx.source.as_ref().is_some_and(|s| s.generation == kiln_images::catalog::HyperVGeneration::V2);
+    let gen2 = cx
+        .source
+        .as_ref()
+        .is_some_and(|s| s.generation == kiln_images::catalog::HyperVGeneration::V2);
     match cx.template.properties.vm_profile.vm_size.as_str() {
         "" if gen2 => crate::template::defaults::DEFAULT_VM_SIZE_GEN2.to_string(),
         "" => crate::template::defaults::DEFAULT_VM_SIZE_GEN1.to_string(),
@@ -363,11 +519,14 @@ impl Step for ProvisioningMedia {
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let (method, why) = choose_provisioning(cx)?;
-        cx.events.info(format!("provisioning: {} ({why})", method.as_str()));
+        cx.events
+            .info(format!("provisioning: {} ({why})", method.as_str()));
         cx.provisioning = Some(method);
-        let keys = kiln_agents::generate_ed25519(&format!("kiln-build-{}", cx.run_id)).map_err(|e| BuildError::Vm(e.to_string()))?;
+        let keys = kiln_agents::generate_ed25519(&format!("kiln-build-{}", cx.run_id))
+            .map_err(|e| BuildError::Vm(e.to_string()))?;
         let key_path = cx.run_dir.join("id_ed25519");
-        kiln_agents::write_private_key(&keys.private, &key_path).map_err(|e| BuildError::Vm(e.to_string()))?;
+        kiln_agents::write_private_key(&keys.private, &key_path)
+            .map_err(|e| BuildError::Vm(e.to_string()))?;
         match method {
             Provisioning::NoCloud => {
                 let seed_path = cx.run_dir.join("seed.img");
@@ -378,21 +537,40 @@ impl Step for ProvisioningMedia {
                     ssh_public_key: keys.public_line.clone(),
                     extra_user_data: None,
                 };
-                seed::write_nocloud_vfat(&seed_path, &cfg).map_err(|e| BuildError::Vm(format!("writing the NoCloud seed: {e}")))?;
+                seed::write_nocloud_vfat(&seed_path, &cfg)
+                    .map_err(|e| BuildError::Vm(format!("writing the NoCloud seed: {e}")))?;
                 cx.seed = Some(seed_path);
             }
             Provisioning::Azure => {
                 let iso = cx.run_dir.join("ovf-env.iso");
-                let env = ovf::OvfEnv { hostname: BUILD_HOSTNAME.into(), user: BUILD_USER.into(), ssh_public_key: keys.public_line.clone(), custom_data_base64: None };
-                ovf::write_media(&iso, &env).map_err(|e| BuildError::Vm(format!("writing the Azure provisioning media: {e}")))?;
+                let env = ovf::OvfEnv {
+                    hostname: BUILD_HOSTNAME.into(),
+                    user: BUILD_USER.into(),
+                    ssh_public_key: keys.public_line.clone(),
+                    custom_data_base64: None,
+                };
+                ovf::write_media(&iso, &env).map_err(|e| {
+                    BuildError::Vm(format!("writing the Azure provisioning media: {e}"))
+                })?;
                 cx.cdrom = Some(iso);
-                let vm_id = fabric::uuid_from(&format!("kiln-vm/{}/{}", cx.template_name, cx.run_id));
-                let mut cfg = FabricConfig::new(vm_id, BUILD_HOSTNAME, BUILD_USER, &keys.public_line, AZURE_MAC);
+                let vm_id =
+                    fabric::uuid_from(&format!("kiln-vm/{}/{}", cx.template_name, cx.run_id));
+                let mut cfg = FabricConfig::new(
+                    vm_id,
+                    BUILD_HOSTNAME,
+                    BUILD_USER,
+                    &keys.public_line,
+                    AZURE_MAC,
+                );
                 if !cx.template.location.is_empty() {
                     cfg.location = cx.template.location.clone();
                 }
                 cfg.vm_size = vm_size_name(cx);
-                cfg.resource_group = cx.run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| cx.options.resource_group.clone());
+                cfg.resource_group = cx
+                    .run_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| cx.options.resource_group.clone());
                 cfg.subscription_id = cx.options.subscription_id.clone();
                 cfg.token_command = cx.options.identity_token_command.clone();
                 let (socket, own_dir) = fabric::socket_path_for(&cx.run_dir, &cx.run_id);
@@ -408,7 +586,8 @@ impl Step for ProvisioningMedia {
                         error: e.error,
                     })
                 });
-                let f = Fabric::start(&socket, own_dir.as_deref(), cfg, sink).map_err(|e| BuildError::Vm(e.to_string()))?;
+                let f = Fabric::start(&socket, own_dir.as_deref(), cfg, sink)
+                    .map_err(|e| BuildError::Vm(e.to_string()))?;
                 cx.events.info(format!(
                     "Azure fabric for this build on {} (wireserver 168.63.129.16, IMDS 169.254.169.254; vmId {})",
                     f.socket_path().display(),
@@ -439,7 +618,11 @@ impl Step for ProvisioningMedia {
 
 /// Where a VHD distributor writes: its `uri` (a local path or file:// URI, 2022-07-01+), else the
 /// run's directory (AIB's staging storage account).
-pub fn vhd_destination(cx: &BuildCx, run_output_name: &str, uri: Option<&str>) -> Result<PathBuf, BuildError> {
+pub fn vhd_destination(
+    cx: &BuildCx,
+    run_output_name: &str,
+    uri: Option<&str>,
+) -> Result<PathBuf, BuildError> {
     match uri.filter(|u| !u.is_empty()) {
         None => Ok(cx.run_dir.join(format!("{run_output_name}.vhd"))),
         Some(u) => {
@@ -451,9 +634,22 @@ pub fn vhd_destination(cx: &BuildCx, run_output_name: &str, uri: Option<&str>) -
                 )));
             } else {
                 let p = Path::new(u);
-                if p.is_absolute() { p.to_path_buf() } else { cx.template_dir.join(p) }
+                if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    cx.template_dir.join(p)
+                }
             };
-            Ok(if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("vhd")) { path } else { path.join(format!("{run_output_name}.vhd")) })
+            Ok(
+                if path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("vhd"))
+                {
+                    path
+                } else {
+                    path.join(format!("{run_output_name}.vhd"))
+                },
+            )
         }
     }
 }
@@ -462,7 +658,13 @@ pub fn vhd_destination(cx: &BuildCx, run_output_name: &str, uri: Option<&str>) -
 pub struct Record;
 
 /// The runOutput resource of a VHD distributor.
-pub fn vhd_run_output(subscription: &str, rg: &str, template: &str, name: &str, path: &Path) -> serde_json::Value {
+pub fn vhd_run_output(
+    subscription: &str,
+    rg: &str,
+    template: &str,
+    name: &str,
+    path: &Path,
+) -> serde_json::Value {
     serde_json::json!({
         "id": format!("/subscriptions/{subscription}/resourceGroups/{rg}/providers/Microsoft.VirtualMachineImages/imageTemplates/{template}/runOutputs/{name}"),
         "name": name,
@@ -487,15 +689,25 @@ impl Step for Record {
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         for e in cx.exports.clone() {
-            let ro = vhd_run_output(&cx.options.subscription_id, &cx.options.resource_group, &cx.template_name, &e.run_output_name, &e.path);
-            cx.events.emit(Event::RunOutput { run_output: ro.clone() });
+            let ro = vhd_run_output(
+                &cx.options.subscription_id,
+                &cx.options.resource_group,
+                &cx.template_name,
+                &e.run_output_name,
+                &e.path,
+            );
+            cx.events.emit(Event::RunOutput {
+                run_output: ro.clone(),
+            });
             cx.run_outputs.push(ro);
         }
         let list = serde_json::json!({ "value": cx.run_outputs });
         let path = cx.run_dir.join("runOutputs.json");
         let tmp = cx.run_dir.join("runOutputs.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap_or_default()).map_err(BuildError::io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(BuildError::io(format!("writing {}", path.display())))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap_or_default())
+            .map_err(BuildError::io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(BuildError::io(format!("writing {}", path.display())))?;
         Ok(())
     }
 }
@@ -509,7 +721,10 @@ pub struct LineSplitter {
 impl LineSplitter {
     /// For `step`.
     pub fn new(step: String) -> LineSplitter {
-        LineSplitter { step, buf: [Vec::new(), Vec::new()] }
+        LineSplitter {
+            step,
+            buf: [Vec::new(), Vec::new()],
+        }
     }
 
     /// Feeds a chunk; emits complete lines.
@@ -518,8 +733,14 @@ impl LineSplitter {
         self.buf[i].extend_from_slice(data);
         while let Some(pos) = self.buf[i].iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.buf[i].drain(..=pos).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]).trim_end_matches('\r').to_string();
-            cx_events.emit(Event::Output { step: self.step.clone(), stream, line: text });
+            let text = String::from_utf8_lossy(&line[..line.len() - 1])
+                .trim_end_matches('\r')
+                .to_string();
+            cx_events.emit(Event::Output {
+                step: self.step.clone(),
+                stream,
+                line: text,
+            });
         }
     }
 
@@ -529,7 +750,11 @@ impl LineSplitter {
             if !self.buf[i].is_empty() {
                 let text = String::from_utf8_lossy(&self.buf[i]).to_string();
                 self.buf[i].clear();
-                cx_events.emit(Event::Output { step: self.step.clone(), stream, line: text });
+                cx_events.emit(Event::Output {
+                    step: self.step.clone(),
+                    stream,
+                    line: text,
+                });
             }
         }
     }

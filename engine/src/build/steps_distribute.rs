@@ -264,7 +264,9 @@ pub fn stored_provisioning(cx: &BuildCx) -> Vec<String> {
 }
 
 /// The stored form back: unknown names are skipped.
-pub fn parse_stored_provisioning(names: &[String]) -> Vec<kiln_images::catalog::ProvisioningMethod> {
+pub fn parse_stored_provisioning(
+    names: &[String],
+) -> Vec<kiln_images::catalog::ProvisioningMethod> {
     names
         .iter()
         .filter_map(|n| serde_json::from_value(serde_json::Value::String(n.clone())).ok())

@@ -8,7 +8,9 @@ use super::{sizes, BuildError};
 use crate::template::model::{Customizer, FileCopy, ShellScript, Validator};
 use crate::vm;
 use async_trait::async_trait;
-use kiln_agents::{Communicator, ConnectConfig, ExecOptions, Interrupt, InterruptFuture, SshCommunicator, Stream};
+use kiln_agents::{
+    Communicator, ConnectConfig, ExecOptions, Interrupt, InterruptFuture, SshCommunicator, Stream,
+};
 use kiln_images::catalog::HyperVGeneration;
 use std::time::Duration;
 
@@ -48,7 +50,9 @@ pub const DEPROVISION_OVERRIDE: &str = "/tmp/DeprovisioningScript.sh";
 
 /// Ends a wait for the guest early: QEMU exited, or the kernel panicked on the console.
 pub(crate) fn interrupt_for(cx: &BuildCx) -> InterruptFuture<'static> {
-    let Some(v) = cx.vm.as_ref() else { return Box::pin(std::future::pending()) };
+    let Some(v) = cx.vm.as_ref() else {
+        return Box::pin(std::future::pending());
+    };
     let exited = v.exited();
     let console = v.console_log_path().to_path_buf();
     Box::pin(async move {
@@ -70,13 +74,19 @@ pub(crate) fn interrupt_for(cx: &BuildCx) -> InterruptFuture<'static> {
 /// Waits until the VM has reset more than `before` times (a guest reboot).
 async fn wait_reset_since(v: &vm::Vm, before: u64, timeout: Duration) -> bool {
     let mut rx = v.status_watch();
-    let seen = tokio::time::timeout(timeout, rx.wait_for(|s| s.resets > before)).await.is_ok_and(|r| r.is_ok());
+    let seen = tokio::time::timeout(timeout, rx.wait_for(|s| s.resets > before))
+        .await
+        .is_ok_and(|r| r.is_ok());
     seen
 }
 
 /// The build VM's shape, as the dry-run prints it.
 pub fn describe_vm(cx: &BuildCx, forward: &str, devices: Devices) -> serde_json::Value {
-    let shape = |size: &str| sizes::lookup(size, &cx.options.vm_sizes).map(|s| format!("{size}: {} vCPU, {} MiB", s.vcpus, s.memory_mib)).unwrap_or_else(|e| e);
+    let shape = |size: &str| {
+        sizes::lookup(size, &cx.options.vm_sizes)
+            .map(|s| format!("{size}: {} vCPU, {} MiB", s.vcpus, s.memory_mib))
+            .unwrap_or_else(|e| e)
+    };
     let (size, shape) = match cx.template.properties.vm_profile.vm_size.as_str() {
         "" => (
             "(default by the source's generation)".to_string(),
@@ -103,13 +113,17 @@ pub fn describe_policy(p: FailurePolicy) -> &'static str {
     match p {
         FailurePolicy::Stop => "stop the build (cleanup)",
         FailurePolicy::Abort => "stop and keep the build VM (errorHandling abort)",
-        FailurePolicy::Continue => "record the failure and go on (continueDistributeOnFailure); the run ends Failed",
+        FailurePolicy::Continue => {
+            "record the failure and go on (continueDistributeOnFailure); the run ends Failed"
+        }
     }
 }
 
 fn describe_shell(cx: &BuildCx, s: &ShellScript) -> serde_json::Value {
     let script = match &s.script_uri {
-        Some(u) => serde_json::json!({"scriptUri": u, "sha256": Some(s.sha256_checksum.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "(none given: not verified)".into()), "fetched": "by the host before boot"}),
+        Some(u) => {
+            serde_json::json!({"scriptUri": u, "sha256": Some(s.sha256_checksum.clone()).filter(|c| !c.is_empty()).unwrap_or_else(|| "(none given: not verified)".into()), "fetched": "by the host before boot"})
+        }
         None => serde_json::json!({"inline": s.inline.join("\n") + "\n"}),
     };
     serde_json::json!({
@@ -140,7 +154,11 @@ impl Step for StartVm {
         SubState::Building
     }
     fn describe(&self, cx: &BuildCx) -> serde_json::Value {
-        describe_vm(cx, "127.0.0.1:<free port> → guest 22 (SSH)", Devices::linux(cx))
+        describe_vm(
+            cx,
+            "127.0.0.1:<free port> → guest 22 (SSH)",
+            Devices::linux(cx),
+        )
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         start_vm(cx, Vec::new(), Devices::linux(cx)).await
@@ -197,37 +215,66 @@ impl Devices {
     }
 }
 
-pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>, devices: Devices) -> Result<(), BuildError> {
+pub(crate) async fn start_vm(
+    cx: &mut BuildCx,
+    extra_netdev: Vec<String>,
+    devices: Devices,
+) -> Result<(), BuildError> {
     {
-        let src = cx.source.clone().ok_or_else(|| BuildError::Vm("no source".into()))?;
+        let src = cx
+            .source
+            .clone()
+            .ok_or_else(|| BuildError::Vm("no source".into()))?;
         let gen2 = src.generation == HyperVGeneration::V2;
         let size_name = super::steps::vm_size_name(cx);
-        let shape = sizes::lookup(&size_name, &cx.options.vm_sizes).map_err(BuildError::Template)?;
+        let shape =
+            sizes::lookup(&size_name, &cx.options.vm_sizes).map_err(BuildError::Template)?;
         let request = match cx.options.accel {
             AccelChoice::Auto => vm::AccelRequest::Auto,
             AccelChoice::Kvm => vm::AccelRequest::Kvm,
             AccelChoice::Tcg => vm::AccelRequest::Tcg,
         };
-        let (accel, warning) = vm::choose_accel(request).await.map_err(|e| BuildError::Vm(e.to_string()))?;
+        let (accel, warning) = vm::choose_accel(request)
+            .await
+            .map_err(|e| BuildError::Vm(e.to_string()))?;
         if let Some(w) = warning {
             cx.events.warn(w.to_string());
         }
         if accel == vm::Accel::Tcg {
             cx.events.warn("the build VM runs under TCG (software emulation): expect it to be 10-50x slower than with KVM");
         }
-        let firmware = if gen2 { vm::Firmware::uefi_default().map_err(|e| BuildError::Vm(e.to_string()))? } else { vm::Firmware::Bios };
-        let overlay = cx.overlay.clone().ok_or_else(|| BuildError::Vm("no disk".into()))?;
-        let (mut extra_netdev_options, mut smbios, mut uuid, mut mac, mut net_tap) = (extra_netdev, Vec::new(), None, None, None);
+        let firmware = if gen2 {
+            vm::Firmware::uefi_default().map_err(|e| BuildError::Vm(e.to_string()))?
+        } else {
+            vm::Firmware::Bios
+        };
+        let overlay = cx
+            .overlay
+            .clone()
+            .ok_or_else(|| BuildError::Vm("no disk".into()))?;
+        let (mut extra_netdev_options, mut smbios, mut uuid, mut mac, mut net_tap) =
+            (extra_netdev, Vec::new(), None, None, None);
         if let Some(f) = &cx.fabric {
             // As on Azure: the chassis asset tag and system UUID agents check, the NIC's MAC
             // that IMDS reports, and the fabric's addresses routed to this build's fabric.
-            let exe = std::env::current_exe().map_err(|e| BuildError::Vm(format!("finding kiln's own executable for the fabric relay: {e}")))?;
+            let exe = std::env::current_exe().map_err(|e| {
+                BuildError::Vm(format!(
+                    "finding kiln's own executable for the fabric relay: {e}"
+                ))
+            })?;
             extra_netdev_options.extend(f.netdev_options(&exe));
             smbios.push(format!("type=3,asset={}", crate::fabric::AZURE_ASSET_TAG));
             uuid = Some(f.config().vm_id.clone());
             // Azure's DHCP (option 245, routes to the wireserver and IMDS) from the fabric.
             net_tap = Some(f.net_tap().clone());
-            mac = Some(f.config().mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
+            mac = Some(
+                f.config()
+                    .mac
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            );
         }
         let spec = vm::VmSpec {
             name: format!("{}-{}", cx.template_name, cx.run_id),
@@ -261,12 +308,18 @@ pub(crate) async fn start_vm(cx: &mut BuildCx, extra_netdev: Vec<String>, device
             devices.disk_bus.as_str(),
             devices.nic_model.as_str()
         ));
-        let v = vm::Vm::start(spec).await.map_err(|e| BuildError::Vm(e.to_string()))?;
+        let v = vm::Vm::start(spec)
+            .await
+            .map_err(|e| BuildError::Vm(e.to_string()))?;
         if cx.windows.is_some() {
             // A Windows build reaches the guest over WinRM (its forward is logged by WinStartVm).
             cx.events.info(format!("QEMU pid {}", v.pid()));
         } else {
-            cx.events.info(format!("QEMU pid {} , SSH forwarded on 127.0.0.1:{}", v.pid(), v.ssh_port()));
+            cx.events.info(format!(
+                "QEMU pid {} , SSH forwarded on 127.0.0.1:{}",
+                v.pid(),
+                v.ssh_port()
+            ));
         }
         cx.vm = Some(v);
         Ok(())
@@ -309,13 +362,22 @@ pub(crate) async fn stop_vm(cx: &mut BuildCx, outcome: Outcome) {
                 v.ssh_port(),
                 cx.run_dir.display()
             ));
-            cx.kept_vm = Some(KeptVm { vm: v, key_path: kept });
+            cx.kept_vm = Some(KeptVm {
+                vm: v,
+                key_path: kept,
+            });
             return;
         }
         // Whatever happened, QEMU does not outlive the build.
-        let timeouts = vm::ShutdownTimeouts { guest: Duration::from_secs(1), acpi: Duration::from_secs(5), ..Default::default() };
+        let timeouts = vm::ShutdownTimeouts {
+            guest: Duration::from_secs(1),
+            acpi: Duration::from_secs(5),
+            ..Default::default()
+        };
         match v.shutdown_ladder(None, timeouts).await {
-            Ok(r) if outcome != Outcome::Succeeded && r.rung != vm::ShutdownRung::AlreadyExited => cx.events.info(format!("build VM stopped: {}", r.rung)),
+            Ok(r) if outcome != Outcome::Succeeded && r.rung != vm::ShutdownRung::AlreadyExited => {
+                cx.events.info(format!("build VM stopped: {}", r.rung))
+            }
             Ok(_) => {}
             Err(e) => cx.events.warn(format!("stopping the build VM: {e}")),
         }
@@ -343,8 +405,14 @@ impl Step for Connect {
         })
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
-        let v = cx.vm.as_ref().ok_or_else(|| BuildError::Vm("no VM".into()))?;
-        let keys = cx.keys.as_ref().ok_or_else(|| BuildError::Vm("no key".into()))?;
+        let v = cx
+            .vm
+            .as_ref()
+            .ok_or_else(|| BuildError::Vm("no VM".into()))?;
+        let keys = cx
+            .keys
+            .as_ref()
+            .ok_or_else(|| BuildError::Vm("no key".into()))?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], v.ssh_port()));
         let mut config = ConnectConfig::new(addr, BUILD_USER, keys.private.clone());
         config.timeout = cx.options.ssh_timeout;
@@ -368,7 +436,10 @@ impl Step for Connect {
                     let hint = async {
                         loop {
                             tokio::time::sleep(Duration::from_secs(5)).await;
-                            if vm::Console::new(console.clone(), 0).contains(WAAGENT_NO_ENDPOINT).unwrap_or(false) {
+                            if vm::Console::new(console.clone(), 0)
+                                .contains(WAAGENT_NO_ENDPOINT)
+                                .unwrap_or(false)
+                            {
                                 events.warn(format!(
                                     "build VM {name}: the Azure Linux agent cannot find the wireserver (\"{WAAGENT_NO_ENDPOINT}\" on the console): it looks for it through DHCP option 245 or a host route to 168.63.129.16, which kiln's DHCP gives (DHCP events in events.jsonl): check that the image's network uses DHCP on its first NIC and keeps the lease's routes; see docs/provisioning.md (waagent-provisioned images)"
                                 ));
@@ -397,7 +468,10 @@ impl Step for Connect {
             }
         };
         let connected = SshCommunicator::connect(config, interrupt).await;
-        let failure = health.as_ref().and_then(|rx| rx.borrow().clone()).filter(|h| h.health.is_failure());
+        let failure = health
+            .as_ref()
+            .and_then(|rx| rx.borrow().clone())
+            .filter(|h| h.health.is_failure());
         if let Some(h) = failure {
             return Err(BuildError::Connect(format!(
                 "build VM {vm_name}: Azure provisioning failed: {} reported {} {:.1}s after QEMU started (health report NotReady/ProvisioningFailed; see console.log and customization.log in {})",
@@ -408,33 +482,71 @@ impl Step for Connect {
             )));
         }
         let guest = connected.map_err(|e| {
-            let tail = cx.vm.as_ref().map(|v| v.console_tail(15)).unwrap_or_default();
-            BuildError::Connect(format!("SSH to the build VM {vm_name}: {e}\n  last console lines:\n{tail}"))
+            let tail = cx
+                .vm
+                .as_ref()
+                .map(|v| v.console_tail(15))
+                .unwrap_or_default();
+            BuildError::Connect(format!(
+                "SSH to the build VM {vm_name}: {e}\n  last console lines:\n{tail}"
+            ))
         })?;
         let rep = guest.connect_report();
-        let connected_s = rep.authenticated.saturating_duration_since(started).as_secs_f64();
+        let connected_s = rep
+            .authenticated
+            .saturating_duration_since(started)
+            .as_secs_f64();
         // The banner is the guest's sshd answering; banner → authenticated is key exchange and
         // login, bounded by the guest's CPU (cargo xtask bench reads both: docs/bench.md).
-        let banner = rep.banner.map(|b| format!("; banner after {:.3}s, key exchange + login {:.3}s", b.saturating_duration_since(started).as_secs_f64(), rep.authenticated.saturating_duration_since(b).as_secs_f64())).unwrap_or_default();
+        let banner = rep
+            .banner
+            .map(|b| {
+                format!(
+                    "; banner after {:.3}s, key exchange + login {:.3}s",
+                    b.saturating_duration_since(started).as_secs_f64(),
+                    rep.authenticated.saturating_duration_since(b).as_secs_f64()
+                )
+            })
+            .unwrap_or_default();
         cx.events.info(format!(
             "SSH ready {connected_s:.1}s after QEMU started ({} attempts{banner}; host key {} pinned)",
             rep.attempts,
             rep.host_key.as_ref().map(|h| h.0.clone()).unwrap_or_default()
         ));
         cx.guest = Some(Box::new(guest));
-        let method = cx.provisioning.map(|p| p.as_str()).unwrap_or("none").to_string();
+        let method = cx
+            .provisioning
+            .map(|p| p.as_str())
+            .unwrap_or("none")
+            .to_string();
         let Some(mut rx) = health else {
-            cx.events.emit(Event::Provisioned { method, agent: None, ready_seconds: None, connected_seconds: connected_s, health: None });
+            cx.events.emit(Event::Provisioned {
+                method,
+                agent: None,
+                ready_seconds: None,
+                connected_seconds: connected_s,
+                health: None,
+            });
             return Ok(());
         };
         // The Ready health report is the agent's own "provisioning finished". cloud-init sends
         // it before SSH works; waagent after creating the user, possibly just after SSH works.
-        let ready = tokio::time::timeout(AZURE_READY_WAIT, rx.wait_for(|h| h.as_ref().is_some_and(|h| h.health.is_ready() || h.health.is_failure()))).await
-            .is_ok_and(|r| r.is_ok());
+        let ready = tokio::time::timeout(
+            AZURE_READY_WAIT,
+            rx.wait_for(|h| {
+                h.as_ref()
+                    .is_some_and(|h| h.health.is_ready() || h.health.is_failure())
+            }),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
         let last = rx.borrow().clone();
         match (ready, &last) {
             (_, Some(h)) if h.health.is_failure() => {
-                return Err(BuildError::Connect(format!("build VM {vm_name}: Azure provisioning failed: {} reported {}", h.agent, h.health)));
+                return Err(BuildError::Connect(format!(
+                    "build VM {vm_name}: Azure provisioning failed: {} reported {}",
+                    h.agent, h.health
+                )));
             }
             (true, Some(h)) => {
                 cx.events.emit(Event::Provisioned {
@@ -451,7 +563,13 @@ impl Step for Connect {
                     AZURE_READY_WAIT.as_secs(),
                     last.as_ref().map(|h| format!(" (last health report: {} from {})", h.health, h.agent)).unwrap_or_else(|| " (no health report at all)".into())
                 ));
-                cx.events.emit(Event::Provisioned { method, agent: None, ready_seconds: None, connected_seconds: connected_s, health: last.map(|h| h.health.to_string()) });
+                cx.events.emit(Event::Provisioned {
+                    method,
+                    agent: None,
+                    ready_seconds: None,
+                    connected_seconds: connected_s,
+                    health: last.map(|h| h.health.to_string()),
+                });
             }
         }
         Ok(())
@@ -465,8 +583,15 @@ impl Step for Connect {
 
 /// After a guest reboot (a RESET since the last one handled), waits for the guest and
 /// reconnects. `lost`: the connection is known to be gone, so a reboot must follow.
-pub(crate) async fn recover_after_reboot(cx: &mut BuildCx, step: &str, lost: bool) -> Result<bool, BuildError> {
-    let v = cx.vm.as_ref().ok_or_else(|| BuildError::Vm("no VM".into()))?;
+pub(crate) async fn recover_after_reboot(
+    cx: &mut BuildCx,
+    step: &str,
+    lost: bool,
+) -> Result<bool, BuildError> {
+    let v = cx
+        .vm
+        .as_ref()
+        .ok_or_else(|| BuildError::Vm("no VM".into()))?;
     let rebooted = if lost {
         wait_reset_since(v, cx.resets_seen, Duration::from_secs(60)).await
     } else {
@@ -474,16 +599,28 @@ pub(crate) async fn recover_after_reboot(cx: &mut BuildCx, step: &str, lost: boo
     };
     if !rebooted {
         if lost {
-            return Err(BuildError::Step { step: step.into(), message: "the connection to the build VM was lost and the VM did not reboot".into() });
+            return Err(BuildError::Step {
+                step: step.into(),
+                message: "the connection to the build VM was lost and the VM did not reboot".into(),
+            });
         }
         return Ok(false);
     }
     cx.resets_seen = v.reboot_count();
     cx.events.info("the guest rebooted; reconnecting");
     let interrupt = interrupt_for(cx);
-    let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
-    let rep = guest.reconnect(interrupt).await.map_err(|e| BuildError::Connect(format!("reconnecting after the reboot: {e}")))?;
-    cx.events.info(format!("reconnected after {:.1}s", rep.wait().as_secs_f64()));
+    let guest = cx
+        .guest
+        .as_ref()
+        .ok_or_else(|| BuildError::Connect("not connected".into()))?;
+    let rep = guest
+        .reconnect(interrupt)
+        .await
+        .map_err(|e| BuildError::Connect(format!("reconnecting after the reboot: {e}")))?;
+    cx.events.info(format!(
+        "reconnected after {:.1}s",
+        rep.wait().as_secs_f64()
+    ));
     Ok(true)
 }
 
@@ -492,20 +629,37 @@ fn lost(e: &kiln_agents::CommError) -> bool {
 }
 
 /// Uploads `local` to `dest`, reconnecting once if the guest rebooted in between.
-async fn upload(cx: &mut BuildCx, step: &str, data: &[u8], dest: &str, mode: u32) -> Result<kiln_agents::UploadOutcome, BuildError> {
+async fn upload(
+    cx: &mut BuildCx,
+    step: &str,
+    data: &[u8],
+    dest: &str,
+    mode: u32,
+) -> Result<kiln_agents::UploadOutcome, BuildError> {
     recover_after_reboot(cx, step, false).await?;
     for attempt in 0..2 {
-        let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
+        let guest = cx
+            .guest
+            .as_ref()
+            .ok_or_else(|| BuildError::Connect("not connected".into()))?;
         let mut body = data;
         match guest.upload(&mut body, data.len() as u64, dest, mode).await {
             Ok(o) => return Ok(o),
             Err(e) if lost(&e) && attempt == 0 => {
                 recover_after_reboot(cx, step, true).await?;
             }
-            Err(e) => return Err(BuildError::Step { step: step.into(), message: e.to_string() }),
+            Err(e) => {
+                return Err(BuildError::Step {
+                    step: step.into(),
+                    message: e.to_string(),
+                })
+            }
         }
     }
-    Err(BuildError::Step { step: step.into(), message: format!("uploading {dest} failed twice") })
+    Err(BuildError::Step {
+        step: step.into(),
+        message: format!("uploading {dest} failed twice"),
+    })
 }
 
 /// Printed on stderr by the runner before the script starts (and filtered out of the output):
@@ -516,8 +670,17 @@ const STARTED_MARKER: &[u8] = b"__kiln_step_started__\n";
 /// the script (AIB's only way to reboot Linux) counts as the step's success; the next step
 /// reconnects. A connection lost before the script started (a reboot from the previous step
 /// still in progress) reconnects and runs the script.
-async fn run_script(cx: &mut BuildCx, step: &str, script: &str, as_root: bool) -> Result<(), BuildError> {
-    let path = format!("/tmp/kiln-script-{}-{}.sh", cx.run_id, step.bytes().map(u32::from).sum::<u32>());
+async fn run_script(
+    cx: &mut BuildCx,
+    step: &str,
+    script: &str,
+    as_root: bool,
+) -> Result<(), BuildError> {
+    let path = format!(
+        "/tmp/kiln-script-{}-{}.sh",
+        cx.run_id,
+        step.bytes().map(u32::from).sum::<u32>()
+    );
     let sudo = if as_root { "sudo -n " } else { "" };
     let cmd = format!("printf '__kiln_step_started__\\n' >&2; {sudo}/bin/sh -e {path}; rc=$?; rm -f {path}; exit $rc");
     for attempt in 0..2 {
@@ -526,12 +689,18 @@ async fn run_script(cx: &mut BuildCx, step: &str, script: &str, as_root: bool) -
         let mut lines = LineSplitter::new(step.to_string());
         let mut started = false;
         let mut pending: Vec<u8> = Vec::new();
-        let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
+        let guest = cx
+            .guest
+            .as_ref()
+            .ok_or_else(|| BuildError::Connect("not connected".into()))?;
         let result = {
             let mut sink = |s: Stream, d: &[u8]| {
                 if s == Stream::Stderr && !started {
                     pending.extend_from_slice(d);
-                    if let Some(pos) = pending.windows(STARTED_MARKER.len()).position(|w| w == STARTED_MARKER) {
+                    if let Some(pos) = pending
+                        .windows(STARTED_MARKER.len())
+                        .position(|w| w == STARTED_MARKER)
+                    {
                         started = true;
                         let mut rest = pending[..pos].to_vec();
                         rest.extend_from_slice(&pending[pos + STARTED_MARKER.len()..]);
@@ -540,7 +709,15 @@ async fn run_script(cx: &mut BuildCx, step: &str, script: &str, as_root: bool) -
                     }
                     return;
                 }
-                lines.feed(&events, if s == Stream::Stdout { OutStream::Stdout } else { OutStream::Stderr }, d)
+                lines.feed(
+                    &events,
+                    if s == Stream::Stdout {
+                        OutStream::Stdout
+                    } else {
+                        OutStream::Stderr
+                    },
+                    d,
+                )
             };
             guest.exec(&cmd, ExecOptions::default(), &mut sink).await
         };
@@ -550,7 +727,12 @@ async fn run_script(cx: &mut BuildCx, step: &str, script: &str, as_root: bool) -
         lines.finish(&events);
         match result {
             Ok(o) if o.status.success() => return Ok(()),
-            Ok(o) => return Err(BuildError::Step { step: step.into(), message: format!("the script ended with {}", o.status) }),
+            Ok(o) => {
+                return Err(BuildError::Step {
+                    step: step.into(),
+                    message: format!("the script ended with {}", o.status),
+                })
+            }
             Err(e) if lost(&e) && started => {
                 recover_after_reboot(cx, step, true).await?;
                 return Ok(());
@@ -558,10 +740,18 @@ async fn run_script(cx: &mut BuildCx, step: &str, script: &str, as_root: bool) -
             Err(e) if lost(&e) && attempt == 0 => {
                 recover_after_reboot(cx, step, true).await?;
             }
-            Err(e) => return Err(BuildError::Step { step: step.into(), message: e.to_string() }),
+            Err(e) => {
+                return Err(BuildError::Step {
+                    step: step.into(),
+                    message: e.to_string(),
+                })
+            }
         }
     }
-    Err(BuildError::Step { step: step.into(), message: "the connection was lost twice before the script could start".into() })
+    Err(BuildError::Step {
+        step: step.into(),
+        message: "the connection was lost twice before the script could start".into(),
+    })
 }
 
 /// One customizer.
@@ -578,7 +768,12 @@ pub struct Customize {
 impl Step for Customize {
     fn name(&self) -> String {
         let n = self.customizer.name();
-        format!("Customize: {}{}", self.customizer.kind(), n.map(|n| format!(" \"{n}\"")).unwrap_or_else(|| format!(" #{}", self.index)))
+        format!(
+            "Customize: {}{}",
+            self.customizer.kind(),
+            n.map(|n| format!(" \"{n}\""))
+                .unwrap_or_else(|| format!(" #{}", self.index))
+        )
     }
     fn phase(&self) -> SubState {
         SubState::Customizing
@@ -587,7 +782,9 @@ impl Step for Customize {
         let mut d = match &self.customizer {
             Customizer::Shell(s) => describe_shell(cx, s),
             Customizer::File(f) => describe_file(f),
-            other => serde_json::json!({"unsupported": format!("{} needs a Windows build", other.kind())}),
+            other => {
+                serde_json::json!({"unsupported": format!("{} needs a Windows build", other.kind())})
+            }
         };
         d["onFailure"] = serde_json::json!(describe_policy(self.failure_policy()));
         d
@@ -604,7 +801,10 @@ impl Step for Customize {
         match &self.customizer {
             Customizer::Shell(s) => run_shell(cx, &step, s).await,
             Customizer::File(f) => run_file(cx, &step, f).await,
-            other => Err(BuildError::Step { step, message: format!("{} is not supported on Linux", other.kind()) }),
+            other => Err(BuildError::Step {
+                step,
+                message: format!("{} is not supported on Linux", other.kind()),
+            }),
         }
     }
 }
@@ -612,9 +812,20 @@ impl Step for Customize {
 /// A Shell customizer or validator: its inline lines or its fetched `scriptUri`, as the build user.
 async fn run_shell(cx: &mut BuildCx, step: &str, s: &ShellScript) -> Result<(), BuildError> {
     match s {
-        ShellScript { script_uri: Some(uri), .. } => {
-            let a = cx.artifacts.get(uri).cloned().ok_or_else(|| BuildError::Step { step: step.into(), message: format!("{uri} was not fetched") })?;
-            let text = std::fs::read_to_string(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
+        ShellScript {
+            script_uri: Some(uri),
+            ..
+        } => {
+            let a = cx
+                .artifacts
+                .get(uri)
+                .cloned()
+                .ok_or_else(|| BuildError::Step {
+                    step: step.into(),
+                    message: format!("{uri} was not fetched"),
+                })?;
+            let text = std::fs::read_to_string(&a.path)
+                .map_err(BuildError::io(format!("reading {}", a.path.display())))?;
             run_script(cx, step, &text, false).await
         }
         ShellScript { inline, .. } => {
@@ -626,11 +837,27 @@ async fn run_shell(cx: &mut BuildCx, step: &str, s: &ShellScript) -> Result<(), 
 
 /// A File customizer or validator: the fetched `sourceUri` uploaded to `destination`.
 async fn run_file(cx: &mut BuildCx, step: &str, f: &FileCopy) -> Result<(), BuildError> {
-    let FileCopy { source_uri, destination, .. } = f;
-    let a = cx.artifacts.get(source_uri).cloned().ok_or_else(|| BuildError::Step { step: step.into(), message: format!("{source_uri} was not fetched") })?;
-    let data = std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
+    let FileCopy {
+        source_uri,
+        destination,
+        ..
+    } = f;
+    let a = cx
+        .artifacts
+        .get(source_uri)
+        .cloned()
+        .ok_or_else(|| BuildError::Step {
+            step: step.into(),
+            message: format!("{source_uri} was not fetched"),
+        })?;
+    let data =
+        std::fs::read(&a.path).map_err(BuildError::io(format!("reading {}", a.path.display())))?;
     let up = upload(cx, step, &data, destination, 0o644).await?;
-    cx.events.info(format!("uploaded {} bytes to {destination} in {:.2}s", up.bytes, up.duration.as_secs_f64()));
+    cx.events.info(format!(
+        "uploaded {} bytes to {destination} in {:.2}s",
+        up.bytes,
+        up.duration.as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -655,7 +882,12 @@ impl Step for Validate {
             Validator::PowerShell(p) => ("PowerShell", p.name.clone()),
             Validator::File(f) => ("File", f.name.clone()),
         };
-        format!("Validate: {kind}{}", n.filter(|n| !n.is_empty()).map(|n| format!(" \"{n}\"")).unwrap_or_else(|| format!(" #{}", self.index)))
+        format!(
+            "Validate: {kind}{}",
+            n.filter(|n| !n.is_empty())
+                .map(|n| format!(" \"{n}\""))
+                .unwrap_or_else(|| format!(" #{}", self.index))
+        )
     }
     fn phase(&self) -> SubState {
         SubState::Validating
@@ -664,7 +896,9 @@ impl Step for Validate {
         let mut d = match &self.validator {
             Validator::Shell(s) => describe_shell(cx, s),
             Validator::File(f) => describe_file(f),
-            Validator::PowerShell(_) => serde_json::json!({"unsupported": "PowerShell validations need a Windows build"}),
+            Validator::PowerShell(_) => {
+                serde_json::json!({"unsupported": "PowerShell validations need a Windows build"})
+            }
         };
         d["onFailure"] = serde_json::json!(describe_policy(self.failure_policy()));
         d
@@ -683,7 +917,10 @@ impl Step for Validate {
         let r = match &self.validator {
             Validator::Shell(s) => run_shell(cx, &step, s).await,
             Validator::File(f) => run_file(cx, &step, f).await,
-            Validator::PowerShell(_) => Err(BuildError::Step { step: step.clone(), message: "PowerShell validations need a Windows build VM".into() }),
+            Validator::PowerShell(_) => Err(BuildError::Step {
+                step: step.clone(),
+                message: "PowerShell validations need a Windows build VM".into(),
+            }),
         };
         r.map_err(|e| match e {
             BuildError::Step { step, message } => BuildError::Validation { step, message },
@@ -719,13 +956,24 @@ impl Step for Deprovision {
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let step = self.name();
         recover_after_reboot(cx, &step, false).await?;
-        let guest = cx.guest.as_ref().ok_or_else(|| BuildError::Connect("not connected".into()))?;
+        let guest = cx
+            .guest
+            .as_ref()
+            .ok_or_else(|| BuildError::Connect("not connected".into()))?;
         let (o, _) = guest
-            .exec_collect(&format!("test -f {DEPROVISION_OVERRIDE}"), ExecOptions::default())
+            .exec_collect(
+                &format!("test -f {DEPROVISION_OVERRIDE}"),
+                ExecOptions::default(),
+            )
             .await
-            .map_err(|e| BuildError::Step { step: step.clone(), message: e.to_string() })?;
+            .map_err(|e| BuildError::Step {
+                step: step.clone(),
+                message: e.to_string(),
+            })?;
         let script = if o.status.success() {
-            cx.events.info(format!("running the deprovisioning override {DEPROVISION_OVERRIDE}"));
+            cx.events.info(format!(
+                "running the deprovisioning override {DEPROVISION_OVERRIDE}"
+            ));
             format!("/bin/sh {DEPROVISION_OVERRIDE}\n")
         } else {
             cx.events.info("running the default deprovisioning: waagent -force -deprovision+user && export HISTSIZE=0 && sync");
@@ -754,25 +1002,45 @@ impl Step for Shutdown {
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
         let guest = cx.guest.take();
-        let Some(v) = cx.vm.take() else { return Err(BuildError::Vm("no VM".into())) };
+        let Some(v) = cx.vm.take() else {
+            return Err(BuildError::Vm("no VM".into()));
+        };
         let guest_cmd: Option<vm::GuestShutdown<'static>> = guest.map(|g| {
             let fut: vm::GuestShutdown<'static> = Box::pin(async move {
                 let r = g
-                    .exec_collect("sudo -n poweroff || sudo -n shutdown -h now", ExecOptions { timeout: Some(Duration::from_secs(10)), ..Default::default() })
+                    .exec_collect(
+                        "sudo -n poweroff || sudo -n shutdown -h now",
+                        ExecOptions {
+                            timeout: Some(Duration::from_secs(10)),
+                            ..Default::default()
+                        },
+                    )
                     .await;
                 let _ = g.close().await;
                 match r {
                     // A failed command (e.g. the build user was deprovisioned, so sudo refuses)
                     // certainly did not shut down: go straight to ACPI.
-                    Ok((o, out)) if !o.status.success() => Err(format!("`poweroff` in the guest: {} {}", o.status, out.stderr_lossy().trim())),
+                    Ok((o, out)) if !o.status.success() => Err(format!(
+                        "`poweroff` in the guest: {} {}",
+                        o.status,
+                        out.stderr_lossy().trim()
+                    )),
                     Ok(_) | Err(kiln_agents::CommError::ConnectionLost { .. }) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 }
             });
             fut
         });
-        let timeouts = vm::ShutdownTimeouts { guest: Duration::from_secs(120), guest_error_grace: Duration::from_secs(2), acpi: Duration::from_secs(60), ..Default::default() };
-        let report = v.shutdown_ladder(guest_cmd, timeouts).await.map_err(|e| BuildError::Vm(e.to_string()))?;
+        let timeouts = vm::ShutdownTimeouts {
+            guest: Duration::from_secs(120),
+            guest_error_grace: Duration::from_secs(2),
+            acpi: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let report = v
+            .shutdown_ladder(guest_cmd, timeouts)
+            .await
+            .map_err(|e| BuildError::Vm(e.to_string()))?;
         let rung = report.rung;
         cx.vm = Some(v);
         cx.events.info(format!("build VM stopped: {rung}"));

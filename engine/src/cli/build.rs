@@ -46,35 +46,67 @@ pub struct Args {
 }
 
 fn render_human(pb: &ProgressBar, e: &Event, color: bool) {
-    let (y, d, r) = if color { ("\x1b[33;1m", "\x1b[2m", "\x1b[0m") } else { ("", "", "") };
+    let (y, d, r) = if color {
+        ("\x1b[33;1m", "\x1b[2m", "\x1b[0m")
+    } else {
+        ("", "", "")
+    };
     match e {
-        Event::RunStarted { run_id, template, run_dir } => pb.println(format!("==> kiln: building {template} (run {run_id})\n    logs: {run_dir}")),
+        Event::RunStarted {
+            run_id,
+            template,
+            run_dir,
+        } => pb.println(format!(
+            "==> kiln: building {template} (run {run_id})\n    logs: {run_dir}"
+        )),
         Event::Phase { sub_state } => pb.set_prefix(format!("{sub_state:?}")),
         Event::StepStarted { step, .. } => {
             pb.set_message(step.clone());
             pb.println(format!("==> {step}"));
         }
-        Event::StepFinished { ok: false, error: Some(err), step, .. } => pb.println(format!("==> {step}: FAILED: {err}")),
+        Event::StepFinished {
+            ok: false,
+            error: Some(err),
+            step,
+            ..
+        } => pb.println(format!("==> {step}: FAILED: {err}")),
         Event::StepFinished { .. } => {}
         Event::Output { line, .. } => pb.println(format!("    {d}{line}{r}")),
         Event::Info { message } => pb.println(format!("    {message}")),
         Event::Warning { message } => pb.println(format!("{y}WARNING{r}: {message}")),
-        Event::Progress { what, done, total } if *total > 0 => pb.set_message(format!("{what} {}%", done * 100 / total)),
+        Event::Progress { what, done, total } if *total > 0 => {
+            pb.set_message(format!("{what} {}%", done * 100 / total))
+        }
         Event::Progress { .. } | Event::RunOutput { .. } | Event::VmKept { .. } => {}
         Event::Fabric { .. } | Event::Provisioned { .. } => {
             if let Some(line) = fabric_line(e) {
                 pb.println(line)
             }
         }
-        Event::RunFinished { run_state, seconds, message } => {
-            pb.println(format!("==> run {run_state} in {seconds:.1}s{}", if message.is_empty() { String::new() } else { format!(": {message}") }))
-        }
+        Event::RunFinished {
+            run_state,
+            seconds,
+            message,
+        } => pb.println(format!(
+            "==> run {run_state} in {seconds:.1}s{}",
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(": {message}")
+            }
+        )),
     }
 }
 
 /// Runs `kiln build`.
 pub fn run(a: Args) -> u8 {
-    let mut opts = match load_options(a.parameters.as_ref(), &a.parameter, a.api_version.clone(), &a.resource_group, "local") {
+    let mut opts = match load_options(
+        a.parameters.as_ref(),
+        &a.parameter,
+        a.api_version.clone(),
+        &a.resource_group,
+        "local",
+    ) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
@@ -113,10 +145,17 @@ pub fn run(a: Args) -> u8 {
     }
     let t = match doc.templates.as_slice() {
         [t] => t,
-        ts => match a.name.as_ref().and_then(|n| ts.iter().find(|t| t.name.as_deref() == Some(n))) {
+        ts => match a
+            .name
+            .as_ref()
+            .and_then(|n| ts.iter().find(|t| t.name.as_deref() == Some(n)))
+        {
             Some(t) => t,
             None => {
-                eprintln!("error: the file holds {} image templates; pick one with --name", ts.len());
+                eprintln!(
+                    "error: the file holds {} image templates; pick one with --name",
+                    ts.len()
+                );
                 return EXIT_USAGE;
             }
         },
@@ -129,27 +168,60 @@ pub fn run(a: Args) -> u8 {
         .name
         .clone()
         .or_else(|| t.name.clone())
-        .unwrap_or_else(|| a.template.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "template".into()));
-    let template_dir = a.template.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| PathBuf::from("."));
+        .unwrap_or_else(|| {
+            a.template
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "template".into())
+        });
+    let template_dir = a
+        .template
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
     let template_dir = std::fs::canonicalize(&template_dir).unwrap_or(template_dir);
     let settings = match a.run.settings() {
         Ok(s) => s,
         Err(code) => return code,
     };
     if a.dry_run {
-        return dry_run(&a, model, t.api_version, name, template_dir, &opts.arm.subscription_id, settings);
+        return dry_run(
+            &a,
+            model,
+            t.api_version,
+            name,
+            template_dir,
+            &opts.arm.subscription_id,
+            settings,
+        );
     }
-    let Some(store) = store else { return EXIT_USAGE };
+    let Some(store) = store else {
+        return EXIT_USAGE;
+    };
     // The one-shot path records into the store too: the template (created, or replaced when the
     // file changed), the run, its runOutputs.
     let sub = opts.arm.subscription_id.clone();
     if let Err(e) = store.group(&sub, &a.resource_group).and_then(|g| match g {
         Some(g) => Ok(g),
-        None => store.create_group(&sub, &a.resource_group, &model.location, &serde_json::json!({}), None),
+        None => store.create_group(
+            &sub,
+            &a.resource_group,
+            &model.location,
+            &serde_json::json!({}),
+            None,
+        ),
     }) {
         return super::res::fail(&e);
     }
-    let submitted = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let submitted = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
     let req = CreateRequest {
         subscription: sub,
         resource_group: a.resource_group.clone(),
@@ -174,18 +246,33 @@ pub fn run(a: Args) -> u8 {
 
     let json = a.output == Format::Json;
     let (pb, listener) = listener(json);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            let _ = store.finish_run(&run.id, "Failed", &format!("cannot start the async runtime: {e}"));
+            let _ = store.finish_run(
+                &run.id,
+                "Failed",
+                &format!("cannot start the async runtime: {e}"),
+            );
             return EXIT_USAGE;
         }
     };
     let cancel = CancellationToken::new();
     let result = rt.block_on(async {
         spawn_signal_handler(cancel.clone());
-        execute_run(Arc::new(Mutex::new(store)), &row, &run, settings, Some(listener), cancel.clone()).await
+        execute_run(
+            Arc::new(Mutex::new(store)),
+            &row,
+            &run,
+            settings,
+            Some(listener),
+            cancel.clone(),
+        )
+        .await
     });
     pb.finish_and_clear();
     match result {
@@ -208,7 +295,12 @@ pub fn run(a: Args) -> u8 {
                 EXIT_OK
             } else {
                 if !json {
-                    eprintln!("build {}: {}\n    logs kept in {}", r.run_state, r.message, r.run_dir.display());
+                    eprintln!(
+                        "build {}: {}\n    logs kept in {}",
+                        r.run_state,
+                        r.message,
+                        r.run_dir.display()
+                    );
                 }
                 if r.run_state == "Canceled" {
                     130
@@ -221,14 +313,37 @@ pub fn run(a: Args) -> u8 {
 }
 
 /// `--dry-run`: the plan from the build's own planner, as text or JSON on stdout.
-fn dry_run(a: &Args, model: template::model::ImageTemplate, api_version: template::ApiVersion, name: String, template_dir: PathBuf, subscription: &str, settings: RunSettings) -> u8 {
+fn dry_run(
+    a: &Args,
+    model: template::model::ImageTemplate,
+    api_version: template::ApiVersion,
+    name: String,
+    template_dir: PathBuf,
+    subscription: &str,
+    settings: RunSettings,
+) -> u8 {
     use kiln_engine::build::{dry_run, BuildRequest};
     use std::io::Write;
-    let options = settings.into_options(kiln_engine::home::kiln_home(), &a.resource_group, subscription, None);
-    let req = BuildRequest { template: model, api_version, name, template_dir, options };
+    let options = settings.into_options(
+        kiln_engine::home::kiln_home(),
+        &a.resource_group,
+        subscription,
+        None,
+    );
+    let req = BuildRequest {
+        template: model,
+        api_version,
+        name,
+        template_dir,
+        options,
+    };
     match dry_run::dry_run(req) {
         Ok(plan) => {
-            let text = if a.output == Format::Json { serde_json::to_string_pretty(&plan).unwrap_or_default() + "\n" } else { dry_run::render_text(&plan) };
+            let text = if a.output == Format::Json {
+                serde_json::to_string_pretty(&plan).unwrap_or_default() + "\n"
+            } else {
+                dry_run::render_text(&plan)
+            };
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = std::io::stdout().write_all(text.as_bytes());
             EXIT_OK
@@ -247,7 +362,10 @@ pub fn listener(json: bool) -> (ProgressBar, Listener) {
     if json || !std::io::stderr().is_terminal() {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     } else {
-        pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix:.bold} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+        pb.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix:.bold} {wide_msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
         pb.enable_steady_tick(Duration::from_millis(120));
     }
     let hidden = pb.is_hidden();
@@ -268,16 +386,19 @@ pub fn listener(json: bool) -> (ProgressBar, Listener) {
 /// Ctrl-C or SIGTERM (`kiln template cancel`) cancels the build; a second one exits at once.
 pub fn spawn_signal_handler(cancel: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
         let first = tokio::select! {
             r = tokio::signal::ctrl_c() => r.is_ok().then_some("Ctrl-C"),
             r = term.recv() => r.map(|_| "SIGTERM"),
         };
         if let Some(what) = first {
-            eprintln!("\n==> {what}: canceling the build (cleaning up; press Ctrl-C again to force)");
+            eprintln!(
+                "\n==> {what}: canceling the build (cleaning up; press Ctrl-C again to force)"
+            );
             cancel.cancel();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
@@ -292,11 +413,26 @@ pub fn spawn_signal_handler(cancel: CancellationToken) {
 /// One event as plain text lines (no terminal).
 fn plain(e: &Event, color: bool) -> String {
     let mut out = String::new();
-    let (y, r) = if color { ("\x1b[33;1m", "\x1b[0m") } else { ("", "") };
+    let (y, r) = if color {
+        ("\x1b[33;1m", "\x1b[0m")
+    } else {
+        ("", "")
+    };
     match e {
-        Event::RunStarted { run_id, template, run_dir } => out.push_str(&format!("==> kiln: building {template} (run {run_id})\n    logs: {run_dir}\n")),
+        Event::RunStarted {
+            run_id,
+            template,
+            run_dir,
+        } => out.push_str(&format!(
+            "==> kiln: building {template} (run {run_id})\n    logs: {run_dir}\n"
+        )),
         Event::StepStarted { step, .. } => out.push_str(&format!("==> {step}\n")),
-        Event::StepFinished { ok: false, error: Some(err), step, .. } => out.push_str(&format!("==> {step}: FAILED: {err}\n")),
+        Event::StepFinished {
+            ok: false,
+            error: Some(err),
+            step,
+            ..
+        } => out.push_str(&format!("==> {step}: FAILED: {err}\n")),
         Event::Output { line, .. } => out.push_str(&format!("    {line}\n")),
         Event::Info { message } => out.push_str(&format!("    {message}\n")),
         Event::Warning { message } => out.push_str(&format!("{y}WARNING{r}: {message}\n")),
@@ -306,9 +442,18 @@ fn plain(e: &Event, color: bool) -> String {
                 out.push('\n');
             }
         }
-        Event::RunFinished { run_state, seconds, message } => {
-            out.push_str(&format!("==> run {run_state} in {seconds:.1}s{}\n", if message.is_empty() { String::new() } else { format!(": {message}") }))
-        }
+        Event::RunFinished {
+            run_state,
+            seconds,
+            message,
+        } => out.push_str(&format!(
+            "==> run {run_state} in {seconds:.1}s{}\n",
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(": {message}")
+            }
+        )),
         _ => {}
     }
     out

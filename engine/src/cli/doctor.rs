@@ -15,7 +15,13 @@ pub fn run(output: Format) -> u8 {
                 .iter()
                 .map(|c| serde_json::json!({"name": c.name, "state": format!("{:?}", c.state), "detail": c.detail, "fix": c.fix}))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ok": report.ok(), "kilnHome": home, "checks": checks})).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"ok": report.ok(), "kilnHome": home, "checks": checks})
+                )
+                .unwrap_or_default()
+            );
         }
         Format::Human => {
             println!("KILN_HOME {}", home.display());

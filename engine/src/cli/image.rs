@@ -3,8 +3,10 @@
 //! state store (made by ManagedImage distributors; a `ManagedImage` source uses them).
 
 use super::output::{Format, EXIT_INVALID, EXIT_OK, EXIT_USAGE};
-use kiln_images::catalog::{Catalog, CatalogEntry, HyperVGeneration, ImportRequest, OsType, ProvisioningMethod};
 use kiln_engine::store::{ids, ImageRow, Store};
+use kiln_images::catalog::{
+    Catalog, CatalogEntry, HyperVGeneration, ImportRequest, OsType, ProvisioningMethod,
+};
 use kiln_images::QemuImg;
 use serde_json::json;
 use std::path::PathBuf;
@@ -48,7 +50,9 @@ pub struct Which {
 
 /// A managed image in Azure's `GET …/images/NAME` shape.
 pub fn managed_json(i: &ImageRow) -> serde_json::Value {
-    let size = std::fs::metadata(&i.disk).map(|m| m.len().saturating_sub(512)).unwrap_or(0);
+    let size = std::fs::metadata(&i.disk)
+        .map(|m| m.len().saturating_sub(512))
+        .unwrap_or(0);
     json!({
         "id": i.id, "name": i.name, "type": "Microsoft.Compute/images", "location": i.location, "tags": i.tags,
         "properties": {
@@ -129,10 +133,23 @@ pub fn run(cmd: Command) -> u8 {
         Command::Show(w) => {
             if let Some(urn) = &w.urn {
                 let parts: Vec<&str> = urn.split(':').collect();
-                let found = catalog.list().ok().and_then(|l| l.into_iter().find(|e| parts == [e.meta.publisher.as_str(), e.meta.offer.as_str(), e.meta.sku.as_str(), e.meta.version.as_str()]));
+                let found = catalog.list().ok().and_then(|l| {
+                    l.into_iter().find(|e| {
+                        parts
+                            == [
+                                e.meta.publisher.as_str(),
+                                e.meta.offer.as_str(),
+                                e.meta.sku.as_str(),
+                                e.meta.version.as_str(),
+                            ]
+                    })
+                });
                 return match found {
                     Some(e) => {
-                        println!("{}", serde_json::to_string_pretty(&entry_json(&e)).unwrap_or_default());
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&entry_json(&e)).unwrap_or_default()
+                        );
                         EXIT_OK
                     }
                     None => {
@@ -151,7 +168,10 @@ pub fn run(cmd: Command) -> u8 {
             };
             match store.image(&id) {
                 Ok(Some(i)) => {
-                    println!("{}", serde_json::to_string_pretty(&managed_json(&i)).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&managed_json(&i)).unwrap_or_default()
+                    );
                     EXIT_OK
                 }
                 Ok(None) => {
@@ -182,7 +202,10 @@ pub fn run(cmd: Command) -> u8 {
                 Err(e) => super::res::fail(&e),
             }
         }
-        Command::List { resource_group, output } => match catalog.list() {
+        Command::List {
+            resource_group,
+            output,
+        } => match catalog.list() {
             Ok(list) => {
                 let store = match super::res::open() {
                     Ok(s) => s,
@@ -196,7 +219,11 @@ pub fn run(cmd: Command) -> u8 {
                     Ok(m) => m,
                     Err(e) => return super::res::fail(&e),
                 };
-                let list = if resource_group.is_some() { Vec::new() } else { list };
+                let list = if resource_group.is_some() {
+                    Vec::new()
+                } else {
+                    list
+                };
                 match output {
                     Format::Json => {
                         let mut all: Vec<serde_json::Value> = list.iter().map(entry_json).collect();
@@ -209,13 +236,27 @@ pub fn run(cmd: Command) -> u8 {
                     }
                     Format::Human => {
                         if !managed.is_empty() {
-                            println!("{:<14} {:<24} {:<16} {:<4} {:<12} ID", "KIND", "NAME", "RESOURCE GROUP", "GEN", "LOCATION");
+                            println!(
+                                "{:<14} {:<24} {:<16} {:<4} {:<12} ID",
+                                "KIND", "NAME", "RESOURCE GROUP", "GEN", "LOCATION"
+                            );
                             for i in &managed {
-                                println!("{:<14} {:<24} {:<16} {:<4} {:<12} {}", "ManagedImage", i.name, i.resource_group, i.hyper_v_generation, i.location, i.id);
+                                println!(
+                                    "{:<14} {:<24} {:<16} {:<4} {:<12} {}",
+                                    "ManagedImage",
+                                    i.name,
+                                    i.resource_group,
+                                    i.hyper_v_generation,
+                                    i.location,
+                                    i.id
+                                );
                             }
                             println!();
                         }
-                        println!("{:<14} {:<12} {:<16} {:<12} {:<16} {:<4} {:<8} SIZE", "KIND", "PUBLISHER", "OFFER", "SKU", "VERSION", "GEN", "OS");
+                        println!(
+                            "{:<14} {:<12} {:<16} {:<12} {:<16} {:<4} {:<8} SIZE",
+                            "KIND", "PUBLISHER", "OFFER", "SKU", "VERSION", "GEN", "OS"
+                        );
                         for e in &list {
                             let m = &e.meta;
                             println!(
@@ -240,9 +281,25 @@ pub fn run(cmd: Command) -> u8 {
             }
         },
         Command::Import(a) => {
-            let generation = if a.hyper_v_generation == "V2" { HyperVGeneration::V2 } else { HyperVGeneration::V1 };
-            let os = if a.os_type == "Windows" { OsType::Windows } else { OsType::Linux };
-            let mut req = ImportRequest::new(&a.publisher, &a.offer, &a.sku, &a.version, generation, os, &a.disk);
+            let generation = if a.hyper_v_generation == "V2" {
+                HyperVGeneration::V2
+            } else {
+                HyperVGeneration::V1
+            };
+            let os = if a.os_type == "Windows" {
+                OsType::Windows
+            } else {
+                OsType::Linux
+            };
+            let mut req = ImportRequest::new(
+                &a.publisher,
+                &a.offer,
+                &a.sku,
+                &a.version,
+                generation,
+                os,
+                &a.disk,
+            );
             req.compute_sha256 = a.sha256;
             if !a.provisioning.is_empty() {
                 let mut methods = Vec::new();
@@ -263,7 +320,10 @@ pub fn run(cmd: Command) -> u8 {
             match catalog.import(&tool, &req, &mut |_| {}) {
                 Ok(e) => {
                     match a.output {
-                        Format::Json => println!("{}", serde_json::to_string_pretty(&entry_json(&e)).unwrap_or_default()),
+                        Format::Json => println!(
+                            "{}",
+                            serde_json::to_string_pretty(&entry_json(&e)).unwrap_or_default()
+                        ),
                         Format::Human => eprintln!(
                             "imported {}:{}:{}:{} ({:?}, {} MiB) into {}",
                             e.meta.publisher,

@@ -81,14 +81,27 @@ impl RunFlags {
             ssh_timeout: Duration::from_secs(self.ssh_timeout),
             vm_sizes,
             timeout_override: self.timeout_seconds.map(Duration::from_secs),
-            provisioning: self.provisioning.as_deref().and_then(kiln_engine::build::context::Provisioning::parse),
+            provisioning: self
+                .provisioning
+                .as_deref()
+                .and_then(kiln_engine::build::context::Provisioning::parse),
             identity_token_command: self
                 .identity_token_command
                 .as_ref()
-                .map(|c| c.split_ascii_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .map(|c| {
+                    c.split_ascii_whitespace()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
                 .filter(|v| !v.is_empty()),
-            disk_bus: self.disk_bus.as_deref().and_then(kiln_engine::vm::DiskBus::parse),
-            nic_model: self.nic_model.as_deref().and_then(kiln_engine::vm::NicModel::parse),
+            disk_bus: self
+                .disk_bus
+                .as_deref()
+                .and_then(kiln_engine::vm::DiskBus::parse),
+            nic_model: self
+                .nic_model
+                .as_deref()
+                .and_then(kiln_engine::vm::NicModel::parse),
         })
     }
 

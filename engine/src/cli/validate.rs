@@ -50,7 +50,10 @@ pub fn load_options(
     resource_group: &str,
     location: &str,
 ) -> Result<LoadOptions, String> {
-    let mut opts = LoadOptions { api_version, ..LoadOptions::default() };
+    let mut opts = LoadOptions {
+        api_version,
+        ..LoadOptions::default()
+    };
     opts.arm.resource_group = resource_group.to_string();
     opts.arm.resource_group_location = location.to_string();
     if let Ok(sub) = std::env::var("KILN_SUBSCRIPTION_ID") {
@@ -59,12 +62,18 @@ pub fn load_options(
         }
     }
     if let Some(p) = parameters {
-        let bytes = std::fs::read(p).map_err(|e| format!("cannot read the parameters file {}: {e}", p.display()))?;
-        let text = String::from_utf8(bytes).map_err(|_| format!("the parameters file {} is not UTF-8", p.display()))?;
+        let bytes = std::fs::read(p)
+            .map_err(|e| format!("cannot read the parameters file {}: {e}", p.display()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("the parameters file {} is not UTF-8", p.display()))?;
         let src = SourceFile::new(p.display().to_string(), text);
         let parsed = json::parse(&src.text).map_err(|e| {
             let (l, c) = src.line_col(e.span.start);
-            format!("the parameters file {}:{l}:{c} is not valid JSON: {}", p.display(), e.message)
+            format!(
+                "the parameters file {}:{l}:{c} is not valid JSON: {}",
+                p.display(),
+                e.message
+            )
         })?;
         let list = arm::parse_parameters_file(&parsed.root).map_err(|d| {
             let (l, c) = src.line_col(d.span.start);
@@ -77,7 +86,8 @@ pub fn load_options(
             return Err(format!("-p {pair}: expected NAME=VALUE"));
         };
         opts.parameters.retain(|(n, _)| !n.eq_ignore_ascii_case(k));
-        opts.parameters.push((k.to_string(), J::String(v.to_string())));
+        opts.parameters
+            .push((k.to_string(), J::String(v.to_string())));
     }
     Ok(opts)
 }
@@ -112,10 +122,18 @@ fn join_path(prefix: &str, path: &str) -> String {
 
 /// The JSON report of one file.
 pub fn document_json(doc: &Document, with_normalized: bool) -> J {
-    let mut diags: Vec<J> = doc.diagnostics.iter().map(|d| diag_json(&doc.source, "", d)).collect();
+    let mut diags: Vec<J> = doc
+        .diagnostics
+        .iter()
+        .map(|d| diag_json(&doc.source, "", d))
+        .collect();
     let mut templates = Vec::new();
     for t in &doc.templates {
-        diags.extend(t.diagnostics.iter().map(|d| diag_json(&doc.source, &t.location, d)));
+        diags.extend(
+            t.diagnostics
+                .iter()
+                .map(|d| diag_json(&doc.source, &t.location, d)),
+        );
         let mut tj = json!({
             "location": t.location,
             "name": t.name,
@@ -139,7 +157,13 @@ pub fn document_json(doc: &Document, with_normalized: bool) -> J {
 
 /// Runs `kiln validate`.
 pub fn run(a: Args) -> u8 {
-    let opts = match load_options(a.parameters.as_ref(), &a.parameter, a.api_version.clone(), &a.resource_group, &a.location) {
+    let opts = match load_options(
+        a.parameters.as_ref(),
+        &a.parameter,
+        a.api_version.clone(),
+        &a.resource_group,
+        &a.location,
+    ) {
         Ok(o) => o,
         Err(e) => return usage_error(&e),
     };
@@ -176,16 +200,30 @@ pub fn run(a: Args) -> u8 {
                 }
                 let errors = doc.all_diagnostics().filter(|d| d.is_error()).count();
                 let warnings = doc.all_diagnostics().count() - errors;
-                let api = doc.templates.first().map(|t| format!(" (API version {})", t.api_version)).unwrap_or_default();
+                let api = doc
+                    .templates
+                    .first()
+                    .map(|t| format!(" (API version {})", t.api_version))
+                    .unwrap_or_default();
                 if doc.is_valid() {
                     eprintln!("{}: valid{api}, {warnings} warning(s)", doc.source.name);
                 } else {
-                    eprintln!("{}: invalid{api}: {errors} error(s), {warnings} warning(s)", doc.source.name);
+                    eprintln!(
+                        "{}: invalid{api}: {errors} error(s), {warnings} warning(s)",
+                        doc.source.name
+                    );
                 }
             }
             if a.print_normalized {
-                let all: Vec<&J> = docs.iter().flat_map(|d| d.templates.iter().map(|t| &t.normalized)).collect();
-                let out = if all.len() == 1 { all[0].clone() } else { J::Array(all.into_iter().cloned().collect()) };
+                let all: Vec<&J> = docs
+                    .iter()
+                    .flat_map(|d| d.templates.iter().map(|t| &t.normalized))
+                    .collect();
+                let out = if all.len() == 1 {
+                    all[0].clone()
+                } else {
+                    J::Array(all.into_iter().cloned().collect())
+                };
                 println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             }
         }

@@ -41,7 +41,13 @@ pub struct RunSettings {
 impl RunSettings {
     /// The build's options: these settings for a template in `resource_group` of
     /// `subscription`; `run` names the run's id and directory (the store allocates them).
-    pub fn into_options(self, kiln_home: std::path::PathBuf, resource_group: &str, subscription: &str, run: Option<(String, std::path::PathBuf)>) -> BuildOptions {
+    pub fn into_options(
+        self,
+        kiln_home: std::path::PathBuf,
+        resource_group: &str,
+        subscription: &str,
+        run: Option<(String, std::path::PathBuf)>,
+    ) -> BuildOptions {
         let (run_id, run_dir) = run.map_or((None, None), |(i, d)| (Some(i), Some(d)));
         BuildOptions {
             kiln_home,
@@ -150,7 +156,12 @@ pub async fn execute_run(
             l(e);
         }
     });
-    let options = settings.into_options(home, &t.resource_group, &t.subscription, Some((run.id.clone(), run.run_dir.clone())));
+    let options = settings.into_options(
+        home,
+        &t.resource_group,
+        &t.subscription,
+        Some((run.id.clone(), run.run_dir.clone())),
+    );
     let req = BuildRequest {
         template: model,
         api_version: api,

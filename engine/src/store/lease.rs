@@ -71,10 +71,16 @@ mod tests {
         std::fs::remove_file(&disk).unwrap();
         std::fs::write(&disk, b"y").unwrap();
         drop(held);
-        assert!(shared(&disk).is_ok(), "a new file at the path is a new image");
+        assert!(
+            shared(&disk).is_ok(),
+            "a new file at the path is a new image"
+        );
         std::fs::remove_file(&disk).unwrap();
         assert!(matches!(exclusive_now(&disk).unwrap(), Exclusive::Missing));
-        assert_eq!(shared(&disk).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(
+            shared(&disk).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -901,18 +901,26 @@ impl Store {
         })?;
         let mut leases = Vec::new();
         for r in &v.replicas {
-            leases.push(Self::lease_for_delete(&r.disk, &format!("the image version {}", v.id))?);
+            leases.push(Self::lease_for_delete(
+                &r.disk,
+                &format!("the image version {}", v.id),
+            )?);
         }
         let key = ids::key(&v.id);
         let r = (|| -> rusqlite::Result<()> {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            self.conn.execute("DELETE FROM replicas WHERE version_key=?1", params![key])?;
-            self.conn.execute("DELETE FROM image_versions WHERE key=?1", params![key])?;
+            self.conn
+                .execute("DELETE FROM replicas WHERE version_key=?1", params![key])?;
+            self.conn
+                .execute("DELETE FROM image_versions WHERE key=?1", params![key])?;
             self.conn.execute_batch("COMMIT")
         })();
         if let Err(source) = r {
             let _ = self.conn.execute_batch("ROLLBACK");
-            return Err(StoreError::Db { path: self.path.clone(), source });
+            return Err(StoreError::Db {
+                path: self.path.clone(),
+                source,
+            });
         }
         for r in &v.replicas {
             if let Some(dir) = r.disk.parent() {
@@ -1383,21 +1391,32 @@ mod tests {
         // `latest` moves back; `latest` itself is never a delete target.
         let v12 = ids::version_id("sub", "rg", "gal", "def", "1.2.0");
         let build = lease::shared(&latest.replicas[0].disk).unwrap();
-        assert_eq!(s.delete_version(&v12).unwrap_err().code(), "OperationNotAllowed");
+        assert_eq!(
+            s.delete_version(&v12).unwrap_err().code(),
+            "OperationNotAllowed"
+        );
         assert!(s.version(&v12).unwrap().is_some());
         drop(build);
         let gone = s.delete_version(&v12.to_uppercase()).unwrap();
         assert!(!gone.replicas[0].disk.exists());
         assert!(s.version(&v12).unwrap().is_none());
         assert_eq!(
-            s.version(&format!("{def_id}/versions/latest")).unwrap().unwrap().name,
+            s.version(&format!("{def_id}/versions/latest"))
+                .unwrap()
+                .unwrap()
+                .name,
             "1.0.0"
         );
         assert_eq!(
-            s.delete_version(&format!("{def_id}/versions/latest")).unwrap_err().code(),
+            s.delete_version(&format!("{def_id}/versions/latest"))
+                .unwrap_err()
+                .code(),
             "ResourceNotFound"
         );
-        assert_eq!(s.delete_version(&v12).unwrap_err().code(), "ResourceNotFound");
+        assert_eq!(
+            s.delete_version(&v12).unwrap_err().code(),
+            "ResourceNotFound"
+        );
         assert_eq!(s.versions(&def_id).unwrap().len(), 2);
         assert_eq!(parse_version("1.2"), None);
         assert_eq!(parse_version("1.2.x"), None);

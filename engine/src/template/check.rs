@@ -36,8 +36,15 @@ pub fn walk(root: &Node, api: ApiVersion, unresolved: &[Span], arm_envelope: boo
         spans: HashMap::new(),
         unresolved_paths: HashSet::new(),
     };
-    let normalized = w.object(root, &JsonPath::root(), Obj::Root).unwrap_or(J::Null);
-    Walked { normalized, spans: w.spans, unresolved_paths: w.unresolved_paths, diagnostics: w.diags }
+    let normalized = w
+        .object(root, &JsonPath::root(), Obj::Root)
+        .unwrap_or(J::Null);
+    Walked {
+        normalized,
+        spans: w.spans,
+        unresolved_paths: w.unresolved_paths,
+        diagnostics: w.diags,
+    }
 }
 
 struct Walker {
@@ -50,7 +57,13 @@ struct Walker {
 }
 
 /// Fields whose strings are scripts or PowerShell, where `<` is normal text.
-const SCRIPT_FIELDS: &[&str] = &["inline", "restartCommand", "restartCheckCommand", "searchCriteria", "filters"];
+const SCRIPT_FIELDS: &[&str] = &[
+    "inline",
+    "restartCommand",
+    "restartCheckCommand",
+    "searchCriteria",
+    "filters",
+];
 
 fn kind_name(obj: Obj) -> &'static str {
     match obj {
@@ -95,7 +108,9 @@ pub fn find_placeholder(s: &str) -> Option<&str> {
         let start = i + off;
         let mut j = start + 1;
         if j < b.len() && b[j].is_ascii_alphabetic() {
-            while j < b.len() && (b[j].is_ascii_alphanumeric() || matches!(b[j], b' ' | b'_' | b'-' | b'.')) {
+            while j < b.len()
+                && (b[j].is_ascii_alphanumeric() || matches!(b[j], b' ' | b'_' | b'-' | b'.'))
+            {
                 j += 1;
             }
             if j < b.len() && b[j] == b'>' {
@@ -124,7 +139,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -172,7 +191,9 @@ impl Walker {
                     Some(n.span),
                     format!("`{path}` still holds the documentation placeholder `{ph}`"),
                 )
-                .with_fix(format!("replace `{ph}` with a real value (the template was copied from an example)")),
+                .with_fix(format!(
+                    "replace `{ph}` with a real value (the template was copied from an example)"
+                )),
             );
         }
     }
@@ -196,13 +217,22 @@ impl Walker {
             disc_name = Some(dname);
             match node.get_ci(dname) {
                 None => {
-                    let code = if obj == Obj::Versioning { "InvalidValue" } else { bad_type_code(obj) };
+                    let code = if obj == Obj::Versioning {
+                        "InvalidValue"
+                    } else {
+                        bad_type_code(obj)
+                    };
                     self.push(
-                        Diagnostic::error(code, path.as_str(), Some(Span::new(node.span.start, node.span.start + 1)), format!(
-                            "{} has no `{dname}`: it must be one of {}",
-                            kind_name(obj),
-                            allowed.join(", ")
-                        ))
+                        Diagnostic::error(
+                            code,
+                            path.as_str(),
+                            Some(Span::new(node.span.start, node.span.start + 1)),
+                            format!(
+                                "{} has no `{dname}`: it must be one of {}",
+                                kind_name(obj),
+                                allowed.join(", ")
+                            ),
+                        )
                         .with_fix(format!("add \"{dname}\": \"{}\"", allowed[0])),
                     );
                     return Some(node.to_json());
@@ -221,32 +251,49 @@ impl Walker {
                     if let Some(exact) = allowed.iter().find(|a| **a == s) {
                         variant = Some(exact);
                     } else if let Some(ci) = allowed.iter().find(|a| a.eq_ignore_ascii_case(s)) {
-                        self.push(
-                            Diagnostic { severity: case_sev, code: "WrongCase", path: tpath.as_str().into(), span: Some(dv.span),
-                                message: format!("`{s}` is written `{ci}`{}", self.case_note()), fix: Some(format!("write \"{ci}\"")) },
-                        );
+                        self.push(Diagnostic {
+                            severity: case_sev,
+                            code: "WrongCase",
+                            path: tpath.as_str().into(),
+                            span: Some(dv.span),
+                            message: format!("`{s}` is written `{ci}`{}", self.case_note()),
+                            fix: Some(format!("write \"{ci}\"")),
+                        });
                         variant = Some(ci);
                     } else if let Some(ga) = legacy_variant(obj, s) {
                         self.push(
-                            Diagnostic::error("LegacyPreviewShape", tpath.as_str(), Some(dv.span), format!(
-                                "{} type `{s}` existed only in preview API versions",
-                                kind_name(obj)
-                            ))
+                            Diagnostic::error(
+                                "LegacyPreviewShape",
+                                tpath.as_str(),
+                                Some(dv.span),
+                                format!(
+                                    "{} type `{s}` existed only in preview API versions",
+                                    kind_name(obj)
+                                ),
+                            )
                             .with_fix(ga),
                         );
                         return Some(node.to_json());
                     } else {
                         self.push(
-                            Diagnostic::error(bad_type_code(obj), tpath.as_str(), Some(dv.span), format!(
-                                "{} type `{s}` is not one of {}",
-                                kind_name(obj),
-                                allowed.join(", ")
-                            ))
+                            Diagnostic::error(
+                                bad_type_code(obj),
+                                tpath.as_str(),
+                                Some(dv.span),
+                                format!(
+                                    "{} type `{s}` is not one of {}",
+                                    kind_name(obj),
+                                    allowed.join(", ")
+                                ),
+                            )
                             .with_fix(format!("use one of {}", allowed.join(", "))),
                         );
                         return Some(node.to_json());
                     }
-                    if obj == Obj::Validator && variant == Some("File") && self.api < ApiVersion::V2022_07_01 {
+                    if obj == Obj::Validator
+                        && variant == Some("File")
+                        && self.api < ApiVersion::V2022_07_01
+                    {
                         self.push(
                             Diagnostic::error("UnsupportedValidatorType", tpath.as_str(), Some(dv.span), format!(
                                 "the File validator needs API version 2022-07-01 or later; this template uses {}",
@@ -271,11 +318,16 @@ impl Walker {
             let Some(fl) = field.copied() else {
                 if let Some(ga) = legacy_field(obj, &key.name) {
                     self.push(
-                        Diagnostic::error("LegacyPreviewShape", path.key(&key.name).as_str(), Some(key.span), format!(
-                            "`{}` is a preview-era property of {}",
-                            key.name,
-                            kind_name(obj)
-                        ))
+                        Diagnostic::error(
+                            "LegacyPreviewShape",
+                            path.key(&key.name).as_str(),
+                            Some(key.span),
+                            format!(
+                                "`{}` is a preview-era property of {}",
+                                key.name,
+                                kind_name(obj)
+                            ),
+                        )
                         .with_fix(ga),
                     );
                     continue;
@@ -294,9 +346,15 @@ impl Walker {
                     None => kind_name(obj).to_string(),
                 };
                 let (sev, tail) = if self.api.strict() {
-                    (Severity::Error, "from API version 2024-02-01 Azure rejects unknown properties".to_string())
+                    (
+                        Severity::Error,
+                        "from API version 2024-02-01 Azure rejects unknown properties".to_string(),
+                    )
                 } else {
-                    (Severity::Warning, format!("API version {} ignores it", self.api))
+                    (
+                        Severity::Warning,
+                        format!("API version {} ignores it", self.api),
+                    )
                 };
                 self.push(Diagnostic {
                     severity: sev,
@@ -304,7 +362,10 @@ impl Walker {
                     path: path.key(&key.name).as_str().into(),
                     span: Some(key.span),
                     message: format!("`{}` is not a property of {what} ({tail})", key.name),
-                    fix: Some(format!("{hint}remove it; known properties: {}", known.join(", "))),
+                    fix: Some(format!(
+                        "{hint}remove it; known properties: {}",
+                        known.join(", ")
+                    )),
                 });
                 continue;
             };
@@ -315,37 +376,60 @@ impl Walker {
                     code: "WrongCase",
                     path: vpath.as_str().into(),
                     span: Some(key.span),
-                    message: format!("property `{}` is written `{}`{}", key.name, fl.name, self.case_note()),
+                    message: format!(
+                        "property `{}` is written `{}`{}",
+                        key.name,
+                        fl.name,
+                        self.case_note()
+                    ),
                     fix: Some(format!("rename it to \"{}\"", fl.name)),
                 });
             }
             if !seen.insert(fl.name) {
                 self.push(
-                    Diagnostic::warning("DuplicateKey", vpath.as_str(), Some(key.span), format!(
-                        "`{}` appears more than once in {}; the last one wins",
-                        fl.name,
-                        kind_name(obj)
-                    ))
+                    Diagnostic::warning(
+                        "DuplicateKey",
+                        vpath.as_str(),
+                        Some(key.span),
+                        format!(
+                            "`{}` appears more than once in {}; the last one wins",
+                            fl.name,
+                            kind_name(obj)
+                        ),
+                    )
                     .with_fix("keep only one"),
                 );
             }
             if fl.read_only {
                 self.push(
-                    Diagnostic::warning("ReadOnlyField", vpath.as_str(), Some(key.span), format!(
-                        "`{}` is read-only: the service sets it, and kiln ignores it",
-                        fl.name
-                    ))
+                    Diagnostic::warning(
+                        "ReadOnlyField",
+                        vpath.as_str(),
+                        Some(key.span),
+                        format!(
+                            "`{}` is read-only: the service sets it, and kiln ignores it",
+                            fl.name
+                        ),
+                    )
                     .with_fix("remove it (it was probably copied from a GET response)"),
                 );
                 continue;
             }
             if self.api < fl.since || fl.until.is_some_and(|u| self.api > u) {
                 self.push(
-                    Diagnostic::error("FeatureNotInApiVersion", vpath.as_str(), Some(key.span), format!(
-                        "`{}` is not in API version {}: it exists from {}",
-                        fl.name, self.api, fl.since
-                    ))
-                    .with_fix(format!("set apiVersion to {} or later, or remove `{}`", fl.since, fl.name)),
+                    Diagnostic::error(
+                        "FeatureNotInApiVersion",
+                        vpath.as_str(),
+                        Some(key.span),
+                        format!(
+                            "`{}` is not in API version {}: it exists from {}",
+                            fl.name, self.api, fl.since
+                        ),
+                    )
+                    .with_fix(format!(
+                        "set apiVersion to {} or later, or remove `{}`",
+                        fl.since, fl.name
+                    )),
                 );
                 continue;
             }
@@ -364,16 +448,25 @@ impl Walker {
         }
         for fl in &flds {
             if fl.required && fl.since <= self.api && !seen.contains(fl.name) {
-                let code = if obj == Obj::PlanInfo { "BadPIRSource" } else { "MissingRequiredField" };
+                let code = if obj == Obj::PlanInfo {
+                    "BadPIRSource"
+                } else {
+                    "MissingRequiredField"
+                };
                 self.push(
-                    Diagnostic::error(code, path.key(fl.name).as_str(), Some(Span::new(node.span.start, node.span.start + 1)), format!(
-                        "{} has no `{}`, which is required",
-                        match variant {
-                            Some(v) => format!("{} of type {v}", kind_name(obj)),
-                            None => kind_name(obj).to_string(),
-                        },
-                        fl.name
-                    ))
+                    Diagnostic::error(
+                        code,
+                        path.key(fl.name).as_str(),
+                        Some(Span::new(node.span.start, node.span.start + 1)),
+                        format!(
+                            "{} has no `{}`, which is required",
+                            match variant {
+                                Some(v) => format!("{} of type {v}", kind_name(obj)),
+                                None => kind_name(obj).to_string(),
+                            },
+                            fl.name
+                        ),
+                    )
                     .with_fix(format!("add \"{}\"", fl.name)),
                 );
             }
@@ -414,7 +507,9 @@ impl Walker {
                 }
             },
             Ty::Int => match &n.value {
-                Value::Number(num) if num.as_i64().is_some_and(|i| i32::try_from(i).is_ok()) => Some(J::Number(num.clone())),
+                Value::Number(num) if num.as_i64().is_some_and(|i| i32::try_from(i).is_ok()) => {
+                    Some(J::Number(num.clone()))
+                }
                 Value::Number(_) => {
                     self.type_error(path, n, "a 32-bit integer");
                     None
@@ -426,7 +521,15 @@ impl Walker {
             },
             Ty::StrList | Ty::IntList => {
                 let Some(items) = n.as_array() else {
-                    self.type_error(path, n, if fl.ty == Ty::StrList { "an array of strings" } else { "an array of integers" });
+                    self.type_error(
+                        path,
+                        n,
+                        if fl.ty == Ty::StrList {
+                            "an array of strings"
+                        } else {
+                            "an array of integers"
+                        },
+                    );
                     return None;
                 };
                 let mut out = Vec::new();
@@ -443,8 +546,18 @@ impl Walker {
                             self.placeholder(&ip, fl.name, it, s);
                             out.push(J::String(s.clone()));
                         }
-                        (Value::Number(num), Ty::IntList) if num.as_i64().is_some() => out.push(J::Number(num.clone())),
-                        _ => self.type_error(&ip, it, if fl.ty == Ty::StrList { "a string" } else { "an integer" }),
+                        (Value::Number(num), Ty::IntList) if num.as_i64().is_some() => {
+                            out.push(J::Number(num.clone()))
+                        }
+                        _ => self.type_error(
+                            &ip,
+                            it,
+                            if fl.ty == Ty::StrList {
+                                "a string"
+                            } else {
+                                "an integer"
+                            },
+                        ),
                     }
                 }
                 Some(J::Array(out))
@@ -493,10 +606,15 @@ impl Walker {
                     Some(J::String((*a).into()))
                 } else {
                     self.push(
-                        Diagnostic::error("InvalidValue", path.as_str(), Some(n.span), format!(
-                            "`{path}` is `{s}`, but must be one of {}",
-                            allowed.join(", ")
-                        ))
+                        Diagnostic::error(
+                            "InvalidValue",
+                            path.as_str(),
+                            Some(n.span),
+                            format!(
+                                "`{path}` is `{s}`, but must be one of {}",
+                                allowed.join(", ")
+                            ),
+                        )
                         .with_fix(format!("use one of {}", allowed.join(", "))),
                     );
                     None
@@ -530,16 +648,23 @@ impl Walker {
                         self.unresolved_paths.insert(kp.as_str().to_string());
                     } else if let Some(ph) = find_placeholder(&k.name) {
                         self.push(
-                            Diagnostic::error("UnresolvedPlaceholder", kp.as_str(), Some(k.span), format!(
+                            Diagnostic::error(
+                                "UnresolvedPlaceholder",
+                                kp.as_str(),
+                                Some(k.span),
+                                format!(
                                 "the identity ID still holds the documentation placeholder `{ph}`"
-                            ))
+                            ),
+                            )
                             .with_fix(format!("replace `{ph}` with a real value")),
                         );
                     }
                     match v.as_object() {
                         Some(inner) => {
                             for (ik, _) in inner {
-                                let known = ["principalId", "clientId"].iter().any(|r| r.eq_ignore_ascii_case(&ik.name));
+                                let known = ["principalId", "clientId"]
+                                    .iter()
+                                    .any(|r| r.eq_ignore_ascii_case(&ik.name));
                                 if known {
                                     self.push(
                                         Diagnostic::warning("ReadOnlyField", kp.key(&ik.name).as_str(), Some(ik.span), format!(
@@ -554,8 +679,13 @@ impl Walker {
                                         code: "UnknownField",
                                         path: kp.key(&ik.name).as_str().into(),
                                         span: Some(ik.span),
-                                        message: format!("`{}` is not a property of a user-assigned identity", ik.name),
-                                        fix: Some("write the identity as \"<identity ID>\": {}".into()),
+                                        message: format!(
+                                            "`{}` is not a property of a user-assigned identity",
+                                            ik.name
+                                        ),
+                                        fix: Some(
+                                            "write the identity as \"<identity ID>\": {}".into(),
+                                        ),
                                     });
                                 }
                             }
@@ -581,7 +711,10 @@ mod tests {
 
     #[test]
     fn placeholders() {
-        assert_eq!(find_placeholder("/subscriptions/<subscriptionID>/rg"), Some("<subscriptionID>"));
+        assert_eq!(
+            find_placeholder("/subscriptions/<subscriptionID>/rg"),
+            Some("<subscriptionID>")
+        );
         assert_eq!(find_placeholder("<region 1>"), Some("<region 1>"));
         assert_eq!(find_placeholder("a < b > c"), None);
         assert_eq!(find_placeholder("<1abc>"), None);

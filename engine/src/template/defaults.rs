@@ -49,10 +49,15 @@ fn script_defaults(o: &mut Map<String, J>, powershell: bool) {
 /// Fills in every default AIB applies. Leaves values it does not understand alone (the template
 /// is validated before).
 pub fn apply(t: &mut J, api: ApiVersion) {
-    let Some(props) = t.get_mut("properties").and_then(J::as_object_mut) else { return };
+    let Some(props) = t.get_mut("properties").and_then(J::as_object_mut) else {
+        return;
+    };
     match props.get("buildTimeoutInMinutes").and_then(J::as_i64) {
         None | Some(0) => {
-            props.insert("buildTimeoutInMinutes".into(), json!(DEFAULT_BUILD_TIMEOUT_MINUTES));
+            props.insert(
+                "buildTimeoutInMinutes".into(),
+                json!(DEFAULT_BUILD_TIMEOUT_MINUTES),
+            );
         }
         _ => {}
     }
@@ -68,7 +73,12 @@ pub fn apply(t: &mut J, api: ApiVersion) {
             eh.entry("onValidationError").or_insert(json!("cleanup"));
         }
     }
-    for c in props.get_mut("customize").and_then(J::as_array_mut).into_iter().flatten() {
+    for c in props
+        .get_mut("customize")
+        .and_then(J::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
         let Some(o) = c.as_object_mut() else { continue };
         match o.get("type").and_then(J::as_str).unwrap_or("") {
             "Shell" | "File" => script_defaults(o, false),
@@ -92,28 +102,46 @@ pub fn apply(t: &mut J, api: ApiVersion) {
         }
     }
     if let Some(v) = props.get_mut("validate").and_then(J::as_object_mut) {
-        v.entry("continueDistributeOnFailure").or_insert(json!(false));
+        v.entry("continueDistributeOnFailure")
+            .or_insert(json!(false));
         v.entry("sourceValidationOnly").or_insert(json!(false));
-        for c in v.get_mut("inVMValidations").and_then(J::as_array_mut).into_iter().flatten() {
+        for c in v
+            .get_mut("inVMValidations")
+            .and_then(J::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
             if let Some(o) = c.as_object_mut() {
                 let ps = o.get("type").and_then(J::as_str) == Some("PowerShell");
                 script_defaults(o, ps);
             }
         }
     }
-    for d in props.get_mut("distribute").and_then(J::as_array_mut).into_iter().flatten() {
+    for d in props
+        .get_mut("distribute")
+        .and_then(J::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
         let Some(o) = d.as_object_mut() else { continue };
         if o.get("type").and_then(J::as_str) != Some("SharedImage") {
             continue;
         }
         o.entry("excludeFromLatest").or_insert(json!(false));
         if o.contains_key("replicationRegions") {
-            o.entry("storageAccountType").or_insert(json!("Standard_LRS"));
+            o.entry("storageAccountType")
+                .or_insert(json!("Standard_LRS"));
         }
-        for r in o.get_mut("targetRegions").and_then(J::as_array_mut).into_iter().flatten() {
+        for r in o
+            .get_mut("targetRegions")
+            .and_then(J::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
             if let Some(r) = r.as_object_mut() {
                 r.entry("replicaCount").or_insert(json!(1));
-                r.entry("storageAccountType").or_insert(json!("Standard_LRS"));
+                r.entry("storageAccountType")
+                    .or_insert(json!("Standard_LRS"));
             }
         }
         if let Some(v) = o.get_mut("versioning").and_then(J::as_object_mut) {

@@ -117,12 +117,16 @@ pub struct Document {
 impl Document {
     /// Valid: at least one template, and no errors anywhere.
     pub fn is_valid(&self) -> bool {
-        !self.templates.is_empty() && !self.diagnostics.iter().any(Diagnostic::is_error) && self.templates.iter().all(TemplateReport::is_valid)
+        !self.templates.is_empty()
+            && !self.diagnostics.iter().any(Diagnostic::is_error)
+            && self.templates.iter().all(TemplateReport::is_valid)
     }
 
     /// Every diagnostic, file-level first, then each template's.
     pub fn all_diagnostics(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.diagnostics.iter().chain(self.templates.iter().flat_map(|t| t.diagnostics.iter()))
+        self.diagnostics
+            .iter()
+            .chain(self.templates.iter().flat_map(|t| t.diagnostics.iter()))
     }
 }
 
@@ -131,9 +135,19 @@ fn looks_like_bicep(name: &str, text: &str) -> bool {
         return true;
     }
     text.lines().map(str::trim_start).any(|l| {
-        ["param ", "resource ", "targetScope", "module ", "var ", "output ", "@description(", "@secure()", "import "]
-            .iter()
-            .any(|k| l.starts_with(k))
+        [
+            "param ",
+            "resource ",
+            "targetScope",
+            "module ",
+            "var ",
+            "output ",
+            "@description(",
+            "@secure()",
+            "import ",
+        ]
+        .iter()
+        .any(|k| l.starts_with(k))
     }) && !text.trim_start().starts_with(['{', '['])
 }
 
@@ -150,20 +164,37 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
             let msg = if binary {
                 format!("this is a binary file, not a JSON template (invalid UTF-8 at byte {good})")
             } else {
-                format!("the file is not valid UTF-8 (at byte {good}); ARM templates are UTF-8 JSON")
+                format!(
+                    "the file is not valid UTF-8 (at byte {good}); ARM templates are UTF-8 JSON"
+                )
             };
-            let d = Diagnostic::error("InvalidJson", "", Some(Span::new(good, good + 1)), msg).with_fix("save the file as UTF-8 JSON");
-            return Document { source, form: None, diagnostics: vec![d], templates: vec![] };
+            let d = Diagnostic::error("InvalidJson", "", Some(Span::new(good, good + 1)), msg)
+                .with_fix("save the file as UTF-8 JSON");
+            return Document {
+                source,
+                form: None,
+                diagnostics: vec![d],
+                templates: vec![],
+            };
         }
     };
     let source = SourceFile::new(name, text);
-    let mut doc = Document { source, form: None, diagnostics: Vec::new(), templates: Vec::new() };
+    let mut doc = Document {
+        source,
+        form: None,
+        diagnostics: Vec::new(),
+        templates: Vec::new(),
+    };
     if bytes.len() > MAX_FILE_BYTES {
         doc.diagnostics.push(Diagnostic::error(
             "InvalidJson",
             "",
             None,
-            format!("the file is {} bytes; kiln reads templates up to {} MiB", bytes.len(), MAX_FILE_BYTES >> 20),
+            format!(
+                "the file is {} bytes; kiln reads templates up to {} MiB",
+                bytes.len(),
+                MAX_FILE_BYTES >> 20
+            ),
         ));
         return doc;
     }
@@ -185,17 +216,30 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
     };
     for n in &parsed.notes {
         doc.diagnostics.push(
-            Diagnostic::warning("TrailingComma", "", Some(n.span), format!("{}: accepted by kiln, rejected by strict JSON parsers", n.message))
-                .with_fix("remove the comma"),
+            Diagnostic::warning(
+                "TrailingComma",
+                "",
+                Some(n.span),
+                format!(
+                    "{}: accepted by kiln, rejected by strict JSON parsers",
+                    n.message
+                ),
+            )
+            .with_fix("remove the comma"),
         );
     }
     let root = parsed.root;
     if root.as_object().is_none() {
         doc.diagnostics.push(
-            Diagnostic::error("NotATemplate", "", Some(Span::new(root.span.start, root.span.start + 1)), format!(
-                "the file holds a JSON {}, not an image template object",
-                root.value.kind()
-            ))
+            Diagnostic::error(
+                "NotATemplate",
+                "",
+                Some(Span::new(root.span.start, root.span.start + 1)),
+                format!(
+                    "the file holds a JSON {}, not an image template object",
+                    root.value.kind()
+                ),
+            )
             .with_fix("give an image template, a REST body, or an ARM deployment template"),
         );
         return doc;
@@ -206,7 +250,11 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
         for d in diags {
             let sev_err = true;
             // kiln reports "no image template here" under one code, whatever the form.
-            let code = if d.code == "NoImageTemplate" { "NotATemplate" } else { d.code };
+            let code = if d.code == "NoImageTemplate" {
+                "NotATemplate"
+            } else {
+                d.code
+            };
             let mut dd = Diagnostic::error(code, "", Some(d.span), d.message).with_fix(d.fix);
             if !sev_err {
                 dd.severity = crate::diag::Severity::Warning;
@@ -219,10 +267,15 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
                     .with_fix("give the file that defines the image template"),
             );
         }
-        let arm_resources: Vec<&Node> = root.get("resources").and_then(Node::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+        let arm_resources: Vec<&Node> = root
+            .get("resources")
+            .and_then(Node::as_array)
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
         for r in resources {
             let idx = arm_resources.iter().position(|n| n.span == r.node.span);
-            let location = idx.map_or_else(|| "resources".to_string(), |i| format!("resources[{i}]"));
+            let location =
+                idx.map_or_else(|| "resources".to_string(), |i| format!("resources[{i}]"));
             let report = validate_resource(&r.node, &r.unresolved, location, opts, true);
             doc.templates.push(report);
         }
@@ -231,9 +284,15 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
     // A REST API spec example: `{"parameters": {"api-version": …, "<body>": {…}}, "responses": …}`.
     if let (Some(params), true) = (root.get("parameters"), root.get("responses").is_some()) {
         doc.form = Some(InputForm::RestExample);
-        let api = params.get("api-version").and_then(Node::as_str).map(str::to_string);
+        let api = params
+            .get("api-version")
+            .and_then(Node::as_str)
+            .map(str::to_string);
         let body = params.as_object().and_then(|m| {
-            m.iter().find(|(_, v)| v.get("properties").is_some() || (v.get("location").is_some() && v.get("identity").is_some()))
+            m.iter().find(|(_, v)| {
+                v.get("properties").is_some()
+                    || (v.get("location").is_some() && v.get("identity").is_some())
+            })
         });
         match body {
             Some((k, body)) => {
@@ -282,19 +341,39 @@ pub fn load(name: &str, bytes: &[u8], opts: &LoadOptions) -> Document {
     doc
 }
 
-fn validate_resource(node: &Node, unresolved: &[Span], location: String, opts: &LoadOptions, file_api: bool) -> TemplateReport {
+fn validate_resource(
+    node: &Node,
+    unresolved: &[Span],
+    location: String,
+    opts: &LoadOptions,
+    file_api: bool,
+) -> TemplateReport {
     let mut diags = Vec::new();
     let unres = |n: &Node| unresolved.contains(&n.span);
     // The API version: the resource's own `apiVersion`, else the option, else the default.
-    let own = if file_api { node.get_ci("apiVersion").filter(|(_, v)| !unres(v)) } else { None };
-    let (text, span) = match own.and_then(|(_, v)| v.as_str().map(|s| (s.to_string(), Some(v.span)))) {
-        Some(x) => x,
-        None => (opts.api_version.clone().unwrap_or_else(|| ApiVersion::DEFAULT.as_str().to_string()), None),
+    let own = if file_api {
+        node.get_ci("apiVersion").filter(|(_, v)| !unres(v))
+    } else {
+        None
     };
+    let (text, span) =
+        match own.and_then(|(_, v)| v.as_str().map(|s| (s.to_string(), Some(v.span)))) {
+            Some(x) => x,
+            None => (
+                opts.api_version
+                    .clone()
+                    .unwrap_or_else(|| ApiVersion::DEFAULT.as_str().to_string()),
+                None,
+            ),
+        };
     let api = match ApiVersion::parse(&text) {
         Some(v) => v,
         None if check::find_placeholder(&text).is_some() => {
-            let v = opts.api_version.as_deref().and_then(ApiVersion::parse).unwrap_or(ApiVersion::DEFAULT);
+            let v = opts
+                .api_version
+                .as_deref()
+                .and_then(ApiVersion::parse)
+                .unwrap_or(ApiVersion::DEFAULT);
             diags.push(
                 Diagnostic::error("UnresolvedPlaceholder", "apiVersion", span, format!(
                     "apiVersion still holds the documentation placeholder `{text}`; checking the template as {v}"
@@ -303,7 +382,10 @@ fn validate_resource(node: &Node, unresolved: &[Span], location: String, opts: &
             );
             v
         }
-        None if version::PREVIEW_VERSIONS.iter().any(|p| p.eq_ignore_ascii_case(text.trim())) => {
+        None if version::PREVIEW_VERSIONS
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(text.trim())) =>
+        {
             diags.push(
                 Diagnostic::error("LegacyPreviewShape", "apiVersion", span, format!(
                     "API version {text} is a preview version; kiln builds the GA shapes (2020-02-14 to 2025-10-01) and checks this template as 2020-02-14"
@@ -316,9 +398,12 @@ fn validate_resource(node: &Node, unresolved: &[Span], location: String, opts: &
             let guess = ApiVersion::at_or_before(&text).unwrap_or(ApiVersion::DEFAULT);
             let all: Vec<&str> = ApiVersion::ALL.iter().map(|v| v.as_str()).collect();
             diags.push(
-                Diagnostic::error("UnsupportedApiVersion", "apiVersion", span, format!(
-                    "`{text}` is not an AIB API version; checking the template as {guess}"
-                ))
+                Diagnostic::error(
+                    "UnsupportedApiVersion",
+                    "apiVersion",
+                    span,
+                    format!("`{text}` is not an AIB API version; checking the template as {guess}"),
+                )
                 .with_fix(format!("use one of {}", all.join(", "))),
             );
             guess
@@ -332,11 +417,17 @@ fn validate_resource(node: &Node, unresolved: &[Span], location: String, opts: &
     if let Some(o) = normalized.as_object_mut() {
         o.remove("apiVersion");
         if file_api {
-            o.insert("apiVersion".into(), serde_json::Value::String(api.as_str().into()));
+            o.insert(
+                "apiVersion".into(),
+                serde_json::Value::String(api.as_str().into()),
+            );
         }
     }
     defaults::apply(&mut normalized, api);
-    let name = normalized.get("name").and_then(|n| n.as_str()).map(str::to_string);
+    let name = normalized
+        .get("name")
+        .and_then(|n| n.as_str())
+        .map(str::to_string);
     let has_errors = diags.iter().any(Diagnostic::is_error);
     let model = if has_errors {
         None
@@ -344,12 +435,25 @@ fn validate_resource(node: &Node, unresolved: &[Span], location: String, opts: &
         match serde_json::from_value::<ImageTemplate>(normalized.clone()) {
             Ok(m) => Some(m),
             Err(e) => {
-                diags.push(Diagnostic::error("InvalidType", "", None, format!("the template does not fit kiln's model: {e}")));
+                diags.push(Diagnostic::error(
+                    "InvalidType",
+                    "",
+                    None,
+                    format!("the template does not fit kiln's model: {e}"),
+                ));
                 None
             }
         }
     };
     // Stable order: by position in the file, then code.
     diags.sort_by_key(|d| (d.span.map_or(usize::MAX, |s| s.start), d.code));
-    TemplateReport { location, name, api_version: api, api_version_text: text, diagnostics: diags, normalized, model }
+    TemplateReport {
+        location,
+        name,
+        api_version: api,
+        api_version_text: text,
+        diagnostics: diags,
+        normalized,
+        model,
+    }
 }

@@ -247,7 +247,9 @@ impl Customizer {
             Customizer::Shell(s) => s.name.as_deref(),
             Customizer::PowerShell(s) => s.name.as_deref(),
             Customizer::File(f) => f.name.as_deref(),
-            Customizer::WindowsRestart { name, .. } | Customizer::WindowsUpdate { name, .. } => name.as_deref(),
+            Customizer::WindowsRestart { name, .. } | Customizer::WindowsUpdate { name, .. } => {
+                name.as_deref()
+            }
         }
     }
 
@@ -259,7 +261,10 @@ impl Customizer {
             _ => return None,
         };
         Some(match uri {
-            Some(u) => Script::Uri { uri: u.clone(), sha256: Some(sha.to_ascii_lowercase()).filter(|s| !s.is_empty()) },
+            Some(u) => Script::Uri {
+                uri: u.clone(),
+                sha256: Some(sha.to_ascii_lowercase()).filter(|s| !s.is_empty()),
+            },
             None => Script::Inline(inline.clone()),
         })
     }
@@ -354,9 +359,15 @@ impl Distributor {
     /// The runOutput name.
     pub fn run_output_name(&self) -> &str {
         match self {
-            Distributor::ManagedImage { run_output_name, .. }
-            | Distributor::SharedImage { run_output_name, .. }
-            | Distributor::Vhd { run_output_name, .. } => run_output_name,
+            Distributor::ManagedImage {
+                run_output_name, ..
+            }
+            | Distributor::SharedImage {
+                run_output_name, ..
+            }
+            | Distributor::Vhd {
+                run_output_name, ..
+            } => run_output_name,
         }
     }
 }

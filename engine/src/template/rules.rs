@@ -12,7 +12,11 @@ use serde_json::Value as J;
 /// Runs every rule, appending to `w.diagnostics`.
 pub fn check(w: &mut Walked, api: ApiVersion) {
     let t = w.normalized.clone();
-    let mut r = Rules { w, api, out: Vec::new() };
+    let mut r = Rules {
+        w,
+        api,
+        out: Vec::new(),
+    };
     r.root(&t);
     let out = std::mem::take(&mut r.out);
     w.diagnostics.extend(out);
@@ -26,7 +30,9 @@ struct Rules<'a> {
 
 /// A valid template or runOutput name.
 pub fn is_valid_name(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// True for 64 hexadecimal characters (either case).
@@ -43,13 +49,17 @@ pub fn parse_duration(s: &str) -> Option<f64> {
     }
     let mut total = 0.0;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_len == 0 {
             return None;
         }
         let n: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -68,10 +78,15 @@ pub fn parse_duration(s: &str) -> Option<f64> {
 /// Matches an ARM resource ID against a pattern of segments; `*` matches any non-empty segment;
 /// fixed segments compare ignoring ASCII case, as ARM does.
 pub fn id_matches(id: &str, pattern: &[&str]) -> bool {
-    let Some(rest) = id.strip_prefix('/') else { return false };
+    let Some(rest) = id.strip_prefix('/') else {
+        return false;
+    };
     let segs: Vec<&str> = rest.split('/').collect();
     segs.len() == pattern.len()
-        && segs.iter().zip(pattern).all(|(s, p)| !s.is_empty() && (*p == "*" || s.eq_ignore_ascii_case(p)))
+        && segs
+            .iter()
+            .zip(pattern)
+            .all(|(s, p)| !s.is_empty() && (*p == "*" || s.eq_ignore_ascii_case(p)))
 }
 
 const RG: [&str; 4] = ["subscriptions", "*", "resourceGroups", "*"];
@@ -82,37 +97,110 @@ fn rg_id(tail: &[&'static str]) -> Vec<&'static str> {
 
 /// A managed image ID.
 pub fn is_managed_image_id(s: &str) -> bool {
-    id_matches(s, &rg_id(&["providers", "Microsoft.Compute", "images", "*"]))
+    id_matches(
+        s,
+        &rg_id(&["providers", "Microsoft.Compute", "images", "*"]),
+    )
 }
 
 /// A gallery image definition ID (`…/galleries/G/images/D`).
 pub fn is_gallery_image_id(s: &str) -> bool {
-    id_matches(s, &rg_id(&["providers", "Microsoft.Compute", "galleries", "*", "images", "*"]))
+    id_matches(
+        s,
+        &rg_id(&[
+            "providers",
+            "Microsoft.Compute",
+            "galleries",
+            "*",
+            "images",
+            "*",
+        ]),
+    )
 }
 
 /// A gallery image version ID (`…/galleries/G/images/D/versions/V`).
 pub fn is_gallery_image_version_id(s: &str) -> bool {
-    id_matches(s, &rg_id(&["providers", "Microsoft.Compute", "galleries", "*", "images", "*", "versions", "*"]))
+    id_matches(
+        s,
+        &rg_id(&[
+            "providers",
+            "Microsoft.Compute",
+            "galleries",
+            "*",
+            "images",
+            "*",
+            "versions",
+            "*",
+        ]),
+    )
 }
 
 /// A direct shared gallery or community gallery image version ID (2022-07-01+).
 pub fn is_shared_or_community_version_id(s: &str) -> bool {
     id_matches(
         s,
-        &["subscriptions", "*", "providers", "Microsoft.Compute", "locations", "*", "sharedGalleries", "*", "images", "*", "versions", "*"],
-    ) || id_matches(s, &["subscriptions", "*", "providers", "Microsoft.Compute", "locations", "*", "communityGalleries", "*", "images", "*", "versions", "*"])
-        || id_matches(s, &["CommunityGalleries", "*", "Images", "*", "Versions", "*"])
-        || id_matches(s, &["SharedGalleries", "*", "Images", "*", "Versions", "*"])
+        &[
+            "subscriptions",
+            "*",
+            "providers",
+            "Microsoft.Compute",
+            "locations",
+            "*",
+            "sharedGalleries",
+            "*",
+            "images",
+            "*",
+            "versions",
+            "*",
+        ],
+    ) || id_matches(
+        s,
+        &[
+            "subscriptions",
+            "*",
+            "providers",
+            "Microsoft.Compute",
+            "locations",
+            "*",
+            "communityGalleries",
+            "*",
+            "images",
+            "*",
+            "versions",
+            "*",
+        ],
+    ) || id_matches(
+        s,
+        &["CommunityGalleries", "*", "Images", "*", "Versions", "*"],
+    ) || id_matches(s, &["SharedGalleries", "*", "Images", "*", "Versions", "*"])
 }
 
 /// A subnet ID.
 pub fn is_subnet_id(s: &str) -> bool {
-    id_matches(s, &rg_id(&["providers", "Microsoft.Network", "virtualNetworks", "*", "subnets", "*"]))
+    id_matches(
+        s,
+        &rg_id(&[
+            "providers",
+            "Microsoft.Network",
+            "virtualNetworks",
+            "*",
+            "subnets",
+            "*",
+        ]),
+    )
 }
 
 /// A user-assigned identity ID.
 pub fn is_identity_id(s: &str) -> bool {
-    id_matches(s, &rg_id(&["providers", "Microsoft.ManagedIdentity", "userAssignedIdentities", "*"]))
+    id_matches(
+        s,
+        &rg_id(&[
+            "providers",
+            "Microsoft.ManagedIdentity",
+            "userAssignedIdentities",
+            "*",
+        ]),
+    )
 }
 
 /// A resource group ID.
@@ -123,7 +211,10 @@ pub fn is_resource_group_id(s: &str) -> bool {
 /// A version `Major.Minor.Patch` of integers, as galleries and platform images use.
 pub fn is_image_version(s: &str) -> bool {
     let parts: Vec<&str> = s.split('.').collect();
-    parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()))
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn s<'v>(v: &'v J, k: &str) -> Option<&'v str> {
@@ -141,7 +232,8 @@ impl Rules<'_> {
 
     fn err(&mut self, code: &'static str, p: &JsonPath, msg: String, fix: impl Into<String>) {
         let span = self.span(p);
-        self.out.push(Diagnostic::error(code, p.as_str(), span, msg).with_fix(fix));
+        self.out
+            .push(Diagnostic::error(code, p.as_str(), span, msg).with_fix(fix));
     }
 
     /// A string at `obj[key]` that is present, resolved, and free of placeholders (already
@@ -159,7 +251,12 @@ impl Rules<'_> {
         let root = JsonPath::root();
         if let Some((name, p)) = self.checkable(t, &root, "name") {
             if !is_valid_name(name) {
-                self.err("BadName", &p, format!("template name `{name}` must match ^[A-Za-z0-9-_.]{{1,64}}$"), "use 1-64 letters, digits, `-`, `_` or `.`");
+                self.err(
+                    "BadName",
+                    &p,
+                    format!("template name `{name}` must match ^[A-Za-z0-9-_.]{{1,64}}$"),
+                    "use 1-64 letters, digits, `-`, `_` or `.`",
+                );
             }
         }
         if let Some(id) = t.get("identity") {
@@ -171,8 +268,13 @@ impl Rules<'_> {
             None => {
                 let span = self.span(&root).map(|s| Span::new(s.start, s.start + 1));
                 self.out.push(
-                    Diagnostic::error("MissingRequiredField", "properties", span, "the image template has no `properties` (source, customize, distribute…)")
-                        .with_fix("add \"properties\": { \"source\": …, \"distribute\": […] }"),
+                    Diagnostic::error(
+                        "MissingRequiredField",
+                        "properties",
+                        span,
+                        "the image template has no `properties` (source, customize, distribute…)",
+                    )
+                    .with_fix("add \"properties\": { \"source\": …, \"distribute\": […] }"),
                 );
             }
         }
@@ -183,7 +285,11 @@ impl Rules<'_> {
             return;
         }
         let ty = s(id, "type");
-        let ids: Vec<&String> = id.get("userAssignedIdentities").and_then(J::as_object).map(|m| m.keys().collect()).unwrap_or_default();
+        let ids: Vec<&String> = id
+            .get("userAssignedIdentities")
+            .and_then(J::as_object)
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
         match ty {
             None if !self.skip(&p.key("type")) => self.err(
                 "BadIdentity",
@@ -234,7 +340,10 @@ impl Rules<'_> {
             self.source(src, &p.key("source"));
         }
         let empty = Vec::new();
-        let customize = props.get("customize").and_then(J::as_array).unwrap_or(&empty);
+        let customize = props
+            .get("customize")
+            .and_then(J::as_array)
+            .unwrap_or(&empty);
         for (i, c) in customize.iter().enumerate() {
             self.step(c, &p.key("customize").index(i), false);
         }
@@ -269,7 +378,12 @@ impl Rules<'_> {
         if let Some(disks) = props.get("additionalDataDisks").and_then(J::as_array) {
             for (i, d) in disks.iter().enumerate() {
                 if d.get("sizeGB").and_then(J::as_i64).is_some_and(|s| s < 0) {
-                    self.err("InvalidValue", &p.key("additionalDataDisks").index(i).key("sizeGB"), "sizeGB must be 0 or more".into(), "give the data disk size in GB");
+                    self.err(
+                        "InvalidValue",
+                        &p.key("additionalDataDisks").index(i).key("sizeGB"),
+                        "sizeGB must be 0 or more".into(),
+                        "give the data disk size in GB",
+                    );
                 }
             }
         }
@@ -289,16 +403,28 @@ impl Rules<'_> {
                     match s(src, k) {
                         Some(v) if !v.trim().is_empty() => {}
                         _ => {
-                            let span = self.span(&kp).or_else(|| self.span(p).map(|s| Span::new(s.start, s.start + 1)));
+                            let span = self
+                                .span(&kp)
+                                .or_else(|| self.span(p).map(|s| Span::new(s.start, s.start + 1)));
                             self.out.push(
-                                Diagnostic::error("BadPIRSource", kp.as_str(), span, format!("a PlatformImage source needs `{k}`"))
-                                    .with_fix("give publisher, offer, sku and version (\"latest\" or x.y.z)"),
+                                Diagnostic::error(
+                                    "BadPIRSource",
+                                    kp.as_str(),
+                                    span,
+                                    format!("a PlatformImage source needs `{k}`"),
+                                )
+                                .with_fix(
+                                    "give publisher, offer, sku and version (\"latest\" or x.y.z)",
+                                ),
                             );
                         }
                     }
                 }
                 if let Some((v, vp)) = self.checkable(src, p, "version") {
-                    if !v.eq_ignore_ascii_case("latest") && !v.trim().is_empty() && !is_image_version(v) {
+                    if !v.eq_ignore_ascii_case("latest")
+                        && !v.trim().is_empty()
+                        && !is_image_version(v)
+                    {
                         self.err("BadPIRSource", &vp, format!("platform image version `{v}` is neither `latest` nor Major.Minor.Patch"), "use \"latest\" or an exact version such as 1.0.20261128");
                     }
                 }
@@ -317,8 +443,13 @@ impl Rules<'_> {
             }
             Some("SharedImageVersion") => {
                 if let Some((id, ip)) = self.checkable(src, p, "imageVersionId") {
-                    let latest = id.rsplit('/').next().is_some_and(|v| v.eq_ignore_ascii_case("latest"));
-                    let shape = is_gallery_image_version_id(id) || (self.api >= ApiVersion::V2022_07_01 && is_shared_or_community_version_id(id));
+                    let latest = id
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|v| v.eq_ignore_ascii_case("latest"));
+                    let shape = is_gallery_image_version_id(id)
+                        || (self.api >= ApiVersion::V2022_07_01
+                            && is_shared_or_community_version_id(id));
                     if !shape {
                         self.err(
                             "BadSharedImageVersionSource",
@@ -334,7 +465,12 @@ impl Rules<'_> {
                             "set apiVersion to 2022-07-01 or later, or name an exact version",
                         );
                     } else if !latest && !id.rsplit('/').next().is_some_and(is_image_version) {
-                        self.err("BadSharedImageVersionSource", &ip, format!("the version in `{id}` is not Major.Minor.Patch"), "name an exact version such as 1.0.0, or `latest`");
+                        self.err(
+                            "BadSharedImageVersionSource",
+                            &ip,
+                            format!("the version in `{id}` is not Major.Minor.Patch"),
+                            "name an exact version such as 1.0.0, or `latest`",
+                        );
                     }
                 }
             }
@@ -358,7 +494,9 @@ impl Rules<'_> {
     fn uri(&mut self, step: &J, p: &JsonPath, key: &str) {
         if let Some((u, up)) = self.checkable(step, p, key) {
             if let Some((scheme, _)) = u.split_once("://") {
-                let ok = ["http", "https", "file"].iter().any(|s| s.eq_ignore_ascii_case(scheme));
+                let ok = ["http", "https", "file"]
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(scheme));
                 if !ok {
                     self.err(
                         "UnsupportedUriScheme",
@@ -368,7 +506,12 @@ impl Rules<'_> {
                     );
                 }
             } else if u.trim().is_empty() {
-                self.err("InvalidValue", &up, format!("`{key}` is empty"), "give the script's URL");
+                self.err(
+                    "InvalidValue",
+                    &up,
+                    format!("`{key}` is empty"),
+                    "give the script's URL",
+                );
             }
         }
     }
@@ -377,12 +520,19 @@ impl Rules<'_> {
         if self.skip(p) {
             return;
         }
-        let no_script = if validator { "NoValidatorScript" } else { "NoCustomizerScript" };
+        let no_script = if validator {
+            "NoValidatorScript"
+        } else {
+            "NoCustomizerScript"
+        };
         let ty = s(c, "type").unwrap_or("");
         match ty {
             "Shell" | "PowerShell" => {
                 let has_uri = c.get("scriptUri").is_some();
-                let has_inline = c.get("inline").and_then(J::as_array).is_some_and(|a| !a.is_empty());
+                let has_inline = c
+                    .get("inline")
+                    .and_then(J::as_array)
+                    .is_some_and(|a| !a.is_empty());
                 if has_uri == has_inline {
                     let what = if validator { "validator" } else { "customizer" };
                     let msg = if has_uri {
@@ -391,13 +541,20 @@ impl Rules<'_> {
                         format!("a {ty} {what} has neither `scriptUri` nor `inline` (or an empty inline): exactly one is required")
                     };
                     let span = self.span(p).map(|s| Span::new(s.start, s.start + 1));
-                    self.out.push(Diagnostic::error(no_script, p.as_str(), span, msg).with_fix("keep either scriptUri (a URL) or inline (an array of commands)"));
+                    self.out.push(
+                        Diagnostic::error(no_script, p.as_str(), span, msg).with_fix(
+                            "keep either scriptUri (a URL) or inline (an array of commands)",
+                        ),
+                    );
                 }
                 self.checksum(c, p);
                 self.uri(c, p, "scriptUri");
                 if ty == "PowerShell" {
                     let elevated = c.get("runElevated").and_then(J::as_bool).unwrap_or(false);
-                    if c.get("runAsSystem").and_then(J::as_bool) == Some(true) && !elevated && !self.skip(&p.key("runElevated")) {
+                    if c.get("runAsSystem").and_then(J::as_bool) == Some(true)
+                        && !elevated
+                        && !self.skip(&p.key("runElevated"))
+                    {
                         self.err(
                             "RunAsSystemWithoutElevated",
                             &p.key("runAsSystem"),
@@ -409,8 +566,14 @@ impl Rules<'_> {
             }
             "File" => {
                 for k in ["sourceUri", "destination"] {
-                    if c.get(k).and_then(J::as_str).is_none_or(|v| v.trim().is_empty()) && !self.skip(&p.key(k)) {
-                        let span = self.span(&p.key(k)).or_else(|| self.span(p).map(|s| Span::new(s.start, s.start + 1)));
+                    if c.get(k)
+                        .and_then(J::as_str)
+                        .is_none_or(|v| v.trim().is_empty())
+                        && !self.skip(&p.key(k))
+                    {
+                        let span = self
+                            .span(&p.key(k))
+                            .or_else(|| self.span(p).map(|s| Span::new(s.start, s.start + 1)));
                         self.out.push(
                             Diagnostic::error(no_script, p.key(k).as_str(), span, format!("a File step needs `{k}`"))
                                 .with_fix("give sourceUri (where to fetch the file) and destination (an absolute path in the VM)"),
@@ -420,7 +583,10 @@ impl Rules<'_> {
                 self.checksum(c, p);
                 self.uri(c, p, "sourceUri");
                 if let Some((d, dp)) = self.checkable(c, p, "destination") {
-                    let windows = d.len() >= 3 && d.as_bytes()[1] == b':' && matches!(d.as_bytes()[2], b'\\' | b'/') || d.starts_with("\\\\");
+                    let windows = d.len() >= 3
+                        && d.as_bytes()[1] == b':'
+                        && matches!(d.as_bytes()[2], b'\\' | b'/')
+                        || d.starts_with("\\\\");
                     if d.starts_with('/') {
                         if !(d.starts_with("/tmp/") && d.len() > 5) {
                             self.err(
@@ -431,7 +597,12 @@ impl Rules<'_> {
                             );
                         }
                     } else if !windows && !d.trim().is_empty() {
-                        self.err("BadFileDestination", &dp, format!("File destination `{d}` is not an absolute path"), "give an absolute path: /tmp/… on Linux, C:\\… on Windows");
+                        self.err(
+                            "BadFileDestination",
+                            &dp,
+                            format!("File destination `{d}` is not an absolute path"),
+                            "give an absolute path: /tmp/… on Linux, C:\\… on Windows",
+                        );
                     }
                 }
             }
@@ -447,8 +618,17 @@ impl Rules<'_> {
                     }
                 }
             }
-            "WindowsUpdate" if c.get("updateLimit").and_then(J::as_i64).is_some_and(|l| l < 0) => {
-                self.err("InvalidValue", &p.key("updateLimit"), "updateLimit must be 0 (meaning 1000) or more".into(), "use 0 for the default");
+            "WindowsUpdate"
+                if c.get("updateLimit")
+                    .and_then(J::as_i64)
+                    .is_some_and(|l| l < 0) =>
+            {
+                self.err(
+                    "InvalidValue",
+                    &p.key("updateLimit"),
+                    "updateLimit must be 0 (meaning 1000) or more".into(),
+                    "use 0 for the default",
+                );
             }
             _ => {}
         }
@@ -456,7 +636,12 @@ impl Rules<'_> {
 
     fn distribute(&mut self, list: &[J], p: &JsonPath) {
         if list.is_empty() && !self.skip(p) {
-            self.err("BadDistributeType", p, "distribute is empty: a template needs at least one distributor".into(), "add a VHD, ManagedImage or SharedImage distributor");
+            self.err(
+                "BadDistributeType",
+                p,
+                "distribute is empty: a template needs at least one distributor".into(),
+                "add a VHD, ManagedImage or SharedImage distributor",
+            );
         }
         let mut seen: Vec<(String, usize)> = Vec::new();
         for (i, d) in list.iter().enumerate() {
@@ -466,7 +651,12 @@ impl Rules<'_> {
             }
             if let Some((name, np)) = self.checkable(d, &dp, "runOutputName") {
                 if !is_valid_name(name) {
-                    self.err("BadName", &np, format!("runOutputName `{name}` must match ^[A-Za-z0-9-_.]{{1,64}}$"), "use 1-64 letters, digits, `-`, `_` or `.`");
+                    self.err(
+                        "BadName",
+                        &np,
+                        format!("runOutputName `{name}` must match ^[A-Za-z0-9-_.]{{1,64}}$"),
+                        "use 1-64 letters, digits, `-`, `_` or `.`",
+                    );
                 }
                 if let Some((_, first)) = seen.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
                     let first = *first;
@@ -492,8 +682,16 @@ impl Rules<'_> {
                 Some("VHD") => {
                     if let Some((u, up)) = self.checkable(d, &dp, "uri") {
                         if let Some((scheme, _)) = u.split_once("://") {
-                            if !["https", "http", "file"].iter().any(|x| x.eq_ignore_ascii_case(scheme)) {
-                                self.err("UnsupportedUriScheme", &up, format!("VHD uri scheme `{scheme}` is not supported"), "give a blob https URI, a file:// URI or a local path");
+                            if !["https", "http", "file"]
+                                .iter()
+                                .any(|x| x.eq_ignore_ascii_case(scheme))
+                            {
+                                self.err(
+                                    "UnsupportedUriScheme",
+                                    &up,
+                                    format!("VHD uri scheme `{scheme}` is not supported"),
+                                    "give a blob https URI, a file:// URI or a local path",
+                                );
                             }
                         }
                     }
@@ -509,8 +707,15 @@ impl Rules<'_> {
             None if !self.skip(&gp) => {
                 let span = self.span(dp).map(|s| Span::new(s.start, s.start + 1));
                 self.out.push(
-                    Diagnostic::error("BadSharedImageDistribute", gp.as_str(), span, "a SharedImage distributor needs `galleryImageId`")
-                        .with_fix("give the image definition ID …/galleries/<gallery>/images/<definition>"),
+                    Diagnostic::error(
+                        "BadSharedImageDistribute",
+                        gp.as_str(),
+                        span,
+                        "a SharedImage distributor needs `galleryImageId`",
+                    )
+                    .with_fix(
+                        "give the image definition ID …/galleries/<gallery>/images/<definition>",
+                    ),
                 );
             }
             _ => {}
@@ -525,7 +730,12 @@ impl Rules<'_> {
                     "use /subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/galleries/<gallery>/images/<definition>[/versions/<x.y.z>]",
                 );
             } else if explicit && !id.rsplit('/').next().is_some_and(is_image_version) {
-                self.err("BadSharedImageDistribute", &ip, format!("the explicit version in `{id}` is not Major.Minor.Patch"), "use a version such as 1.0.0, or drop /versions/… for automatic versions");
+                self.err(
+                    "BadSharedImageDistribute",
+                    &ip,
+                    format!("the explicit version in `{id}` is not Major.Minor.Patch"),
+                    "use a version such as 1.0.0, or drop /versions/… for automatic versions",
+                );
             }
         }
         let has_repl = d.get("replicationRegions").is_some();
@@ -563,30 +773,78 @@ impl Rules<'_> {
             if s(d, "storageAccountType") == Some("Premium_LRS") {
                 premium.push(dp.key("storageAccountType"));
             }
-            for (i, r) in d.get("targetRegions").and_then(J::as_array).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
+            for (i, r) in d
+                .get("targetRegions")
+                .and_then(J::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .enumerate()
+            {
                 if s(r, "storageAccountType") == Some("Premium_LRS") {
                     premium.push(dp.key("targetRegions").index(i).key("storageAccountType"));
                 }
             }
             for pp in premium {
-                self.err("FeatureNotInApiVersion", &pp, format!("Premium_LRS needs API version 2022-07-01 or later; this template uses {}", self.api), "use Standard_LRS or Standard_ZRS, or set apiVersion to 2022-07-01 or later");
+                self.err(
+                    "FeatureNotInApiVersion",
+                    &pp,
+                    format!(
+                        "Premium_LRS needs API version 2022-07-01 or later; this template uses {}",
+                        self.api
+                    ),
+                    "use Standard_LRS or Standard_ZRS, or set apiVersion to 2022-07-01 or later",
+                );
             }
         }
-        for (i, r) in d.get("targetRegions").and_then(J::as_array).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
-            if r.get("replicaCount").and_then(J::as_i64).is_some_and(|c| c < 1) {
-                self.err("InvalidValue", &dp.key("targetRegions").index(i).key("replicaCount"), "replicaCount must be 1 or more".into(), "use 1 or more");
+        for (i, r) in d
+            .get("targetRegions")
+            .and_then(J::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+        {
+            if r.get("replicaCount")
+                .and_then(J::as_i64)
+                .is_some_and(|c| c < 1)
+            {
+                self.err(
+                    "InvalidValue",
+                    &dp.key("targetRegions").index(i).key("replicaCount"),
+                    "replicaCount must be 1 or more".into(),
+                    "use 1 or more",
+                );
             }
         }
-        if let Some(m) = d.get("versioning").and_then(|v| v.get("major")).and_then(J::as_i64) {
+        if let Some(m) = d
+            .get("versioning")
+            .and_then(|v| v.get("major"))
+            .and_then(J::as_i64)
+        {
             if m < -1 {
-                self.err("InvalidValue", &dp.key("versioning").key("major"), format!("versioning.major is {m}: it must be -1 (unset) or more"), "use -1 or a major version");
+                self.err(
+                    "InvalidValue",
+                    &dp.key("versioning").key("major"),
+                    format!("versioning.major is {m}: it must be -1 (unset) or more"),
+                    "use -1 or a major version",
+                );
             }
         }
     }
 
     fn vm_profile(&mut self, vm: &J, p: &JsonPath) {
-        if vm.get("osDiskSizeGB").and_then(J::as_i64).is_some_and(|s| s < 0) {
-            self.err("InvalidValue", &p.key("osDiskSizeGB"), "osDiskSizeGB must be 0 (the source's size) or more".into(), "use 0 or a size in GB");
+        if vm
+            .get("osDiskSizeGB")
+            .and_then(J::as_i64)
+            .is_some_and(|s| s < 0)
+        {
+            self.err(
+                "InvalidValue",
+                &p.key("osDiskSizeGB"),
+                "osDiskSizeGB must be 0 (the source's size) or more".into(),
+                "use 0 or a size in GB",
+            );
         }
         if let Some(ids) = vm.get("userAssignedIdentities").and_then(J::as_array) {
             for (i, id) in ids.iter().enumerate() {
@@ -609,7 +867,12 @@ impl Rules<'_> {
             }
             let has = |k: &str| s(vn, k).is_some_and(|v| !v.is_empty());
             if has("containerInstanceSubnetId") && !has("subnetId") {
-                self.err("InvalidValue", &vp.key("containerInstanceSubnetId"), "containerInstanceSubnetId is only valid together with subnetId".into(), "add the build VM's subnetId");
+                self.err(
+                    "InvalidValue",
+                    &vp.key("containerInstanceSubnetId"),
+                    "containerInstanceSubnetId is only valid together with subnetId".into(),
+                    "add the build VM's subnetId",
+                );
             }
             if has("containerInstanceSubnetId") && has("proxyVmSize") {
                 self.err("InvalidValue", &vp.key("proxyVmSize"), "proxyVmSize cannot be used with containerInstanceSubnetId (no proxy VM is created)".into(), "remove proxyVmSize");
@@ -634,16 +897,26 @@ mod tests {
 
     #[test]
     fn ids() {
-        assert!(is_managed_image_id("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images/i"));
-        assert!(is_managed_image_id("/subscriptions/s/resourcegroups/rg/providers/microsoft.compute/images/i"));
-        assert!(!is_managed_image_id("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images/"));
-        assert!(!is_managed_image_id("subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images/i"));
+        assert!(is_managed_image_id(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images/i"
+        ));
+        assert!(is_managed_image_id(
+            "/subscriptions/s/resourcegroups/rg/providers/microsoft.compute/images/i"
+        ));
+        assert!(!is_managed_image_id(
+            "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images/"
+        ));
+        assert!(!is_managed_image_id(
+            "subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/images/i"
+        ));
         assert!(is_gallery_image_version_id("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/d/versions/1.0.0"));
         assert!(!is_gallery_image_id("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/d/versions/1.0.0"));
         assert!(is_subnet_id("/subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/v/subnets/n"));
         assert!(is_identity_id("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x"));
         assert!(is_resource_group_id("/subscriptions/s/resourceGroups/rg"));
-        assert!(is_image_version("1.0.10") && !is_image_version("1.0") && !is_image_version("1.a.0"));
+        assert!(
+            is_image_version("1.0.10") && !is_image_version("1.0") && !is_image_version("1.a.0")
+        );
     }
 
     #[test]

@@ -94,16 +94,44 @@ pub struct Field {
 }
 
 const fn f(name: &'static str, ty: Ty) -> Field {
-    Field { name, ty, since: V2020_02_14, until: None, required: false, read_only: false }
+    Field {
+        name,
+        ty,
+        since: V2020_02_14,
+        until: None,
+        required: false,
+        read_only: false,
+    }
 }
 const fn req(name: &'static str, ty: Ty) -> Field {
-    Field { name, ty, since: V2020_02_14, until: None, required: true, read_only: false }
+    Field {
+        name,
+        ty,
+        since: V2020_02_14,
+        until: None,
+        required: true,
+        read_only: false,
+    }
 }
 const fn since(name: &'static str, ty: Ty, v: ApiVersion) -> Field {
-    Field { name, ty, since: v, until: None, required: false, read_only: false }
+    Field {
+        name,
+        ty,
+        since: v,
+        until: None,
+        required: false,
+        read_only: false,
+    }
 }
 const fn ro(name: &'static str) -> Field {
-    Field { name, ty: Ty::Obj(Obj::ReadOnly), since: V2020_02_14, until: None, required: false, read_only: true }
+    Field {
+        name,
+        ty: Ty::Obj(Obj::ReadOnly),
+        since: V2020_02_14,
+        until: None,
+        required: false,
+        read_only: true,
+    }
 }
 
 /// Enabled/Disabled states.
@@ -120,7 +148,13 @@ pub const REPLICATION_MODES: &[&str] = &["Full", "Shallow"];
 /// Source types.
 pub const SOURCE_TYPES: &[&str] = &["PlatformImage", "ManagedImage", "SharedImageVersion"];
 /// Customizer types.
-pub const CUSTOMIZER_TYPES: &[&str] = &["Shell", "PowerShell", "File", "WindowsRestart", "WindowsUpdate"];
+pub const CUSTOMIZER_TYPES: &[&str] = &[
+    "Shell",
+    "PowerShell",
+    "File",
+    "WindowsRestart",
+    "WindowsUpdate",
+];
 /// Validator types (File from 2022-07-01).
 pub const VALIDATOR_TYPES: &[&str] = &["Shell", "PowerShell", "File"];
 /// Distributor types.
@@ -144,9 +178,21 @@ pub fn discriminator(obj: Obj) -> Option<(&'static str, &'static [&'static str])
 /// `None` gives only the base properties).
 pub fn fields(obj: Obj, variant: Option<&str>) -> Vec<Field> {
     use Ty::{ArmOnly, Bool, Enum, IdentityMap, Int, IntList, List, Str, StrList, StrMap};
-    let script = [f("scriptUri", Str), f("sha256Checksum", Str), f("inline", StrList)];
-    let elevated = [f("runElevated", Bool), f("runAsSystem", Bool), f("validExitCodes", IntList)];
-    let file = [f("sourceUri", Str), f("sha256Checksum", Str), f("destination", Str)];
+    let script = [
+        f("scriptUri", Str),
+        f("sha256Checksum", Str),
+        f("inline", StrList),
+    ];
+    let elevated = [
+        f("runElevated", Bool),
+        f("runAsSystem", Bool),
+        f("validExitCodes", IntList),
+    ];
+    let file = [
+        f("sourceUri", Str),
+        f("sha256Checksum", Str),
+        f("destination", Str),
+    ];
     let mut v: Vec<Field> = match obj {
         Obj::Root => vec![
             f("type", Str),
@@ -164,7 +210,12 @@ pub fn fields(obj: Obj, variant: Option<&str>) -> Vec<Field> {
             f("metadata", ArmOnly),
             f("scope", ArmOnly),
         ],
-        Obj::Identity => vec![f("type", Enum(IDENTITY_TYPES)), f("userAssignedIdentities", IdentityMap), ro("principalId"), ro("tenantId")],
+        Obj::Identity => vec![
+            f("type", Enum(IDENTITY_TYPES)),
+            f("userAssignedIdentities", IdentityMap),
+            ro("principalId"),
+            ro("tenantId"),
+        ],
         Obj::Properties => vec![
             req("source", Ty::Obj(Obj::Source)),
             f("customize", List(Obj::Customizer)),
@@ -195,12 +246,18 @@ pub fn fields(obj: Obj, variant: Option<&str>) -> Vec<Field> {
                     ro("exactVersion"),
                 ]),
                 Some("ManagedImage") => b.push(req("imageId", Str)),
-                Some("SharedImageVersion") => b.extend([req("imageVersionId", Str), ro("exactVersion")]),
+                Some("SharedImageVersion") => {
+                    b.extend([req("imageVersionId", Str), ro("exactVersion")])
+                }
                 _ => {}
             }
             b
         }
-        Obj::PlanInfo => vec![req("planName", Str), req("planProduct", Str), req("planPublisher", Str)],
+        Obj::PlanInfo => vec![
+            req("planName", Str),
+            req("planProduct", Str),
+            req("planPublisher", Str),
+        ],
         Obj::Customizer => {
             let mut b = vec![f("type", Str), f("name", Str)];
             match variant {
@@ -210,10 +267,16 @@ pub fn fields(obj: Obj, variant: Option<&str>) -> Vec<Field> {
                     b.extend(elevated);
                 }
                 Some("File") => b.extend(file),
-                Some("WindowsRestart") => {
-                    b.extend([f("restartCommand", Str), f("restartCheckCommand", Str), f("restartTimeout", Str)])
-                }
-                Some("WindowsUpdate") => b.extend([f("searchCriteria", Str), f("filters", StrList), f("updateLimit", Int)]),
+                Some("WindowsRestart") => b.extend([
+                    f("restartCommand", Str),
+                    f("restartCheckCommand", Str),
+                    f("restartTimeout", Str),
+                ]),
+                Some("WindowsUpdate") => b.extend([
+                    f("searchCriteria", Str),
+                    f("filters", StrList),
+                    f("updateLimit", Int),
+                ]),
                 _ => {}
             }
             b
@@ -237,7 +300,11 @@ pub fn fields(obj: Obj, variant: Option<&str>) -> Vec<Field> {
             b
         }
         Obj::Distributor => {
-            let mut b = vec![f("type", Str), req("runOutputName", Str), f("artifactTags", StrMap)];
+            let mut b = vec![
+                f("type", Str),
+                req("runOutputName", Str),
+                f("artifactTags", StrMap),
+            ];
             match variant {
                 Some("ManagedImage") => b.extend([req("imageId", Str), req("location", Str)]),
                 Some("SharedImage") => b.extend([
@@ -254,7 +321,11 @@ pub fn fields(obj: Obj, variant: Option<&str>) -> Vec<Field> {
             }
             b
         }
-        Obj::TargetRegion => vec![req("name", Str), f("replicaCount", Int), f("storageAccountType", Enum(STORAGE_TYPES))],
+        Obj::TargetRegion => vec![
+            req("name", Str),
+            f("replicaCount", Int),
+            f("storageAccountType", Enum(STORAGE_TYPES)),
+        ],
         Obj::Versioning => {
             let mut b = vec![f("scheme", Str)];
             if variant == Some("Latest") {
@@ -273,10 +344,20 @@ pub fn fields(obj: Obj, variant: Option<&str>) -> Vec<Field> {
             since("proxyVmSize", Str, V2021_10_01),
             since("containerInstanceSubnetId", Str, V2024_02_01),
         ],
-        Obj::ErrorHandling => vec![f("onCustomizerError", Enum(ON_ERROR)), f("onValidationError", Enum(ON_ERROR))],
-        Obj::Optimize => vec![f("vmBoot", Ty::Obj(Obj::VmBoot)), since("workload", Ty::Obj(Obj::Workload), V2025_10_01)],
+        Obj::ErrorHandling => vec![
+            f("onCustomizerError", Enum(ON_ERROR)),
+            f("onValidationError", Enum(ON_ERROR)),
+        ],
+        Obj::Optimize => vec![
+            f("vmBoot", Ty::Obj(Obj::VmBoot)),
+            since("workload", Ty::Obj(Obj::Workload), V2025_10_01),
+        ],
         Obj::VmBoot => vec![f("state", Enum(STATES))],
-        Obj::Workload => vec![f("state", Enum(STATES)), f("scriptUri", Str), f("sha256Checksum", Str)],
+        Obj::Workload => vec![
+            f("state", Enum(STATES)),
+            f("scriptUri", Str),
+            f("sha256Checksum", Str),
+        ],
         Obj::DataDisk => vec![f("sizeGB", Int)],
         Obj::AutoRun => vec![f("state", Enum(STATES))],
         Obj::ReadOnly => vec![],

@@ -25,7 +25,11 @@ pub enum ApiVersion {
 
 /// Preview API versions that AIB still lists as deprecated-but-supported. kiln reports them and
 /// validates the template as the first GA version.
-pub const PREVIEW_VERSIONS: &[&str] = &["2018-02-01-preview", "2019-02-01-preview", "2019-05-01-preview"];
+pub const PREVIEW_VERSIONS: &[&str] = &[
+    "2018-02-01-preview",
+    "2019-02-01-preview",
+    "2019-05-01-preview",
+];
 
 impl ApiVersion {
     /// Every GA version, oldest first.
@@ -63,7 +67,10 @@ impl ApiVersion {
     /// The newest GA version not later than the date in `s` (for unknown versions), if any.
     pub fn at_or_before(s: &str) -> Option<ApiVersion> {
         let date = s.get(..10)?;
-        ApiVersion::ALL.into_iter().rev().find(|v| v.as_str() <= date)
+        ApiVersion::ALL
+            .into_iter()
+            .rev()
+            .find(|v| v.as_str() <= date)
     }
 
     /// From 2024-02-01 field names and enum values are case-sensitive and unknown fields are
@@ -90,7 +97,10 @@ mod tests {
         }
         assert!(ApiVersion::V2022_07_01 > ApiVersion::V2022_02_14);
         assert_eq!(ApiVersion::parse("2019-05-01-preview"), None);
-        assert_eq!(ApiVersion::at_or_before("2023-01-01"), Some(ApiVersion::V2022_07_01));
+        assert_eq!(
+            ApiVersion::at_or_before("2023-01-01"),
+            Some(ApiVersion::V2022_07_01)
+        );
         assert_eq!(ApiVersion::at_or_before("2019-01-01"), None);
         assert!(ApiVersion::V2024_02_01.strict() && !ApiVersion::V2023_07_01.strict());
     }

@@ -172,7 +172,13 @@ impl Recipe for Debian {
         }
         let v = self.0;
         if v.name != PLAIN.name {
-            input.extend_from_slice(format!("\0variant {} without {:?} with {:?} provisioning {:?}\0", v.name, v.without, v.with, v.provisioning).as_bytes());
+            input.extend_from_slice(
+                format!(
+                    "\0variant {} without {:?} with {:?} provisioning {:?}\0",
+                    v.name, v.without, v.with, v.provisioning
+                )
+                .as_bytes(),
+            );
             input.extend_from_slice(v.script.unwrap_or_default().as_bytes());
         }
         Ok(input)
@@ -204,7 +210,12 @@ impl Recipe for Debian {
             &mmdebstrap,
             &["--variant=minbase", "--mode=root", "--format=directory"],
         );
-        let include: Vec<&str> = INCLUDE.iter().copied().filter(|p| !self.0.without.contains(p)).chain(self.0.with.iter().copied()).collect();
+        let include: Vec<&str> = INCLUDE
+            .iter()
+            .copied()
+            .filter(|p| !self.0.without.contains(p))
+            .chain(self.0.with.iter().copied())
+            .collect();
         c.arg(format!("--include={}", include.join(",")));
         for opt in [
             "path-exclude=/usr/share/man/*",
@@ -237,8 +248,12 @@ impl Recipe for Debian {
         for s in SOURCES {
             c.arg(s);
         }
-        run_streamed(&mut c, &format!("[images] {}:   ", self.0.name), &work.join("mmdebstrap.log"))
-            .context("mmdebstrap (needs the Debian mirror; see the log)")?;
+        run_streamed(
+            &mut c,
+            &format!("[images] {}:   ", self.0.name),
+            &work.join("mmdebstrap.log"),
+        )
+        .context("mmdebstrap (needs the Debian mirror; see the log)")?;
         remove_partial_debs(&debs);
         p.done("mmdebstrap + customize");
 
