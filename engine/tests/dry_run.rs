@@ -154,7 +154,7 @@ fn windows_plan_of_the_2025_rest_example() {
             "Resolve source",
             "Prepare disk",
             "Fetch artifacts",
-            "Provisioning media (unattend)",
+            "Provisioning media (answer file)",
             "Start VM",
             "Connect (WinRM)",
             "Customize: PowerShell \"PowerShell (inline) Customizer Example\"",
@@ -272,8 +272,46 @@ fn windows_plan_of_the_2025_rest_example() {
         .as_str()
         .unwrap()
         .contains("Sysprep.exe /oobe /generalize /quiet /quit"));
-    let media = step(&p, "Provisioning media (unattend)");
+    let media = step(&p, "Provisioning media (answer file)");
     assert!(media["password"].as_str().unwrap().contains("never logged"));
+    assert_eq!(media["provisioning"], "unattend (the default for Windows)");
+    assert!(media["media"].as_str().unwrap().contains("USB stick"));
+    // --provisioning azure: Azure's DVD and the fabric; nocloud cannot carry the password.
+    let azure = plans_with(
+        file,
+        BuildOptions {
+            provisioning: Some(kiln_engine::build::context::Provisioning::Azure),
+            ..options(&home)
+        },
+    )
+    .expect("valid")
+    .remove(0);
+    let media = step(&azure, "Provisioning media (answer file)");
+    assert_eq!(media["provisioning"], "azure (--provisioning)");
+    let m = media["media"].as_str().unwrap();
+    assert!(
+        m.contains("ovf-env.xml")
+            && m.contains("WindowsProvisioningConfigurationSet")
+            && m.contains("ATAPI DVD"),
+        "{m}"
+    );
+    let nocloud = plans_with(
+        file,
+        BuildOptions {
+            provisioning: Some(kiln_engine::build::context::Provisioning::NoCloud),
+            ..options(&home)
+        },
+    )
+    .expect("valid")
+    .remove(0);
+    let media = step(&nocloud, "Provisioning media (answer file)");
+    assert!(
+        media["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot provision a Windows build"),
+        "{media}"
+    );
     std::fs::remove_dir_all(&home).unwrap();
 }
 

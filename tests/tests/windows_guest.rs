@@ -6,7 +6,8 @@
 //! new boot id, WinRM reconnected, the restart check), WindowsUpdate rounds (against the guest's
 //! Windows Update Agent emulation, tests/winrs_wu.rs), Sysprep's control flow (also with a
 //! `c:\DeprovisioningScript.ps1` override) and the shutdown run through kiln, then the disk is
-//! exported to a fixed VHD and inspected. The "PowerShell"
+//! exported to a fixed VHD and inspected; with `--provisioning azure` the guest reads Azure's
+//! DVD (ovf-env.xml + Unattend.xml) and reports Ready to kiln's emulated fabric. The "PowerShell"
 //! payloads are POSIX sh, as the shim documents (tests/winrs_server.rs); `C:\` is
 //! /var/lib/kiln-winrs/c in the guest.
 
@@ -150,10 +151,15 @@ impl Case {
     }
 
     fn build(&self, template: &Path) -> Output {
+        self.build_with(template, &[])
+    }
+
+    fn build_with(&self, template: &Path, flags: &[&str]) -> Output {
         Command::new(kiln_bin())
             .env("KILN_HOME", home())
             .env("NO_COLOR", "1")
             .args(["build", "--output", "json", "--accel", "tcg"])
+            .args(flags)
             .arg(template)
             .stdin(Stdio::null())
             .output()
@@ -804,5 +810,127 @@ fn a_deprovisioning_script_override_runs_instead_of_the_default_sysprep() {
         "no answer file (password) left in the image: {o:?} {e:?}"
     );
     let _ = std::fs::remove_file(&part);
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// `--provisioning azure` on Gen2 (q35): Azure's DVD (ovf-env.xml's
+/// WindowsProvisioningConfigurationSet beside Unattend.xml) on an ATAPI drive, this build's
+/// fabric: the guest (playing Windows Setup and the guest agent) takes the account from the
+/// DVD, reaches IMDS (osType Windows) and reports Ready to the wireserver, which kiln records;
+/// File goes through the file endpoint on the Azure network. NoCloud is refused for Windows
+/// before anything boots.
+#[test]
+fn azure_provisioning_of_a_windows_build_goes_through_the_dvd_and_the_fabric() {
+    let c = Case::new("azure");
+    let pf = c.dir.join("files").join("p.txt");
+    std::fs::write(&pf, "over the Azure network\n").expect("payload");
+    let port = serve(c.dir.join("files"));
+    let t = c.template(
+        "winrs-azure",
+        "gen2",
+        serde_json::json!([
+            {"type": "PowerShell", "name": "imds", "inline": [
+                "echo host=$(hostname)",
+                "echo os=$(wget -q -O - --header 'Metadata: true' 'http://169.254.169.254/metadata/instance/compute/osType?api-version=2021-02-01&format=text')",
+                "echo keys=$(wget -q -O - --header 'Metadata: true' 'http://169.254.169.254/metadata/instance/compute/publicKeys?api-version=2021-02-01')",
+                "echo usb=$(ls /sys/bus/usb/devices 2>/dev/null | wc -l)",
+                format!("mkdir -p {C}/kiln")
+            ]},
+            {"type": "File", "name": "payload", "sourceUri": format!("http://127.0.0.1:{port}/p.txt"),
+             "sha256Checksum": sha256(&pf), "destination": r"C:\kiln\p.txt"},
+            {"type": "PowerShell", "name": "check", "inline": [format!("cat {C}/kiln/p.txt")]}
+        ]),
+    );
+
+    // NoCloud cannot carry a Windows password: refused before the VM starts.
+    let out = c.build_with(&t, &["--provisioning", "nocloud"]);
+    let r = result(&out);
+    assert_eq!(
+        r["runState"],
+        "Failed",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = r["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("cannot provision a Windows build") && err.contains("azure"),
+        "{err}"
+    );
+    assert!(
+        !events(&out)
+            .iter()
+            .any(|e| e["event"] == "stepStarted" && e["step"] == "Start VM"),
+        "nothing booted"
+    );
+
+    let t0 = Instant::now();
+    let out = c.build_with(&t, &["--provisioning", "azure"]);
+    let r = result(&out);
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(r["runState"], "Succeeded", "{all}");
+    eprintln!(
+        "winrs guest Azure-provisioned build took {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let ev = events(&out);
+    let info = infos(&ev);
+    assert!(
+        info.iter()
+            .any(|m| m == "provisioning: azure (--provisioning)"),
+        "{info:?}"
+    );
+    let p = ev
+        .iter()
+        .find(|e| e["event"] == "provisioned")
+        .expect("provisioned event");
+    assert_eq!(p["method"], "azure", "{p}");
+    assert_eq!(p["health"], "Ready", "{p}");
+    assert!(
+        p["agent"].as_str().unwrap_or("").contains("kiln-winrs"),
+        "{p}"
+    );
+    assert!(
+        ev.iter().any(|e| e["event"] == "fabric"
+            && e["target"]
+                .as_str()
+                .unwrap_or("")
+                .contains("comp=goalstate")),
+        "the guest fetched the goal state"
+    );
+    let imds = output_of(&ev, "Customize: PowerShell \"imds\"");
+    assert!(value_after(&imds, "host=").starts_with("kiln-"), "{imds:?}");
+    assert_eq!(value_after(&imds, "os="), "Windows", "{imds:?}");
+    assert_eq!(value_after(&imds, "keys="), "[]", "{imds:?}");
+    assert_eq!(
+        value_after(&imds, "usb="),
+        "0",
+        "no USB stick: the DVD carried the answer file {imds:?}"
+    );
+    assert_eq!(
+        output_of(&ev, "Customize: PowerShell \"check\""),
+        ["over the Azure network"]
+    );
+    assert!(
+        info.iter()
+            .any(|m| m.contains("file endpoint: GET /f/") && m.contains("-> 200")),
+        "File went through the file endpoint: {info:?}"
+    );
+    let run_dir = PathBuf::from(r["runDir"].as_str().unwrap_or(""));
+    let console = std::fs::read_to_string(run_dir.join("console.log")).expect("console.log");
+    assert!(
+        console.contains("Azure provisioning document /run/dvd/ovf-env.xml on /dev/sr0")
+            && console.contains("answer file /run/dvd/Unattend.xml on /dev/sr0 (DVD)")
+            && console.contains("health report sent: Ready"),
+        "{console}"
+    );
+    assert!(
+        !run_dir.join("ovf-env.iso").exists(),
+        "the DVD (it holds the password) is deleted"
+    );
+    assert_no_qemu(r["runDir"].as_str().unwrap_or(""));
     let _ = std::fs::remove_dir_all(&c.dir);
 }

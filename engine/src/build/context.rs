@@ -28,24 +28,28 @@ pub enum Provisioning {
     /// As on Azure: `ovf-env.xml` on a CD-ROM plus the emulated fabric (wireserver, IMDS),
     /// SMBIOS asset tag and system UUID.
     Azure,
+    /// Windows: `Unattend.xml` on a removable USB stick, read by Windows Setup.
+    Unattend,
     /// Nothing: the image must accept the build's key by itself.
     None,
 }
 
 impl Provisioning {
-    /// `nocloud`, `azure`, `none`.
+    /// `nocloud`, `azure`, `unattend`, `none`.
     pub fn as_str(self) -> &'static str {
         match self {
             Provisioning::NoCloud => "nocloud",
             Provisioning::Azure => "azure",
+            Provisioning::Unattend => "unattend",
             Provisioning::None => "none",
         }
     }
-    /// Parses `nocloud`, `azure`, `none`.
+    /// Parses `nocloud`, `azure`, `unattend`, `none`.
     pub fn parse(s: &str) -> Option<Provisioning> {
         match s {
             "nocloud" => Some(Provisioning::NoCloud),
             "azure" => Some(Provisioning::Azure),
+            "unattend" => Some(Provisioning::Unattend),
             "none" => Some(Provisioning::None),
             _ => None,
         }

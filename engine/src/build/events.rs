@@ -133,7 +133,7 @@ pub enum Event {
     /// The build VM is provisioned and connected.
     #[serde(rename_all = "camelCase")]
     Provisioned {
-        /// `azure`, `nocloud`, `none`.
+        /// `azure`, `nocloud`, `unattend`, `none`.
         method: String,
         /// The agent whose health report said Ready (Azure), if one did.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -141,7 +141,7 @@ pub enum Event {
         /// Seconds from QEMU's start to the Ready health report (Azure), if one came.
         #[serde(skip_serializing_if = "Option::is_none")]
         ready_seconds: Option<f64>,
-        /// Seconds from QEMU's start to an authenticated SSH session.
+        /// Seconds from QEMU's start to an authenticated SSH session (Windows: WinRM).
         connected_seconds: f64,
         /// The last health report (Azure), if any.
         #[serde(skip_serializing_if = "Option::is_none")]

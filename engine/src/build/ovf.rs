@@ -1,5 +1,7 @@
-//! `ovf-env.xml`, Azure's provisioning document (LinuxProvisioningConfigurationSet), as the
-//! Azure Linux agent and cloud-init's Azure datasource read it from the provisioning CD.
+//! `ovf-env.xml`, Azure's provisioning document, on the provisioning CD: the
+//! `LinuxProvisioningConfigurationSet` the Azure Linux agent and cloud-init's Azure datasource
+//! read, and the `WindowsProvisioningConfigurationSet` Azure's Windows provisioning reads
+//! (with an `Unattend.xml` beside it for Windows Setup; docs/windows.md).
 
 use crate::fabric::xml_escape;
 
@@ -73,6 +75,92 @@ pub fn render(o: &OvfEnv) -> String {
     )
 }
 
+/// What a Windows document says (Azure's `WindowsProvisioningConfigurationSet`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct WindowsOvfEnv {
+    /// `ComputerName`.
+    pub computer_name: String,
+    /// `AdminUsername`.
+    pub admin_user: String,
+    /// `AdminPassword` (as on Azure, in clear on the media: the media never outlive the build).
+    pub admin_password: String,
+}
+
+impl std::fmt::Debug for WindowsOvfEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowsOvfEnv")
+            .field("computer_name", &self.computer_name)
+            .field("admin_user", &self.admin_user)
+            .field("admin_password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Renders the Windows document: the computer name, the administrator account, automatic
+/// updates off (a build controls its own updates), UTC, and an HTTP WinRM listener (kiln
+/// speaks NTLM with sealing over it).
+pub fn render_windows(o: &WindowsOvfEnv) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?>
+<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1" xmlns:oe="http://schemas.dmtf.org/ovf/environment/1" xmlns:wa="http://schemas.microsoft.com/windowsazure" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <wa:ProvisioningSection>
+    <wa:Version>1.0</wa:Version>
+    <WindowsProvisioningConfigurationSet xmlns="http://schemas.microsoft.com/windowsazure" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
+      <ConfigurationSetType>WindowsProvisioningConfiguration</ConfigurationSetType>
+      <ComputerName>{name}</ComputerName>
+      <AdminPassword>{password}</AdminPassword>
+      <EnableAutomaticUpdates>false</EnableAutomaticUpdates>
+      <TimeZone>UTC</TimeZone>
+      <WinRM>
+        <Listeners>
+          <Listener>
+            <Protocol>Http</Protocol>
+          </Listener>
+        </Listeners>
+      </WinRM>
+      <AdminUsername>{user}</AdminUsername>
+    </WindowsProvisioningConfigurationSet>
+  </wa:ProvisioningSection>
+  <wa:PlatformSettingsSection>
+    <wa:Version>1.0</wa:Version>
+    <wa:PlatformSettings>
+      <wa:KmsServerHostname>kms.core.windows.net</wa:KmsServerHostname>
+      <wa:ProvisionGuestAgent>true</wa:ProvisionGuestAgent>
+      <wa:GuestAgentPackageName xsi:nil="true" />
+      <wa:PreprovisionedVm>false</wa:PreprovisionedVm>
+    </wa:PlatformSettings>
+  </wa:PlatformSettingsSection>
+</Environment>
+"#,
+        name = xml_escape(&o.computer_name),
+        password = xml_escape(&o.admin_password),
+        user = xml_escape(&o.admin_user),
+    )
+}
+
+/// Writes a Windows build's Azure provisioning CD at `path`: `ovf-env.xml` and, for Windows
+/// Setup (which searches the root of read-only removable media), `Unattend.xml`.
+pub fn write_windows_media(
+    path: &std::path::Path,
+    o: &WindowsOvfEnv,
+    unattend: &str,
+) -> Result<(), super::iso::IsoError> {
+    super::iso::write(
+        path,
+        "KILN_OVF",
+        &[
+            super::iso::IsoFile {
+                name: "ovf-env.xml".into(),
+                data: render_windows(o).into_bytes(),
+            },
+            super::iso::IsoFile {
+                name: "Unattend.xml".into(),
+                data: unattend.as_bytes().to_vec(),
+            },
+        ],
+    )
+}
+
 /// Writes `ovf-env.xml` on an ISO 9660 (Joliet) image at `path`.
 pub fn write_media(path: &std::path::Path, o: &OvfEnv) -> Result<(), super::iso::IsoError> {
     super::iso::write(
@@ -120,6 +208,50 @@ mod tests {
             ..o
         });
         assert!(x.contains("<CustomData>I2Nsb3VkLWNvbmZpZw==</CustomData>"));
+    }
+
+    #[test]
+    fn windows_document_carries_the_account_escaped() {
+        let o = WindowsOvfEnv {
+            computer_name: "kiln-abc".into(),
+            admin_user: "packer".into(),
+            admin_password: "p<&>'\"w".into(),
+        };
+        let x = render_windows(&o);
+        assert!(x.contains("<ConfigurationSetType>WindowsProvisioningConfiguration</ConfigurationSetType>\n      <ComputerName>kiln-abc</ComputerName>\n      <AdminPassword>p&lt;&amp;&gt;&apos;&quot;w</AdminPassword>"), "{x}");
+        assert!(x.contains("<AdminUsername>packer</AdminUsername>"));
+        assert!(x.contains("<Protocol>Http</Protocol>"));
+        assert!(!x.contains("LinuxProvisioningConfigurationSet"));
+        assert!(
+            !format!("{o:?}").contains("p<&>"),
+            "the password never prints"
+        );
+        // well formed: every element closes in order
+        let mut stack: Vec<String> = Vec::new();
+        for tag in x.split('<').skip(2).map(|t| t.split('>').next().unwrap()) {
+            if let Some(end) = tag.strip_prefix('/') {
+                assert_eq!(stack.pop().as_deref(), Some(end), "{x}");
+            } else if !tag.ends_with('/') {
+                stack.push(tag.split_whitespace().next().unwrap().to_string());
+            }
+        }
+        assert!(stack.is_empty(), "{stack:?}");
+    }
+
+    #[test]
+    fn windows_media_hold_both_documents() {
+        let p = std::env::temp_dir().join(format!("kiln-ovf-win-{}.iso", std::process::id()));
+        let o = WindowsOvfEnv {
+            computer_name: "c".into(),
+            admin_user: "u".into(),
+            admin_password: "pw".into(),
+        };
+        write_windows_media(&p, &o, "<unattend/>").unwrap();
+        let img = std::fs::read(&p).unwrap();
+        let doc = render_windows(&o);
+        assert!(img.windows(doc.len()).any(|w| w == doc.as_bytes()));
+        assert!(img.windows(11).any(|w| w == b"<unattend/>"));
+        let _ = std::fs::remove_file(p);
     }
 
     #[test]

@@ -452,6 +452,11 @@ pub const AZURE_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 pub fn choose_provisioning(cx: &BuildCx) -> Result<(Provisioning, String), BuildError> {
     use kiln_images::catalog::ProvisioningMethod as M;
     if let Some(p) = cx.options.provisioning {
+        if p == Provisioning::Unattend {
+            return Err(BuildError::Template(
+                "--provisioning unattend is for Windows builds (Unattend.xml for Windows Setup); this build's source is Linux: use azure, nocloud or none".into(),
+            ));
+        }
         return Ok((p, "--provisioning".into()));
     }
     let supported = cx
@@ -553,47 +558,12 @@ impl Step for ProvisioningMedia {
                     BuildError::Vm(format!("writing the Azure provisioning media: {e}"))
                 })?;
                 cx.cdrom = Some(iso);
-                let vm_id =
-                    fabric::uuid_from(&format!("kiln-vm/{}/{}", cx.template_name, cx.run_id));
-                let mut cfg = FabricConfig::new(
-                    vm_id,
-                    BUILD_HOSTNAME,
-                    BUILD_USER,
-                    &keys.public_line,
-                    AZURE_MAC,
-                );
-                if !cx.template.location.is_empty() {
-                    cfg.location = cx.template.location.clone();
-                }
-                cfg.vm_size = vm_size_name(cx);
-                cfg.resource_group = cx
-                    .run_dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| cx.options.resource_group.clone());
-                cfg.subscription_id = cx.options.subscription_id.clone();
-                cfg.token_command = cx.options.identity_token_command.clone();
-                let (socket, own_dir) = fabric::socket_path_for(&cx.run_dir, &cx.run_id);
-                let events = cx.events.clone();
-                let sink: fabric::EventSink = std::sync::Arc::new(move |e: fabric::FabricEvent| {
-                    events.emit(Event::Fabric {
-                        endpoint: e.endpoint.as_str().into(),
-                        method: e.method,
-                        target: e.target,
-                        status: e.status,
-                        agent: e.agent,
-                        health: e.health.map(|h| h.to_string()),
-                        error: e.error,
-                    })
-                });
-                let f = Fabric::start(&socket, own_dir.as_deref(), cfg, sink)
-                    .map_err(|e| BuildError::Vm(e.to_string()))?;
-                cx.events.info(format!(
-                    "Azure fabric for this build on {} (wireserver 168.63.129.16, IMDS 169.254.169.254; vmId {})",
-                    f.socket_path().display(),
-                    f.config().vm_id
-                ));
-                cx.fabric = Some(f);
+                start_fabric(cx, BUILD_HOSTNAME, &keys.public_line, "Linux")?;
+            }
+            Provisioning::Unattend => {
+                return Err(BuildError::Template(
+                    "unattend provisioning needs a Windows build".into(),
+                ))
             }
             Provisioning::None => {
                 cx.events.warn("--provisioning none: no provisioning media; the image must accept the build user's key by itself");
@@ -614,6 +584,53 @@ impl Step for ProvisioningMedia {
         }
         cx.fabric = None;
     }
+}
+
+/// Starts this build's emulated Azure fabric (wireserver, IMDS, DHCP; docs/provisioning.md) for
+/// a VM named `hostname` of `os_type` (`Linux`: `public_key` is the build user's key;
+/// `Windows`: none, the password is only on the provisioning media).
+pub(crate) fn start_fabric(
+    cx: &mut BuildCx,
+    hostname: &str,
+    public_key: &str,
+    os_type: &str,
+) -> Result<(), BuildError> {
+    let vm_id = fabric::uuid_from(&format!("kiln-vm/{}/{}", cx.template_name, cx.run_id));
+    let mut cfg = FabricConfig::new(vm_id, hostname, BUILD_USER, public_key, AZURE_MAC);
+    cfg.os_type = os_type.into();
+    if !cx.template.location.is_empty() {
+        cfg.location = cx.template.location.clone();
+    }
+    cfg.vm_size = vm_size_name(cx);
+    cfg.resource_group = cx
+        .run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| cx.options.resource_group.clone());
+    cfg.subscription_id = cx.options.subscription_id.clone();
+    cfg.token_command = cx.options.identity_token_command.clone();
+    let (socket, own_dir) = fabric::socket_path_for(&cx.run_dir, &cx.run_id);
+    let events = cx.events.clone();
+    let sink: fabric::EventSink = std::sync::Arc::new(move |e: fabric::FabricEvent| {
+        events.emit(Event::Fabric {
+            endpoint: e.endpoint.as_str().into(),
+            method: e.method,
+            target: e.target,
+            status: e.status,
+            agent: e.agent,
+            health: e.health.map(|h| h.to_string()),
+            error: e.error,
+        })
+    });
+    let f = Fabric::start(&socket, own_dir.as_deref(), cfg, sink)
+        .map_err(|e| BuildError::Vm(e.to_string()))?;
+    cx.events.info(format!(
+        "Azure fabric for this build on {} (wireserver 168.63.129.16, IMDS 169.254.169.254; vmId {})",
+        f.socket_path().display(),
+        f.config().vm_id
+    ));
+    cx.fabric = Some(f);
+    Ok(())
 }
 
 /// Where a VHD distributor writes: its `uri` (a local path or file:// URI, 2022-07-01+), else the

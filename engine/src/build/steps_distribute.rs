@@ -244,13 +244,13 @@ pub fn source_version(source: &Source, exact: Option<&str>) -> Result<(i64, i64,
 pub fn stored_provisioning(cx: &BuildCx) -> Vec<String> {
     use kiln_images::catalog::ProvisioningMethod as M;
     let mut out: Vec<M> = Vec::new();
-    if cx.windows.is_some() {
-        out.push(M::Unattend);
-    }
     match cx.provisioning {
         Some(crate::build::context::Provisioning::NoCloud) => out.push(M::NoCloud),
         Some(crate::build::context::Provisioning::Azure) => out.push(M::Azure),
         _ => {}
+    }
+    if cx.windows.is_some() && !out.contains(&M::Unattend) {
+        out.push(M::Unattend);
     }
     for m in cx.source.iter().flat_map(|s| s.provisioning.iter()) {
         if !out.contains(m) {

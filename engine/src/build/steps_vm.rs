@@ -180,6 +180,8 @@ pub struct Devices {
     pub nic_model: vm::NicModel,
     /// how the provisioning media (seed) is attached
     pub seed_attach: vm::SeedAttach,
+    /// how the provisioning CD (Azure's ovf-env.xml) is attached
+    pub cdrom_attach: vm::CdromAttach,
 }
 
 impl Devices {
@@ -189,17 +191,19 @@ impl Devices {
             disk_bus: cx.options.disk_bus.unwrap_or_default(),
             nic_model: cx.options.nic_model.unwrap_or_default(),
             seed_attach: vm::SeedAttach::VirtioDisk,
+            cdrom_attach: vm::CdromAttach::LinuxCloud,
         }
     }
     /// Windows: an AHCI disk and an e1000 NIC unless overridden (Azure's Windows images carry
     /// Hyper-V drivers, not virtio ones; AHCI and Intel e1000 drivers are inbox), and the
     /// unattend media as a removable USB stick (Windows Setup searches removable media for
-    /// `Unattend.xml`).
+    /// `Unattend.xml`), Azure's provisioning CD as an ATAPI DVD drive.
     pub fn windows(cx: &BuildCx) -> Devices {
         Devices {
             disk_bus: cx.options.disk_bus.unwrap_or(vm::DiskBus::Ahci),
             nic_model: cx.options.nic_model.unwrap_or(vm::NicModel::E1000),
             seed_attach: vm::SeedAttach::UsbRemovable,
+            cdrom_attach: vm::CdromAttach::Atapi,
         }
     }
     /// For `--dry-run`.
@@ -210,6 +214,10 @@ impl Devices {
             "provisioningMedia": match self.seed_attach {
                 vm::SeedAttach::VirtioDisk => "read-only virtio disk",
                 vm::SeedAttach::UsbRemovable => "read-only removable USB stick (usb-storage,removable=on on qemu-xhci)",
+            },
+            "azureProvisioningCd": match self.cdrom_attach {
+                vm::CdromAttach::LinuxCloud => "IDE CD-ROM on Gen1, read-only virtio disk on Gen2",
+                vm::CdromAttach::Atapi => "ATAPI DVD drive (ide-cd) on both generations",
             },
         })
     }
@@ -289,6 +297,7 @@ pub(crate) async fn start_vm(
             seed_disk: cx.seed.clone(),
             seed_attach: devices.seed_attach,
             cdrom: cx.cdrom.clone(),
+            cdrom_attach: devices.cdrom_attach,
             mac,
             extra_netdev_options,
             net_tap,
@@ -422,7 +431,7 @@ impl Step for Connect {
         let base = interrupt_for(cx);
         let interrupt: InterruptFuture<'static> = match health.clone() {
             None => base,
-            Some(mut rx) => {
+            Some(rx) => {
                 // Azure agents install the key late (waagent only after it has talked to the
                 // fabric): keep retrying a rejected key for longer; a ProvisioningFailed health
                 // report ends the wait at once instead.
@@ -447,18 +456,7 @@ impl Step for Connect {
                             }
                         }
                     };
-                    let failed = async {
-                        loop {
-                            if let Some(h) = rx.borrow_and_update().clone() {
-                                if h.health.is_failure() {
-                                    return format!("{} reported {}", h.agent, h.health);
-                                }
-                            }
-                            if rx.changed().await.is_err() {
-                                std::future::pending::<()>().await;
-                            }
-                        }
-                    };
+                    let failed = provisioning_failure(rx);
                     tokio::select! {
                         i = base => i,
                         why = failed => Interrupt::Aborted(format!("Azure provisioning failed: {why}")),
@@ -514,71 +512,101 @@ impl Step for Connect {
             rep.host_key.as_ref().map(|h| h.0.clone()).unwrap_or_default()
         ));
         cx.guest = Some(Box::new(guest));
-        let method = cx
-            .provisioning
-            .map(|p| p.as_str())
-            .unwrap_or("none")
-            .to_string();
-        let Some(mut rx) = health else {
-            cx.events.emit(Event::Provisioned {
-                method,
-                agent: None,
-                ready_seconds: None,
-                connected_seconds: connected_s,
-                health: None,
-            });
-            return Ok(());
-        };
-        // The Ready health report is the agent's own "provisioning finished". cloud-init sends
-        // it before SSH works; waagent after creating the user, possibly just after SSH works.
-        let ready = tokio::time::timeout(
-            AZURE_READY_WAIT,
-            rx.wait_for(|h| {
-                h.as_ref()
-                    .is_some_and(|h| h.health.is_ready() || h.health.is_failure())
-            }),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        let last = rx.borrow().clone();
-        match (ready, &last) {
-            (_, Some(h)) if h.health.is_failure() => {
-                return Err(BuildError::Connect(format!(
-                    "build VM {vm_name}: Azure provisioning failed: {} reported {}",
-                    h.agent, h.health
-                )));
-            }
-            (true, Some(h)) => {
-                cx.events.emit(Event::Provisioned {
-                    method,
-                    agent: Some(h.agent.clone()),
-                    ready_seconds: Some(h.at.saturating_duration_since(started).as_secs_f64()),
-                    connected_seconds: connected_s,
-                    health: Some(h.health.to_string()),
-                });
-            }
-            _ => {
-                cx.events.warn(format!(
-                    "build VM {vm_name}: SSH works but no agent reported Ready to the fabric within {}s of connecting{}; continuing",
-                    AZURE_READY_WAIT.as_secs(),
-                    last.as_ref().map(|h| format!(" (last health report: {} from {})", h.health, h.agent)).unwrap_or_else(|| " (no health report at all)".into())
-                ));
-                cx.events.emit(Event::Provisioned {
-                    method,
-                    agent: None,
-                    ready_seconds: None,
-                    connected_seconds: connected_s,
-                    health: last.map(|h| h.health.to_string()),
-                });
-            }
-        }
-        Ok(())
+        await_provisioned(cx, started, connected_s, &vm_name).await
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, _outcome: Outcome) {
         if let Some(g) = cx.guest.take() {
             let _ = g.close().await;
         }
     }
+}
+
+/// Resolves when the fabric receives a ProvisioningFailed (NotReady) health report, with
+/// "<agent> reported <health>"; never otherwise.
+pub(crate) async fn provisioning_failure(
+    mut rx: tokio::sync::watch::Receiver<Option<crate::fabric::HealthReport>>,
+) -> String {
+    loop {
+        if let Some(h) = rx.borrow_and_update().clone() {
+            if h.health.is_failure() {
+                return format!("{} reported {}", h.agent, h.health);
+            }
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Records how the build VM was provisioned (the `provisioned` event); with Azure provisioning,
+/// once the communicator is connected, waits up to [`AZURE_READY_WAIT`] for the agent's Ready
+/// health report (a ProvisioningFailed one fails the build). `connected_s`: seconds from QEMU's
+/// start to the connection.
+pub(crate) async fn await_provisioned(
+    cx: &mut BuildCx,
+    started: std::time::Instant,
+    connected_s: f64,
+    vm_name: &str,
+) -> Result<(), BuildError> {
+    let method = cx
+        .provisioning
+        .map(|p| p.as_str())
+        .unwrap_or("none")
+        .to_string();
+    let Some(mut rx) = cx.fabric.as_ref().map(|f| f.health()) else {
+        cx.events.emit(Event::Provisioned {
+            method,
+            agent: None,
+            ready_seconds: None,
+            connected_seconds: connected_s,
+            health: None,
+        });
+        return Ok(());
+    };
+    // The Ready health report is the agent's own "provisioning finished". cloud-init sends
+    // it before SSH works; waagent after creating the user, possibly just after SSH works.
+    let ready = tokio::time::timeout(
+        AZURE_READY_WAIT,
+        rx.wait_for(|h| {
+            h.as_ref()
+                .is_some_and(|h| h.health.is_ready() || h.health.is_failure())
+        }),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let last = rx.borrow().clone();
+    match (ready, &last) {
+        (_, Some(h)) if h.health.is_failure() => {
+            return Err(BuildError::Connect(format!(
+                "build VM {vm_name}: Azure provisioning failed: {} reported {}",
+                h.agent, h.health
+            )));
+        }
+        (true, Some(h)) => {
+            cx.events.emit(Event::Provisioned {
+                method,
+                agent: Some(h.agent.clone()),
+                ready_seconds: Some(h.at.saturating_duration_since(started).as_secs_f64()),
+                connected_seconds: connected_s,
+                health: Some(h.health.to_string()),
+            });
+        }
+        _ => {
+            cx.events.warn(format!(
+                "build VM {vm_name}: connected, but no agent reported Ready to the fabric within {}s of connecting{}; continuing",
+                AZURE_READY_WAIT.as_secs(),
+                last.as_ref().map(|h| format!(" (last health report: {} from {})", h.health, h.agent)).unwrap_or_else(|| " (no health report at all)".into())
+            ));
+            cx.events.emit(Event::Provisioned {
+                method,
+                agent: None,
+                ready_seconds: None,
+                connected_seconds: connected_s,
+                health: last.map(|h| h.health.to_string()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// After a guest reboot (a RESET since the last one handled), waits for the guest and

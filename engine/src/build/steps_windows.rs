@@ -7,7 +7,7 @@
 //! template, the elevated runner, the Windows Update round and the sysprep wrapper. They cannot
 //! run on this host (no Windows image); docs/windows.md says what is verified where.
 
-use super::context::BuildCx;
+use super::context::{BuildCx, Provisioning};
 use super::events::{OutStream, SubState};
 use super::runner::{FailurePolicy, Outcome, Step};
 use super::steps::{LineSplitter, BUILD_USER};
@@ -197,21 +197,8 @@ pub fn random_password() -> Result<Secret, std::io::Error> {
     Ok(Secret(String::from_utf8_lossy(&pw).into_owned()))
 }
 
-/// Escapes text for an XML element or attribute.
-pub fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+/// Escapes text for an XML element or attribute (the fabric's documents use the same).
+pub use crate::fabric::xml_escape;
 
 /// unattend's `PlainText=false` form: base64 of the UTF-16LE of the password followed by the
 /// element name (`AdministratorPassword` or `Password`).
@@ -566,16 +553,52 @@ pub fn plan(cx: &BuildCx) -> Result<Vec<Box<dyn Step>>, BuildError> {
     Ok(steps)
 }
 
-/// The per-build password, the computer name and a FAT disk holding `Unattend.xml`.
+/// The provisioning method of a Windows build: `--provisioning unattend|azure`, else the
+/// catalog entry's first Windows method, else `unattend`. NoCloud and none are Linux methods:
+/// the build password reaches Windows Setup only through an answer file.
+pub fn choose_provisioning(cx: &BuildCx) -> Result<(Provisioning, String), BuildError> {
+    use kiln_images::catalog::ProvisioningMethod as M;
+    match cx.options.provisioning {
+        Some(p @ (Provisioning::Unattend | Provisioning::Azure)) => {
+            return Ok((p, "--provisioning".into()))
+        }
+        Some(p) => {
+            return Err(BuildError::Template(format!(
+                "--provisioning {} cannot provision a Windows build: Windows Setup takes the build account and its password only from an answer file; use unattend (Unattend.xml on a USB stick) or azure (ovf-env.xml and Unattend.xml on a DVD, with the emulated fabric)",
+                p.as_str()
+            )))
+        }
+        None => {}
+    }
+    let preferred = cx
+        .source
+        .iter()
+        .flat_map(|s| s.provisioning.iter())
+        .find_map(|m| match m {
+            M::Unattend => Some(Provisioning::Unattend),
+            M::Azure => Some(Provisioning::Azure),
+            M::NoCloud => None,
+        });
+    Ok(match preferred {
+        Some(p) => (p, "the catalog image's preferred method".into()),
+        None => (Provisioning::Unattend, "the default for Windows".into()),
+    })
+}
+
+/// The per-build password, the computer name and the media holding `Unattend.xml`: a FAT disk
+/// (unattend), or Azure's provisioning DVD with `ovf-env.xml` beside it and this build's
+/// emulated fabric (azure).
 pub struct WinProvisioningMedia;
 
 /// The provisioning disk's file name in the run directory.
 const MEDIA_FILE: &str = "unattend.img";
+/// The Azure provisioning DVD's file name in the run directory.
+const AZURE_MEDIA_FILE: &str = "ovf-env.iso";
 
 #[async_trait]
 impl Step for WinProvisioningMedia {
     fn name(&self) -> String {
-        "Provisioning media (unattend)".into()
+        "Provisioning media (answer file)".into()
     }
     fn phase(&self) -> SubState {
         SubState::Building
@@ -585,8 +608,17 @@ impl Step for WinProvisioningMedia {
             .into_iter()
             .map(|(w, c)| format!("{w}: {c}"))
             .collect();
+        let (method, why) = match choose_provisioning(cx) {
+            Ok((m, why)) => (m, why),
+            Err(e) => return serde_json::json!({"error": e.to_string()}),
+        };
+        let media = match method {
+            Provisioning::Azure => "ISO 9660 image (label KILN_OVF) holding ovf-env.xml (Azure's WindowsProvisioningConfigurationSet: ComputerName, AdminUsername, AdminPassword, an HTTP WinRM listener) and Unattend.xml, attached as an ATAPI DVD drive as on Azure; this build's emulated fabric (wireserver, IMDS with osType Windows, DHCP) answers the guest agent, whose Ready health report is recorded; deleted when the build ends",
+            _ => "FAT image (label UNATTEND) with Unattend.xml at its root, attached read-only as a removable USB stick (Windows Setup searches removable media); deleted when the build ends",
+        };
         serde_json::json!({
-            "media": "FAT image (label UNATTEND) with Unattend.xml at its root, attached read-only as a removable USB stick (Windows Setup searches removable media); deleted when the build ends",
+            "provisioning": format!("{} ({why})", method.as_str()),
+            "media": media,
             "computerName": computer_name(&cx.run_id),
             "user": format!("{BUILD_USER} (local Administrators member) and Administrator"),
             "password": "random per build (24 characters, /dev/urandom); never logged or printed",
@@ -597,16 +629,38 @@ impl Step for WinProvisioningMedia {
         })
     }
     async fn run(&mut self, cx: &mut BuildCx) -> Result<(), BuildError> {
+        let (method, why) = choose_provisioning(cx)?;
+        cx.events
+            .info(format!("provisioning: {} ({why})", method.as_str()));
+        cx.provisioning = Some(method);
         let password = random_password().map_err(BuildError::io(
             "reading /dev/urandom for the build password",
         ))?;
         let name = computer_name(&cx.run_id);
         let xml = unattend_xml(&name, BUILD_USER, password.expose());
-        let path = cx.run_dir.join(MEDIA_FILE);
-        write_fat(&path, "UNATTEND", &[("Unattend.xml", xml.as_bytes())])
-            .map_err(BuildError::io(format!("writing {}", path.display())))?;
-        cx.events.info(format!("unattend media {} (computer name {name}, user {BUILD_USER}, password generated for this build)", path.display()));
-        cx.seed = Some(path);
+        if method == Provisioning::Azure {
+            let path = cx.run_dir.join(AZURE_MEDIA_FILE);
+            let env = super::ovf::WindowsOvfEnv {
+                computer_name: name.clone(),
+                admin_user: BUILD_USER.into(),
+                admin_password: password.expose().into(),
+            };
+            super::ovf::write_windows_media(&path, &env, &xml).map_err(|e| {
+                BuildError::Vm(format!(
+                    "writing the Azure provisioning media {}: {e}",
+                    path.display()
+                ))
+            })?;
+            cx.events.info(format!("Azure provisioning DVD {} (ovf-env.xml and Unattend.xml; computer name {name}, user {BUILD_USER}, password generated for this build)", path.display()));
+            cx.cdrom = Some(path);
+            super::steps::start_fabric(cx, &name, "", "Windows")?;
+        } else {
+            let path = cx.run_dir.join(MEDIA_FILE);
+            write_fat(&path, "UNATTEND", &[("Unattend.xml", xml.as_bytes())])
+                .map_err(BuildError::io(format!("writing {}", path.display())))?;
+            cx.events.info(format!("unattend media {} (computer name {name}, user {BUILD_USER}, password generated for this build)", path.display()));
+            cx.seed = Some(path);
+        }
         cx.windows = Some(WindowsState {
             password,
             computer_name: name,
@@ -615,10 +669,15 @@ impl Step for WinProvisioningMedia {
         Ok(())
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, _outcome: Outcome) {
-        // The media holds the password (obfuscated): it never outlives the build.
+        // The media hold the password: they never outlive the build. The fabric stops after
+        // the VM has (this cleanup runs after the VM's).
         if let Some(s) = cx.seed.take() {
             let _ = std::fs::remove_file(s);
         }
+        if let Some(c) = cx.cdrom.take() {
+            let _ = std::fs::remove_file(c);
+        }
+        cx.fabric = None;
     }
 }
 
@@ -829,7 +888,21 @@ impl Step for ConnectWinRm {
             .as_ref()
             .map(|v| v.started_at())
             .unwrap_or_else(Instant::now);
-        let interrupt = interrupt_for(cx);
+        let base = interrupt_for(cx);
+        // With Azure provisioning a ProvisioningFailed health report ends the wait at once.
+        let interrupt: kiln_agents::InterruptFuture<'static> = match cx
+            .fabric
+            .as_ref()
+            .map(|f| f.health())
+        {
+            None => base,
+            Some(rx) => Box::pin(async move {
+                tokio::select! {
+                    i = base => i,
+                    why = super::steps_vm::provisioning_failure(rx) => kiln_agents::Interrupt::Aborted(format!("Azure provisioning failed: {why}")),
+                }
+            }),
+        };
         let guest = WinRmCommunicator::connect(config, interrupt)
             .await
             .map_err(|e| {
@@ -847,11 +920,11 @@ impl Step for ConnectWinRm {
                 .unwrap_or_default()
                 .contains(READY_LINE)
         });
+        let connected_s = Instant::now()
+            .saturating_duration_since(started)
+            .as_secs_f64();
         cx.events.info(format!(
-            "WinRM ready {:.1}s after QEMU started ({}; readiness line {})",
-            Instant::now()
-                .saturating_duration_since(started)
-                .as_secs_f64(),
+            "WinRM ready {connected_s:.1}s after QEMU started ({}; readiness line {})",
             guest.endpoint(),
             if ready {
                 "seen on the console"
@@ -860,7 +933,8 @@ impl Step for ConnectWinRm {
             }
         ));
         cx.guest = Some(Box::new(guest));
-        Ok(())
+        let vm_name = format!("{}-{}", cx.template_name, cx.run_id);
+        super::steps_vm::await_provisioned(cx, started, connected_s, &vm_name).await
     }
     async fn cleanup(&mut self, cx: &mut BuildCx, _outcome: Outcome) {
         if let Some(g) = cx.guest.take() {

@@ -32,8 +32,9 @@ pub struct RunFlags {
     #[arg(long, default_value_t = 1200)]
     pub ssh_timeout: u64,
     /// How the build VM is provisioned: azure (ovf-env.xml CD + emulated wireserver/IMDS, as on
-    /// Azure), nocloud (cloud-init seed), none. Default: the catalog image's preferred method.
-    #[arg(long, value_parser = ["azure", "nocloud", "none"])]
+    /// Azure; Linux and Windows), nocloud (cloud-init seed; Linux), unattend (Unattend.xml on a
+    /// USB stick; Windows), none (Linux). Default: the catalog image's preferred method.
+    #[arg(long, value_parser = ["azure", "nocloud", "unattend", "none"])]
     pub provisioning: Option<String>,
     /// With azure provisioning: a program (split on white space, run without a shell) whose
     /// stdout (a JSON token response) IMDS serves at /metadata/identity/oauth2/token; the

@@ -73,6 +73,13 @@ fn newest() -> Vec<&'static str> {
 /// The `/metadata/instance` document.
 pub fn instance(cfg: &FabricConfig) -> Value {
     let mac: String = cfg.mac.iter().map(|b| format!("{b:02X}")).collect();
+    // As Azure: a Windows VM has no SSH keys and an empty disablePasswordAuthentication.
+    let windows = cfg.os_type.eq_ignore_ascii_case("windows");
+    let public_keys = if windows || cfg.public_key.is_empty() {
+        json!([])
+    } else {
+        json!([{"keyData": cfg.public_key, "path": format!("/home/{}/.ssh/authorized_keys", cfg.user)}])
+    };
     json!({
         "compute": {
             "azEnvironment": "AzurePublicCloud",
@@ -87,16 +94,16 @@ pub fn instance(cfg: &FabricConfig) -> Value {
             "osProfile": {
                 "adminUsername": cfg.user,
                 "computerName": cfg.hostname,
-                "disablePasswordAuthentication": "true"
+                "disablePasswordAuthentication": if windows { "" } else { "true" }
             },
-            "osType": "Linux",
+            "osType": cfg.os_type,
             "placementGroupId": "",
             "plan": {"name": "", "product": "", "publisher": ""},
             "platformFaultDomain": "0",
             "platformUpdateDomain": "0",
             "priority": "",
             "provider": "Microsoft.Compute",
-            "publicKeys": [{"keyData": cfg.public_key, "path": format!("/home/{}/.ssh/authorized_keys", cfg.user)}],
+            "publicKeys": public_keys,
             "publisher": "",
             "resourceGroupName": cfg.resource_group,
             "resourceId": format!("/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}", cfg.subscription_id, cfg.resource_group, cfg.hostname),
@@ -319,6 +326,28 @@ mod tests {
         assert_eq!(
             v["network"]["interface"][0]["ipv4"]["ipAddress"][0]["privateIpAddress"],
             "168.63.129.100"
+        );
+        assert_eq!(v["compute"]["osType"], "Linux");
+        assert_eq!(
+            v["compute"]["osProfile"]["disablePasswordAuthentication"],
+            "true"
+        );
+        // a Windows VM: no keys (its password is only on the provisioning media)
+        let win = FabricConfig {
+            os_type: "Windows".into(),
+            public_key: String::new(),
+            ..cfg.clone()
+        };
+        let r = now(answer(
+            &win,
+            &get("/metadata/instance?api-version=2021-08-01", true),
+        ));
+        let w: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(w["compute"]["osType"], "Windows");
+        assert_eq!(w["compute"]["publicKeys"], serde_json::json!([]));
+        assert_eq!(
+            w["compute"]["osProfile"]["disablePasswordAuthentication"],
+            ""
         );
         // the fallback version cloud-init uses, sub-paths and text leaves
         assert_eq!(

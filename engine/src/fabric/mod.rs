@@ -88,8 +88,11 @@ pub struct FabricConfig {
     pub hostname: String,
     /// The admin (build) user.
     pub user: String,
-    /// Its SSH public key line (IMDS `publicKeys`, which win over ovf-env's).
+    /// Its SSH public key line (IMDS `publicKeys`, which win over ovf-env's); empty for a
+    /// Windows VM (a password, on the provisioning media only).
     pub public_key: String,
+    /// IMDS `osType`: `Linux` or `Windows`.
+    pub os_type: String,
     /// IMDS `location`.
     pub location: String,
     /// IMDS `vmSize`.
@@ -126,6 +129,7 @@ impl FabricConfig {
             hostname: hostname.into(),
             user: user.into(),
             public_key: public_key.trim().into(),
+            os_type: "Linux".into(),
             location: "westus2".into(),
             vm_size: "Standard_D2s_v3".into(),
             resource_group: "kiln".into(),

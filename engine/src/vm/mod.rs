@@ -39,8 +39,8 @@ pub use console::{Console, KERNEL_PANIC};
 pub use doctor::{doctor, CheckState, DoctorCheck, DoctorReport};
 pub use handle::{Vm, VmStatus};
 pub use qemu::{
-    find_ovmf, find_qemu, find_qemu_img, DiskBus, Firmware, Missing, NetTap, NicModel, Ovmf,
-    SeedAttach, VmSpec,
+    find_ovmf, find_qemu, find_qemu_img, CdromAttach, DiskBus, Firmware, Missing, NetTap, NicModel,
+    Ovmf, SeedAttach, VmSpec,
 };
 pub use qmp::{EventKind, Qmp, QmpError, QmpEvent};
 pub use shutdown::{GuestShutdown, ShutdownEvent, ShutdownReport, ShutdownRung, ShutdownTimeouts};

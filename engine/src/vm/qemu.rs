@@ -124,6 +124,18 @@ pub enum SeedAttach {
     UsbRemovable,
 }
 
+/// How [`VmSpec::cdrom`] is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CdromAttach {
+    /// An IDE `ide-cd` on `pc` (Hyper-V Gen1's DVD); on `q35` a read-only virtio disk, whose
+    /// driver Linux cloud kernels have while many lack AHCI.
+    #[default]
+    LinuxCloud,
+    /// An ATAPI `ide-cd` on both machine types (on `q35` the ICH9 AHCI controller's second
+    /// port): a DVD drive, as Windows expects (inbox ATAPI/AHCI drivers).
+    Atapi,
+}
+
 /// Everything needed to start one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSpec {
@@ -151,11 +163,13 @@ pub struct VmSpec {
     pub seed_disk: Option<PathBuf>,
     /// How the seed disk is attached.
     pub seed_attach: SeedAttach,
-    /// An ISO image attached read-only as a CD-ROM (Azure's provisioning media): an IDE
-    /// `ide-cd` on `pc` (Hyper-V Gen1's DVD; `/dev/sr0`), a read-only virtio disk on `q35`,
-    /// whose AHCI many cloud kernels lack (agents find the media by file-system type or as
-    /// `vd[b-z]`).
+    /// An ISO image attached read-only as a CD-ROM (Azure's provisioning media), as
+    /// [`VmSpec::cdrom_attach`] says: by default an IDE `ide-cd` on `pc` (Hyper-V Gen1's DVD;
+    /// `/dev/sr0`), a read-only virtio disk on `q35`, whose AHCI many cloud kernels lack
+    /// (agents find the media by file-system type or as `vd[b-z]`).
     pub cdrom: Option<PathBuf>,
+    /// How the CD-ROM is attached.
+    pub cdrom_attach: CdromAttach,
     /// The NIC's MAC address (`52:54:00:12:34:56` form); `None` leaves QEMU's default, which is
     /// that address for the first NIC.
     pub mac: Option<String>,
@@ -217,6 +231,7 @@ impl VmSpec {
             seed_disk: None,
             seed_attach: SeedAttach::default(),
             cdrom: None,
+            cdrom_attach: CdromAttach::default(),
             mac: None,
             extra_netdev_options: Vec::new(),
             net_tap: None,
@@ -373,9 +388,10 @@ pub fn argv(spec: &VmSpec, launch: &Launch) -> Vec<OsString> {
             s(",format=raw,if=none,id=cd0,media=cdrom,readonly=on").as_os_str(),
         ]);
         push(&[s("-device").as_os_str()]);
-        push(&[s(match spec.firmware {
-            Firmware::Bios => "ide-cd,drive=cd0,bus=ide.1,unit=0",
-            Firmware::Uefi { .. } => "virtio-blk-pci,drive=cd0",
+        push(&[s(match (&spec.firmware, spec.cdrom_attach) {
+            (Firmware::Bios, _) => "ide-cd,drive=cd0,bus=ide.1,unit=0",
+            (Firmware::Uefi { .. }, CdromAttach::LinuxCloud) => "virtio-blk-pci,drive=cd0",
+            (Firmware::Uefi { .. }, CdromAttach::Atapi) => "ide-cd,drive=cd0,bus=ide.1",
         })
         .as_os_str()]);
     }
@@ -702,6 +718,26 @@ mod tests {
                  -device ahci,id=sata0 -device ide-hd,drive=os,bus=sata0.0,bootindex=0 \
                  -drive file=/run/kiln/b1/unattend.img,format=raw,if=none,id=seed,readonly=on \
                  -device qemu-xhci,id=xhci0 -device usb-storage,bus=xhci0.0,drive=seed,removable=on \
+                 -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device e1000,netdev=n0,romfile= -device virtio-rng-pci \
+                 -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
+                 -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"
+                    .to_string(),
+            ),
+            (
+                "Windows Azure provisioning CD on q35: an ATAPI drive on the ICH9 controller",
+                VmSpec {
+                    disk_bus: DiskBus::Ahci,
+                    nic_model: NicModel::E1000,
+                    cdrom: Some("/run/kiln/b1/ovf-env.iso".into()),
+                    cdrom_attach: CdromAttach::Atapi,
+                    ..spec(uefi(), Accel::Tcg)
+                },
+                "-name guest=build-1 -machine q35 -accel tcg -cpu max -smp 2 -m 2048 -nodefaults -no-user-config -display none \
+                 -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+                 -drive if=pflash,format=raw,unit=1,file=/run/kiln/b1/OVMF_VARS.fd \
+                 -drive file=/run/kiln/b1/os.qcow2,format=qcow2,if=none,id=os,discard=unmap \
+                 -device ahci,id=sata0 -device ide-hd,drive=os,bus=sata0.0,bootindex=0 \
+                 -drive file=/run/kiln/b1/ovf-env.iso,format=raw,if=none,id=cd0,media=cdrom,readonly=on -device ide-cd,drive=cd0,bus=ide.1 \
                  -netdev user,id=n0,hostfwd=tcp:127.0.0.1:40022-:22 -device e1000,netdev=n0,romfile= -device virtio-rng-pci \
                  -chardev file,id=console,append=on,path=/run/kiln/b1/console.log -serial chardev:console \
                  -chardev socket,id=qmp,fd=7 -mon chardev=qmp,mode=control"

@@ -9,8 +9,9 @@
 //! - the kernel modules for kiln's Windows provisioning media, a removable USB stick on
 //!   qemu-xhci: `xhci_pci`, `usb_storage`, `sd_mod` (vfat is already there); AHCI and e1000
 //!   (the Windows device defaults) are the tiny guest's own;
-//! - its own `rcS` (scripts/guest/winrs/rcS): reads Unattend.xml from the stick, sets the
-//!   computer name, and starts the server on 5985 with the answer file's build account.
+//! - its own `rcS` (scripts/guest/winrs/rcS): reads Unattend.xml from the stick (or Azure's
+//!   DVD), sets the computer name, starts the server on 5985 with the answer file's build
+//!   account, and with Azure's `ovf-env.xml` reports Ready to the wireserver.
 //!
 //! The server binary: `$KILN_WINRS_SERVER` when set (the integration tests pass cargo's
 //! `CARGO_BIN_EXE_kiln-winrs-server`), else `cargo build -p kiln-tests --bin kiln-winrs-server`
