@@ -150,8 +150,30 @@ impl Case {
         p
     }
 
-    fn build(&self, template: &Path) -> Output {
-        self.build_with(template, &[])
+    /// `kiln build` with `flags`: the run must end in `state` (else every line of output is
+    /// shown); prints how long the `label` build took; the output and its result event.
+    fn expect(
+        &self,
+        template: &Path,
+        flags: &[&str],
+        state: &str,
+        label: &str,
+    ) -> (Output, serde_json::Value) {
+        let t0 = Instant::now();
+        let out = self.build_with(template, flags);
+        let r = result(&out);
+        assert_eq!(
+            r["runState"],
+            state,
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "winrs guest {label} took {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
+        (out, r)
     }
 
     fn build_with(&self, template: &Path, flags: &[&str]) -> Output {
@@ -256,17 +278,7 @@ fn a_windows_build_runs_end_to_end_in_the_winrs_guest() {
             ]}
         ]),
     );
-    let t0 = Instant::now();
-    let out = c.build(&t);
-    let took = t0.elapsed();
-    let r = result(&out);
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["runState"], "Succeeded", "{all}");
-    eprintln!("winrs guest Windows build took {:.1}s", took.as_secs_f64());
+    let (out, r) = c.expect(&t, &[], "Succeeded", "Windows build");
     let ev = events(&out);
     let info = infos(&ev);
 
@@ -445,19 +457,7 @@ fn an_exit_code_outside_valid_exit_codes_fails_the_build_naming_the_step() {
             {"type": "PowerShell", "name": "never", "inline": ["echo never-runs"]}
         ]),
     );
-    let t0 = Instant::now();
-    let out = c.build(&t);
-    let r = result(&out);
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["runState"], "Failed", "{all}");
-    eprintln!(
-        "winrs guest failing build took {:.1}s",
-        t0.elapsed().as_secs_f64()
-    );
+    let (out, r) = c.expect(&t, &[], "Failed", "failing build");
     let err = r["error"].as_str().unwrap_or("");
     assert!(
         err.contains("Customize: PowerShell \"bad exit\"")
@@ -503,14 +503,12 @@ fn a_file_destination_without_its_directory_fails_naming_it() {
              "sha256Checksum": sha256(&pf), "destination": r"C:\no-such-dir\f.txt"}
         ]),
     );
-    let out = c.build(&t);
-    let r = result(&out);
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (out, r) = c.expect(
+        &t,
+        &[],
+        "Failed",
+        "build with a File destination missing its directory",
     );
-    assert_eq!(r["runState"], "Failed", "{all}");
     let err = r["error"].as_str().unwrap_or("");
     assert!(
         err.contains("Customize: File \"nowhere\"")
@@ -559,20 +557,7 @@ fn windows_update_runs_two_rounds_with_a_reboot_until_nothing_is_pending() {
             ]}
         ]),
     );
-    let t0 = Instant::now();
-    let out = c.build(&t);
-    let took = t0.elapsed();
-    let r = result(&out);
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["runState"], "Succeeded", "{all}");
-    eprintln!(
-        "winrs guest WindowsUpdate build took {:.1}s",
-        took.as_secs_f64()
-    );
+    let (out, r) = c.expect(&t, &[], "Succeeded", "WindowsUpdate build");
     let ev = events(&out);
     let info = infos(&ev);
     let wu = output_of(&ev, "Customize: WindowsUpdate");
@@ -684,19 +669,7 @@ fn an_update_failing_in_two_rounds_fails_the_step_naming_it() {
             {"type": "PowerShell", "name": "never", "inline": ["echo never-runs"]}
         ]),
     );
-    let t0 = Instant::now();
-    let out = c.build(&t);
-    let r = result(&out);
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["runState"], "Failed", "{all}");
-    eprintln!(
-        "winrs guest failing WindowsUpdate build took {:.1}s",
-        t0.elapsed().as_secs_f64()
-    );
+    let (out, r) = c.expect(&t, &[], "Failed", "failing WindowsUpdate build");
     let err = r["error"].as_str().unwrap_or("");
     assert!(
         err.contains("Customize: WindowsUpdate")
@@ -750,19 +723,7 @@ fn a_deprovisioning_script_override_runs_instead_of_the_default_sysprep() {
             ]}
         ]),
     );
-    let t0 = Instant::now();
-    let out = c.build(&t);
-    let r = result(&out);
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["runState"], "Succeeded", "{all}");
-    eprintln!(
-        "winrs guest build with a deprovisioning override took {:.1}s",
-        t0.elapsed().as_secs_f64()
-    );
+    let (out, r) = c.expect(&t, &[], "Succeeded", "build with a deprovisioning override");
     let ev = events(&out);
     let sp = output_of(&ev, "Sysprep");
     let at = |want: &str| {
@@ -863,18 +824,11 @@ fn azure_provisioning_of_a_windows_build_goes_through_the_dvd_and_the_fabric() {
         "nothing booted"
     );
 
-    let t0 = Instant::now();
-    let out = c.build_with(&t, &["--provisioning", "azure"]);
-    let r = result(&out);
-    let all = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(r["runState"], "Succeeded", "{all}");
-    eprintln!(
-        "winrs guest Azure-provisioned build took {:.1}s",
-        t0.elapsed().as_secs_f64()
+    let (out, r) = c.expect(
+        &t,
+        &["--provisioning", "azure"],
+        "Succeeded",
+        "Azure-provisioned build",
     );
     let ev = events(&out);
     let info = infos(&ev);

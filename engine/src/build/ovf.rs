@@ -29,6 +29,28 @@ fn fingerprint(key: &str) -> String {
         .collect()
 }
 
+/// The whole document around one provisioning configuration set (already indented).
+fn environment(config_set: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?>
+<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1" xmlns:oe="http://schemas.dmtf.org/ovf/environment/1" xmlns:wa="http://schemas.microsoft.com/windowsazure" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <wa:ProvisioningSection>
+    <wa:Version>1.0</wa:Version>
+{config_set}  </wa:ProvisioningSection>
+  <wa:PlatformSettingsSection>
+    <wa:Version>1.0</wa:Version>
+    <wa:PlatformSettings>
+      <wa:KmsServerHostname>kms.core.windows.net</wa:KmsServerHostname>
+      <wa:ProvisionGuestAgent>true</wa:ProvisionGuestAgent>
+      <wa:GuestAgentPackageName xsi:nil="true" />
+      <wa:PreprovisionedVm>false</wa:PreprovisionedVm>
+    </wa:PlatformSettings>
+  </wa:PlatformSettingsSection>
+</Environment>
+"#
+    )
+}
+
 /// Renders the document.
 pub fn render(o: &OvfEnv) -> String {
     let user = xml_escape(&o.user);
@@ -37,12 +59,8 @@ pub fn render(o: &OvfEnv) -> String {
         .as_ref()
         .map(|c| format!("\n      <CustomData>{}</CustomData>", xml_escape(c)))
         .unwrap_or_default();
-    format!(
-        r#"<?xml version="1.0" encoding="utf-8"?>
-<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1" xmlns:oe="http://schemas.dmtf.org/ovf/environment/1" xmlns:wa="http://schemas.microsoft.com/windowsazure" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
-  <wa:ProvisioningSection>
-    <wa:Version>1.0</wa:Version>
-    <LinuxProvisioningConfigurationSet xmlns="http://schemas.microsoft.com/windowsazure" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
+    environment(&format!(
+        r#"    <LinuxProvisioningConfigurationSet xmlns="http://schemas.microsoft.com/windowsazure" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
       <ConfigurationSetType>LinuxProvisioningConfiguration</ConfigurationSetType>
       <HostName>{host}</HostName>
       <UserName>{user}</UserName>
@@ -57,22 +75,11 @@ pub fn render(o: &OvfEnv) -> String {
         </PublicKeys>
       </SSH>{custom}
     </LinuxProvisioningConfigurationSet>
-  </wa:ProvisioningSection>
-  <wa:PlatformSettingsSection>
-    <wa:Version>1.0</wa:Version>
-    <wa:PlatformSettings>
-      <wa:KmsServerHostname>kms.core.windows.net</wa:KmsServerHostname>
-      <wa:ProvisionGuestAgent>true</wa:ProvisionGuestAgent>
-      <wa:GuestAgentPackageName xsi:nil="true" />
-      <wa:PreprovisionedVm>false</wa:PreprovisionedVm>
-    </wa:PlatformSettings>
-  </wa:PlatformSettingsSection>
-</Environment>
 "#,
         host = xml_escape(&o.hostname),
         fp = fingerprint(&o.ssh_public_key),
         key = xml_escape(o.ssh_public_key.trim()),
-    )
+    ))
 }
 
 /// What a Windows document says (Azure's `WindowsProvisioningConfigurationSet`).
@@ -100,12 +107,8 @@ impl std::fmt::Debug for WindowsOvfEnv {
 /// updates off (a build controls its own updates), UTC, and an HTTP WinRM listener (kiln
 /// speaks NTLM with sealing over it).
 pub fn render_windows(o: &WindowsOvfEnv) -> String {
-    format!(
-        r#"<?xml version="1.0" encoding="utf-8"?>
-<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1" xmlns:oe="http://schemas.dmtf.org/ovf/environment/1" xmlns:wa="http://schemas.microsoft.com/windowsazure" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
-  <wa:ProvisioningSection>
-    <wa:Version>1.0</wa:Version>
-    <WindowsProvisioningConfigurationSet xmlns="http://schemas.microsoft.com/windowsazure" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
+    environment(&format!(
+        r#"    <WindowsProvisioningConfigurationSet xmlns="http://schemas.microsoft.com/windowsazure" xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
       <ConfigurationSetType>WindowsProvisioningConfiguration</ConfigurationSetType>
       <ComputerName>{name}</ComputerName>
       <AdminPassword>{password}</AdminPassword>
@@ -120,22 +123,11 @@ pub fn render_windows(o: &WindowsOvfEnv) -> String {
       </WinRM>
       <AdminUsername>{user}</AdminUsername>
     </WindowsProvisioningConfigurationSet>
-  </wa:ProvisioningSection>
-  <wa:PlatformSettingsSection>
-    <wa:Version>1.0</wa:Version>
-    <wa:PlatformSettings>
-      <wa:KmsServerHostname>kms.core.windows.net</wa:KmsServerHostname>
-      <wa:ProvisionGuestAgent>true</wa:ProvisionGuestAgent>
-      <wa:GuestAgentPackageName xsi:nil="true" />
-      <wa:PreprovisionedVm>false</wa:PreprovisionedVm>
-    </wa:PlatformSettings>
-  </wa:PlatformSettingsSection>
-</Environment>
 "#,
         name = xml_escape(&o.computer_name),
         password = xml_escape(&o.admin_password),
         user = xml_escape(&o.admin_user),
-    )
+    ))
 }
 
 /// Writes a Windows build's Azure provisioning CD at `path`: `ovf-env.xml` and, for Windows
