@@ -10,6 +10,35 @@ pub fn kiln_bin() -> PathBuf {
     exe.ancestors().nth(2).expect("target/debug").join("kiln")
 }
 
+/// `kiln image import` of `disk` into `home`'s catalog as publisher `kiln`, `offer`, `sku`,
+/// version 1.0.0, with `extra` flags (generation, osType, provisioning…); panics with kiln's
+/// stderr if it fails.
+pub fn import_image(home: &Path, offer: &str, sku: &str, extra: &[&str], disk: &Path) {
+    let out = Command::new(kiln_bin())
+        .env("KILN_HOME", home)
+        .args([
+            "image",
+            "import",
+            "--publisher",
+            "kiln",
+            "--offer",
+            offer,
+            "--sku",
+            sku,
+            "--version",
+            "1.0.0",
+        ])
+        .args(extra)
+        .arg(disk)
+        .output()
+        .expect("kiln image import");
+    assert!(
+        out.status.success(),
+        "kiln image import {offer}/{sku}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// debugfs's stdout, then its stderr (where "File not found by ext2_lookup" goes).
 pub fn debugfs(part: &Path, req: &str) -> (String, String) {
     let out = Command::new("debugfs")

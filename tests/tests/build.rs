@@ -31,29 +31,12 @@ fn home() -> &'static Path {
         let home = kiln_tests::scratch_dir("kiln-build-tests");
         let _ = std::fs::remove_dir_all(&home);
         for (sku, gen) in [("gen1", "V1"), ("gen2", "V2")] {
-            let out = Command::new(kiln_bin())
-                .env("KILN_HOME", &home)
-                .args([
-                    "image",
-                    "import",
-                    "--publisher",
-                    "kiln",
-                    "--offer",
-                    "tiny",
-                    "--sku",
-                    sku,
-                    "--version",
-                    "1.0.0",
-                    "--hyper-v-generation",
-                    gen,
-                ])
-                .arg(&img.disk)
-                .output()
-                .expect("kiln image import");
-            assert!(
-                out.status.success(),
-                "import: {}",
-                String::from_utf8_lossy(&out.stderr)
+            kiln_tests::inspect::import_image(
+                &home,
+                "tiny",
+                sku,
+                &["--hyper-v-generation", gen],
+                &img.disk,
             );
         }
         // An image that never boots: for the SSH-timeout case.
@@ -61,28 +44,7 @@ fn home() -> &'static Path {
         std::fs::File::create(&dead)
             .and_then(|f| f.set_len(16 << 20))
             .expect("dead disk");
-        let out = Command::new(kiln_bin())
-            .env("KILN_HOME", &home)
-            .args([
-                "image",
-                "import",
-                "--publisher",
-                "kiln",
-                "--offer",
-                "dead",
-                "--sku",
-                "gen1",
-                "--version",
-                "1.0.0",
-            ])
-            .arg(&dead)
-            .output()
-            .expect("import dead");
-        assert!(
-            out.status.success(),
-            "import dead: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        kiln_tests::inspect::import_image(&home, "dead", "gen1", &[], &dead);
         home
     })
 }

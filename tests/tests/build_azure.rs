@@ -26,29 +26,7 @@ fn build(
 ) -> Built {
     let img = kiln_tests::image(image).expect("test guest");
     let home = dir.join("home");
-    let out = Command::new(kiln_bin())
-        .env("KILN_HOME", &home)
-        .args([
-            "image",
-            "import",
-            "--publisher",
-            "kiln",
-            "--offer",
-            image,
-            "--sku",
-            sku,
-            "--version",
-            "1.0.0",
-        ])
-        .args(import_args)
-        .arg(&img.disk)
-        .output()
-        .expect("import");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kiln_tests::inspect::import_image(&home, image, sku, import_args, &img.disk);
     let vhd = dir.join("out.vhd");
     let t = serde_json::json!({
         "type": "Microsoft.VirtualMachineImages/imageTemplates", "apiVersion": "2022-07-01", "name": format!("{image}-az"), "location": "westeurope",

@@ -64,28 +64,7 @@ fn debian_builds_with_the_default_waagent_deprovision() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let home = dir.join("home");
-    let out = Command::new(kiln_bin())
-        .env("KILN_HOME", &home)
-        .args([
-            "image",
-            "import",
-            "--publisher",
-            "kiln",
-            "--offer",
-            "debian",
-            "--sku",
-            "gen1",
-            "--version",
-            "1.0.0",
-        ])
-        .arg(&img.disk)
-        .output()
-        .expect("import");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kiln_tests::inspect::import_image(&home, "debian", "gen1", &[], &img.disk);
     let vhd = dir.join("debian.vhd");
     let t = serde_json::json!({
         "type": "Microsoft.VirtualMachineImages/imageTemplates", "apiVersion": "2022-07-01", "name": "debian-waagent", "location": "westus2",

@@ -38,33 +38,20 @@ fn home() -> &'static Path {
         let home = kiln_tests::scratch_dir("kiln-wguest-tests");
         let _ = std::fs::remove_dir_all(&home);
         for (sku, generation) in [("gen1", "V1"), ("gen2", "V2")] {
-            let out = Command::new(kiln_bin())
-                .env("KILN_HOME", &home)
-                .args([
-                    "image",
-                    "import",
-                    "--publisher",
-                    "kiln",
-                    "--offer",
-                    "winrs",
-                    "--sku",
-                    sku,
-                    "--version",
-                    "1.0.0",
+            let os_type = img.meta["osType"].as_str().unwrap_or("Linux");
+            kiln_tests::inspect::import_image(
+                &home,
+                "winrs",
+                sku,
+                &[
                     "--hyper-v-generation",
                     generation,
                     "--provisioning",
                     "unattend",
                     "--os-type",
-                ])
-                .arg(img.meta["osType"].as_str().unwrap_or("Linux"))
-                .arg(&img.disk)
-                .output()
-                .expect("kiln image import");
-            assert!(
-                out.status.success(),
-                "import: {}",
-                String::from_utf8_lossy(&out.stderr)
+                    os_type,
+                ],
+                &img.disk,
             );
         }
         home
