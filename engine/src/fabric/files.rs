@@ -165,23 +165,10 @@ impl FileServer {
         guest_addr: &str,
         sink: FileSink,
     ) -> Result<FileServer, FabricError> {
-        let listener = super::bind_private_socket(socket, own_dir)?;
-        let shared = Arc::new(Shared {
-            tokens: Mutex::default(),
-            sink,
-            preamble: true,
-            refused: Default::default(),
-        });
-        let s2 = shared.clone();
-        let task = tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                spawn_connection(&s2, &permits, stream);
-            }
+        let listener = Arc::new(super::bind_private_socket(socket, own_dir)?);
+        let (shared, task) = serve(sink, true, move || {
+            let l = listener.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
         });
         Ok(FileServer {
             shared,
@@ -195,24 +182,14 @@ impl FileServer {
     /// Serves on a TCP listener bound to `addr` (no relay preamble): the same endpoint for
     /// host-side tests and the benchmark, where the "guest" is the WinRS test server.
     pub async fn start_tcp(addr: SocketAddr, sink: FileSink) -> std::io::Result<FileServer> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = Arc::new(tokio::net::TcpListener::bind(addr).await?);
         let local = listener.local_addr()?;
-        let shared = Arc::new(Shared {
-            tokens: Mutex::default(),
-            sink,
-            preamble: false,
-            refused: Default::default(),
-        });
-        let s2 = shared.clone();
-        let task = tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                spawn_connection(&s2, &permits, stream);
+        let (shared, task) = serve(sink, false, move || {
+            let l = listener.clone();
+            async move {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok(s)
             }
         });
         Ok(FileServer {
@@ -301,6 +278,39 @@ impl Drop for FileServer {
             let _ = std::fs::remove_dir(d);
         }
     }
+}
+
+/// The endpoint's state and its accept loop: each connection `accept` yields (from a Unix
+/// socket's or a TCP listener's accept) is served by [`spawn_connection`]; `preamble`: the
+/// connections come through the relay, which sends one first.
+fn serve<S, F, Fut>(
+    sink: FileSink,
+    preamble: bool,
+    mut accept: F,
+) -> (Arc<Shared>, tokio::task::JoinHandle<()>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<S>> + Send,
+{
+    let shared = Arc::new(Shared {
+        tokens: Mutex::default(),
+        sink,
+        preamble,
+        refused: Default::default(),
+    });
+    let s2 = shared.clone();
+    let task = tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(stream) = accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            spawn_connection(&s2, &permits, stream);
+        }
+    });
+    (shared, task)
 }
 
 fn spawn_connection<S>(shared: &Arc<Shared>, permits: &Arc<Semaphore>, stream: S)
