@@ -873,7 +873,9 @@ mod tests {
         let ctx = FetchContext {
             template_dir: root.join("template"),
             dest_dir: root.join("artifacts"),
-            timeout: Duration::from_millis(500),
+            // Generous, so that a loaded host never turns a test's fetch into a timeout; the
+            // timeout test sets its own.
+            timeout: Duration::from_secs(15),
             max_bytes: 1 << 20,
         };
         (TmpDir(root), ctx)
@@ -1093,7 +1095,8 @@ mod tests {
     #[tokio::test]
     async fn timeouts_headers_and_body() {
         let srv = Server::start(&[]).await;
-        let (_root, ctx) = setup("timeout");
+        let (_root, mut ctx) = setup("timeout");
+        ctx.timeout = Duration::from_millis(500);
         for path in ["/slow-headers", "/slow-body"] {
             let started = std::time::Instant::now();
             let err = fetch(&req(&srv.url(path), None), &ctx).await.unwrap_err();
