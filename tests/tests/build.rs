@@ -552,11 +552,16 @@ fn ctrl_c_during_customizing_cancels_and_leaves_no_qemu() {
     assert_no_qemu(&run_dir);
 }
 
+/// The reboot happens while the step still runs (`sleep` after `reboot`): the connection drops
+/// mid-script, kiln waits for the QMP RESET and reconnects, and the next step runs in the new
+/// boot. (A script whose last line is `reboot` can end with exit 0 before the guest goes down; the
+/// next step may then still run in the old boot — a race no client can see coming, which made
+/// this test flaky when it used a bare `sudo reboot`.)
 #[test]
 fn a_reboot_inside_a_shell_step_is_followed_by_a_reconnect() {
     let c = Case::new("reboot");
     let t = c.template("tiny", "gen2", serde_json::json!([
-        {"type": "Shell", "name": "before", "inline": ["cat /proc/sys/kernel/random/boot_id > ~/boot1", "sync", "sudo reboot"]},
+        {"type": "Shell", "name": "before", "inline": ["cat /proc/sys/kernel/random/boot_id > ~/boot1", "sync", "sudo reboot", "sleep 120"]},
         {"type": "Shell", "name": "after", "inline": ["b1=$(cat ~/boot1); b2=$(cat /proc/sys/kernel/random/boot_id); echo \"boot ids $b1 $b2\"; test \"$b1\" != \"$b2\""]}
     ]), "tiny-reboot");
     let out = c.build(&t, &[]);
@@ -571,6 +576,11 @@ fn a_reboot_inside_a_shell_step_is_followed_by_a_reconnect() {
     assert!(ev.iter().any(
         |e| e["event"] == "output" && e["line"].as_str().unwrap_or("").starts_with("boot ids ")
     ));
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "info" && e["message"] == "the guest rebooted; reconnecting"),
+        "kiln saw the reboot"
+    );
 }
 
 /// A child process killed if the test fails before it ends (a kept VM must not outlive the test).
