@@ -29,6 +29,9 @@ fn fingerprint(key: &str) -> String {
         .collect()
 }
 
+/// The provisioning CD's volume label (Linux and Windows media alike).
+const MEDIA_LABEL: &str = "KILN_OVF";
+
 /// The whole document around one provisioning configuration set (already indented).
 fn environment(config_set: &str) -> String {
     format!(
@@ -139,7 +142,7 @@ pub fn write_windows_media(
 ) -> Result<(), super::iso::IsoError> {
     super::iso::write(
         path,
-        "KILN_OVF",
+        MEDIA_LABEL,
         &[
             super::iso::IsoFile {
                 name: "ovf-env.xml".into(),
@@ -157,7 +160,7 @@ pub fn write_windows_media(
 pub fn write_media(path: &std::path::Path, o: &OvfEnv) -> Result<(), super::iso::IsoError> {
     super::iso::write(
         path,
-        "KILN_OVF",
+        MEDIA_LABEL,
         &[super::iso::IsoFile {
             name: "ovf-env.xml".into(),
             data: render(o).into_bytes(),
